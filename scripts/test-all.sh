@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what the tests need (idempotently) and runs every check.
+# Usage: scripts/test-all.sh      (from anywhere inside the repository)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain components"
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+rustup target add wasm32-unknown-unknown >/dev/null
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "ferry-core builds for wasm32-unknown-unknown"
+cargo build -p ferry-core --target wasm32-unknown-unknown
+
+step "ferry-core has no async runtime, browser or FFI dependency"
+deps=$(cargo tree -p ferry-core -e normal --prefix none --format '{p}')
+bad=$(printf '%s\n' "$deps" | grep -E '^(tokio|mio|web-sys|js-sys|wasm-bindgen|uniffi)( |$)' || true)
+if [ -n "$bad" ]; then
+  echo "forbidden dependencies of ferry-core:"; echo "$bad"; exit 1
+fi
+echo "ok: $(printf '%s\n' "$deps" | sort -u | wc -l) crates, none forbidden"
+
+step "fuzz targets compile"
+if [ -f fuzz/Cargo.toml ]; then
+  (cd fuzz && cargo check --quiet --bins)
+fi
+
+step "cargo test (workspace)"
+cargo test --workspace
