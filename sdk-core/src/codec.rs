@@ -257,16 +257,19 @@ impl Batcher {
         self.bytes = 0;
     }
     /// Take the next message: as many whole frames as fit in `max` bytes
-    /// (always at least one, so an oversized frame still leaves).
+    /// and [`MAX_FRAMES_PER_MESSAGE`] (always at least one, so an oversized
+    /// frame still leaves).
     pub fn next_message(&mut self, enc: Encoding, max: usize) -> Option<Vec<u8>> {
         let first = self.queue.pop_front()?;
         self.bytes -= first.len();
         let mut out = first;
+        let mut frames = 1;
         while let Some(next) = self.queue.front() {
             let sep = usize::from(enc == Encoding::Json);
-            if out.len() + sep + next.len() > max || out.len() >= max {
+            if out.len() + sep + next.len() > max || frames == MAX_FRAMES_PER_MESSAGE {
                 break;
             }
+            frames += 1;
             let next = self.queue.pop_front().expect("front exists");
             self.bytes -= next.len();
             join_into(enc, &next, &mut out);

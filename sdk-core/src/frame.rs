@@ -210,6 +210,7 @@ pub struct SubscribeRequest {
 
 /// One end of a history range.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum HistoryBound {
     /// An offset in the current epoch (inclusive).
     Offset(u64),

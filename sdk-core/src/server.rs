@@ -738,6 +738,7 @@ impl ServerSession {
                     );
                     return self.reject(now, id, err, CloseCode::UnsupportedVersion);
                 }
+                self.remember_request(id);
                 self.client_compress = c.compression;
                 self.phase = Phase::Authenticating(id, c.subs.clone());
                 self.events

@@ -481,6 +481,8 @@ pub struct ClientSession {
     outbox: Outbox,
     nonce: u64,
     next_seq: u64,
+    volatile_nonce: u64,
+    volatile_seq: u64,
     next_call: u64,
     token_expiry: Option<Instant>,
     /// A close code the server announced in a `disconnect` push.
@@ -524,8 +526,10 @@ impl ClientSession {
         s
     }
 
-    fn blank(cfg: ClientConfig, rng: Rng, nonce: u64, next_seq: u64) -> Self {
+    fn blank(cfg: ClientConfig, mut rng: Rng, nonce: u64, next_seq: u64) -> Self {
         ClientSession {
+            volatile_nonce: rng.next_u64(),
+            volatile_seq: 0,
             backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max),
             cfg,
             rng,
@@ -785,10 +789,20 @@ impl ClientSession {
         if qos == Qos::AtMostOnce && !live && self.cfg.qos0_offline == Qos0Offline::Fail {
             return Err(PublishError::NotConnected);
         }
-        let message_id = format!(
-            "{}:{:016x}:{}",
-            self.cfg.device_id, self.nonce, self.next_seq
-        );
+        // QoS 0 ids come from a per-process nonce so that they need no
+        // durable write, and can never collide with a persisted id.
+        let message_id = if qos == Qos::AtMostOnce {
+            self.volatile_seq += 1;
+            format!(
+                "{}:{:016x}:v{}",
+                self.cfg.device_id, self.volatile_nonce, self.volatile_seq
+            )
+        } else {
+            format!(
+                "{}:{:016x}:{}",
+                self.cfg.device_id, self.nonce, self.next_seq
+            )
+        };
         let rec = OutboxRecord {
             message_id: message_id.clone(),
             channel: channel.into(),
@@ -804,8 +818,8 @@ impl ClientSession {
         ) {
             return Err(PublishError::OutboxFull);
         }
-        self.next_seq += 1;
         if qos != Qos::AtMostOnce {
+            self.next_seq += 1;
             self.emit(Event::Persist(Change::OutboxAdd {
                 record: rec.clone(),
                 next_seq: self.next_seq,
@@ -856,11 +870,16 @@ impl ClientSession {
             Queued::Frame(conn, first) => {
                 let max = self.max_message_size();
                 let mut data = first;
+                let mut frames = 1;
                 while let Some(Queued::Frame(c, next)) = self.queue.front() {
                     let sep = usize::from(self.cfg.encoding == Encoding::Json);
-                    if *c != conn || data.len() + sep + next.len() > max {
+                    if *c != conn
+                        || data.len() + sep + next.len() > max
+                        || frames == codec::MAX_FRAMES_PER_MESSAGE
+                    {
                         break;
                     }
+                    frames += 1;
                     let Some(Queued::Frame(_, next)) = self.queue.pop_front() else {
                         unreachable!()
                     };

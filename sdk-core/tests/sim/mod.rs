@@ -166,6 +166,8 @@ pub struct Sim {
     pub server_cfg: ServerConfig,
     pub encoding: Encoding,
     pub cuts: u64,
+    /// Redeliveries counted by server sessions that have ended.
+    redelivered_closed: u64,
     pub packets_lost: u64,
     pub packets_duplicated: u64,
     last_cut_check: u64,
@@ -200,6 +202,7 @@ impl Sim {
             },
             encoding: Encoding::Binary,
             cuts: 0,
+            redelivered_closed: 0,
             packets_lost: 0,
             packets_duplicated: 0,
             last_cut_check: 1_000,
@@ -598,7 +601,9 @@ impl Sim {
                 }
                 self.drain_server(link);
                 if let Some(l) = self.links.get_mut(&link) {
-                    l.server = None;
+                    if let Some(s) = l.server.take() {
+                        self.redelivered_closed += s.stats().redelivered;
+                    }
                     l.server_timeout = None;
                 }
                 self.gc_link(link);
@@ -1048,6 +1053,27 @@ impl Sim {
         let drop = st.pubs.len().saturating_sub(keep);
         st.pubs.drain(..drop);
         st.first += drop as u64;
+    }
+
+    /// Redeliveries by all server sessions, past and present.
+    pub fn redelivered_total(&self) -> u64 {
+        self.redelivered_closed
+            + self
+                .links
+                .values()
+                .filter_map(|l| l.server.as_ref())
+                .map(|s| s.stats().redelivered)
+                .sum::<u64>()
+    }
+
+    /// Largest in-flight window among live server sessions.
+    pub fn max_server_inflight(&self) -> usize {
+        self.links
+            .values()
+            .filter_map(|l| l.server.as_ref())
+            .map(|s| s.inflight())
+            .max()
+            .unwrap_or(0)
     }
 
     /// Seconds of virtual time elapsed since start.
