@@ -420,3 +420,27 @@ fn recovery_gap_reported_when_history_trimmed_or_reset() {
     });
     assert_eq!(gap, Some(GapReason::EpochChanged));
 }
+
+/// Regression: QoS 0 publishes once took sequence numbers without
+/// persisting them, so the next QoS 1 publish reused the same message id and
+/// the server dropped it as a duplicate.
+#[test]
+fn qos0_and_persisted_message_ids_never_collide() {
+    let mut s = Sim::new(10, Faults::none());
+    let cfg = s.client_config("p");
+    let p = s.add_client(cfg);
+    s.connect(p);
+    assert!(s.run_until_cond(5_000, |s| connected(s, 0)));
+    let a = s.publish(p, "ch", Qos::AtMostOnce, vec![1]).unwrap();
+    let b = s.publish(p, "ch", Qos::AtLeastOnce, vec![2]).unwrap();
+    assert!(s.run_until_cond(5_000, |s| s.hub.ids("ch").len() == 2));
+    s.restart(p);
+    assert!(s.run_until_cond(5_000, |s| connected(s, 0)));
+    let c = s.publish(p, "ch", Qos::AtMostOnce, vec![3]).unwrap();
+    let d = s.publish(p, "ch", Qos::ExactlyOnce, vec![4]).unwrap();
+    assert!(
+        s.run_until_cond(5_000, |s| s.clients[0].session.outbox_len() == 0
+            && s.hub.ids("ch").len() == 4)
+    );
+    assert_eq!(s.hub.ids("ch"), vec![a, b, c, d]);
+}
