@@ -333,6 +333,25 @@ fn check_invariants(s: &Sim, subs: &[(usize, Qos)]) -> Result<(), TestCaseError>
             );
         }
     }
+    // The durable-state change events are complete: a snapshot built only
+    // from them equals the session's own, and survives serialisation.
+    for c in &s.clients {
+        let mut from_changes = c.snapshot.clone();
+        let mut direct = c.session.snapshot();
+        from_changes.subs.sort_by(|a, b| a.channel.cmp(&b.channel));
+        direct.subs.sort_by(|a, b| a.channel.cmp(&b.channel));
+        prop_assert_eq!(
+            &from_changes,
+            &direct,
+            "{} snapshot drifted; {}",
+            c.device,
+            d
+        );
+        let json = serde_json::to_string(&direct).expect("snapshot serialises");
+        let back: ferry_core::client::Snapshot =
+            serde_json::from_str(&json).expect("snapshot parses");
+        prop_assert_eq!(back, direct);
+    }
     for (c, q) in subs {
         for ch in CHANNELS {
             let stream = s.hub.ids(ch);

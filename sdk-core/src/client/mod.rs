@@ -379,7 +379,7 @@ enum State {
     Connecting { conn: ConnId },
     Handshaking { conn: ConnId },
     Live(Live),
-    Backoff,
+    Backoff { attempt: u32, delay_ms: u64 },
     Offline,
     Closed { code: u16, reason: String },
 }
@@ -560,9 +560,9 @@ impl ClientSession {
             State::WaitingToken => ConnectionState::WaitingToken,
             State::Connecting { .. } | State::Handshaking { .. } => ConnectionState::Connecting,
             State::Live(_) => ConnectionState::Connected,
-            State::Backoff => ConnectionState::Backoff {
-                attempt: self.backoff.attempt().saturating_sub(1),
-                delay_ms: 0,
+            State::Backoff { attempt, delay_ms } => ConnectionState::Backoff {
+                attempt: *attempt,
+                delay_ms: *delay_ms,
             },
             State::Offline => ConnectionState::Offline,
             State::Closed { code, reason } => ConnectionState::Closed {
@@ -662,7 +662,7 @@ impl ClientSession {
     /// terminal close). Also leaves `Closed` for a fresh start.
     pub fn connect(&mut self, now: Instant) {
         match self.state {
-            State::Idle | State::Closed { .. } | State::Backoff | State::Offline => {
+            State::Idle | State::Closed { .. } | State::Backoff { .. } | State::Offline => {
                 self.backoff.reset();
                 self.start_attempt(now);
             }
@@ -1017,11 +1017,10 @@ impl ClientSession {
         let delay = self.backoff.next_delay(&mut self.rng);
         self.timers
             .set(Timer::Reconnect as usize, now.add_ms(delay));
-        self.state = State::Backoff;
-        self.emit(Event::State(ConnectionState::Backoff {
+        self.set_state(State::Backoff {
             attempt,
             delay_ms: delay,
-        }));
+        });
     }
 
     /// Tell the host to close the current transport (if any) and forget it.
@@ -1089,7 +1088,11 @@ impl ClientSession {
             self.state,
             State::Connecting { .. } | State::Handshaking { .. } | State::Live(_)
         ) {
-            self.state = State::Backoff;
+            // Transitional: the caller moves on to Backoff, Closed or Idle.
+            self.state = State::Backoff {
+                attempt: self.backoff.attempt(),
+                delay_ms: 0,
+            };
         }
         self.arm_outbox_timers(now);
     }
@@ -1102,7 +1105,7 @@ impl ClientSession {
                 self.timers.clear(Timer::Reconnect as usize);
                 self.set_state(State::Offline);
             }
-            (State::Offline | State::Backoff, true) => {
+            (State::Offline | State::Backoff { .. }, true) => {
                 self.backoff.reset();
                 self.start_attempt(now);
             }
@@ -1119,7 +1122,7 @@ impl ClientSession {
 
     fn on_timeout(&mut self, now: Instant) {
         if self.timers.take_due(Timer::Reconnect as usize, now)
-            && matches!(self.state, State::Backoff)
+            && matches!(self.state, State::Backoff { .. })
         {
             self.start_attempt(now);
         }
