@@ -657,7 +657,7 @@ impl ServerSession {
         }
         if sub.qos == Qos::AtMostOnce {
             // Live only: skip ahead over anything missed.
-            sub.next = pb.offset + 1;
+            sub.next = pb.offset.saturating_add(1);
             self.stats.delivered += 1;
             let frame = p.frame(self.enc, self.compress_min()).to_vec();
             return self.queue_frame(frame);

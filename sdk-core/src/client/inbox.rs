@@ -102,7 +102,7 @@ impl Inbox {
         }
         if qos == Qos::AtMostOnce {
             // Live-only delivery: gaps are accepted, order still holds.
-            self.next = p.offset + 1;
+            self.next = p.offset.saturating_add(1);
             return self.surface(vec![p], seen_cap);
         }
         if p.offset > self.next {
@@ -116,10 +116,10 @@ impl Inbox {
             return Arrival::Buffered;
         }
         let mut run = vec![p];
-        self.next += 1;
+        self.next = self.next.saturating_add(1);
         while let Some(q) = self.buffer.remove(&self.next) {
             run.push(q);
-            self.next += 1;
+            self.next = self.next.saturating_add(1);
         }
         self.surface(run, seen_cap)
     }

@@ -442,8 +442,8 @@ struct Sub {
     inbox: Inbox,
     /// Publications that arrived before the subscribe reply.
     early: Vec<Publication>,
-    /// Last offset acknowledged to the server on this connection.
-    acked: u64,
+    /// Something arrived since the last ack: send one (again, for
+    /// duplicates, since the server may have missed the earlier ack).
     ack_due: bool,
 }
 
@@ -484,7 +484,6 @@ pub struct ClientSession {
     volatile_nonce: u64,
     volatile_seq: u64,
     next_call: u64,
-    token_expiry: Option<Instant>,
     /// A close code the server announced in a `disconnect` push.
     announced: Option<(u16, String, bool)>,
     /// An attempt should start once the host supplies a token.
@@ -543,7 +542,6 @@ impl ClientSession {
             nonce,
             next_seq,
             next_call: 1,
-            token_expiry: None,
             announced: None,
             token_pending: false,
             queue: VecDeque::new(),
@@ -1270,7 +1268,7 @@ impl ClientSession {
                 self.after_close(now, code, e.message, reconnect, true);
             }
             (Pending::Subscribe(ch), Outcome::Ok(ReplyBody::Subscribed(s))) if s.channel == ch => {
-                self.on_subscribed(now, s)
+                self.on_subscribed(s)
             }
             (Pending::Subscribe(ch), Outcome::Error(e)) => self.on_subscribe_error(now, ch, e),
             (
@@ -1347,7 +1345,7 @@ impl ClientSession {
         let wanted: Vec<String> = self.subs.keys().cloned().collect();
         for r in c.subs {
             match r {
-                SubscribeResult::Ok(s) => self.on_subscribed(now, s),
+                SubscribeResult::Ok(s) => self.on_subscribed(s),
                 SubscribeResult::Error { channel, error } => {
                     self.on_subscribe_error(now, channel, error)
                 }
@@ -1372,7 +1370,6 @@ impl ClientSession {
                 let margin = ms(self.cfg.refresh_margin).min(t / 2);
                 self.timers
                     .set(Timer::Refresh as usize, now.add_ms(t - margin));
-                self.token_expiry = Some(now.add_ms(t));
             }
             _ => self.timers.clear(Timer::Refresh as usize),
         }
@@ -1404,8 +1401,7 @@ impl ClientSession {
         );
     }
 
-    fn on_subscribed(&mut self, now: Instant, r: Subscribed) {
-        let _ = now;
+    fn on_subscribed(&mut self, r: Subscribed) {
         let cap = self.cfg.reorder_buffer;
         let seen_cap = self.cfg.dedup_window;
         let Some(sub) = self.subs.get_mut(&r.channel) else {
@@ -1413,9 +1409,16 @@ impl ClientSession {
         };
         sub.phase = SubPhase::Active;
         sub.granted = r.qos;
+        // Within one epoch a position only moves forward: if the server
+        // offers to start earlier than what was already surfaced, the
+        // overlap is dropped as duplicates.
+        let from = match &sub.position {
+            Some(p) if p.epoch == r.epoch => r.from.max(p.offset.saturating_add(1)),
+            _ => r.from,
+        };
         let resumed = StreamPosition {
             epoch: r.epoch.clone(),
-            offset: r.from.saturating_sub(1),
+            offset: from.saturating_sub(1),
         };
         let gap = match &sub.position {
             Some(p) if p.epoch != r.epoch => Some(GapReason::EpochChanged),
@@ -1423,8 +1426,7 @@ impl ClientSession {
             _ => None,
         };
         let old = sub.position.clone();
-        sub.inbox.start(r.epoch.clone(), r.from);
-        sub.acked = 0;
+        sub.inbox.start(r.epoch.clone(), from);
         let changed = old.as_ref() != Some(&resumed);
         sub.position = Some(resumed.clone());
         let early = std::mem::take(&mut sub.early);
@@ -1650,10 +1652,7 @@ impl ClientSession {
             }
             s.ack_due = false;
             let d = s.inbox.delivered();
-            // Resend an ack that did not move too: a duplicate delivery means
-            // the server may have missed the earlier one.
             if d > 0 {
-                s.acked = s.acked.max(d);
                 items.push(AckItem {
                     channel: ch.clone(),
                     epoch: s.inbox.epoch.clone(),
@@ -1819,7 +1818,6 @@ impl Sub {
             position: None,
             inbox: Inbox::default(),
             early: Vec::new(),
-            acked: 0,
             ack_due: false,
         }
     }
