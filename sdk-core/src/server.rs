@@ -817,14 +817,38 @@ impl ServerSession {
                         .push_back(ServerOutput::Event(ServerEvent::Subscribe { req: id, sub }));
                 }
             }
-            Command::Unsubscribe { channel } => {
-                if let Some(sub) = self.subs.remove(&channel) {
+            Command::Unsubscribe { channel } => match self.subs.remove(&channel) {
+                Some(sub) => {
                     self.inflight_total -= sub.inflight.len();
                     self.events
                         .push_back(ServerOutput::Event(ServerEvent::Unsubscribed { channel }));
+                    self.reply_ok(id, ReplyBody::Unsubscribed);
                 }
-                self.reply_ok(id, ReplyBody::Unsubscribed);
-            }
+                None => {
+                    // A subscribe still with the host is cancelled: its
+                    // reply goes now, and the host's late verdict is ignored.
+                    let pending = self.pending.iter().find_map(|(r, p)| match p {
+                        PendingKind::Subscribe(s) if s.channel == channel => Some(*r),
+                        _ => None,
+                    });
+                    match pending {
+                        Some(r) => {
+                            self.pending.remove(&r);
+                            let err = ErrorReply::with_message(
+                                ErrorCode::NotSubscribed,
+                                "unsubscribed before subscribed",
+                            );
+                            self.reply_err(r, err);
+                            self.events
+                                .push_back(ServerOutput::Event(ServerEvent::Unsubscribed {
+                                    channel,
+                                }));
+                            self.reply_ok(id, ReplyBody::Unsubscribed);
+                        }
+                        None => self.reply_err(id, ErrorReply::new(ErrorCode::NotSubscribed)),
+                    }
+                }
+            },
             Command::Publish {
                 channel,
                 message_id,

@@ -654,3 +654,61 @@ fn duplicated_connect_frame_is_ignored_but_a_second_connect_is_not() {
     let d = send(&mut s, Instant(6), &[req(2, connect_cmd(vec![]))]);
     assert_eq!(d.close, Some(CloseCode::ProtocolViolation as u16));
 }
+
+#[test]
+fn unsubscribe_answers_not_subscribed_and_cancels_a_pending_subscribe() {
+    let (mut s, _) = live(Encoding::Binary, vec![]);
+    let t = Instant(1);
+    let d = send(
+        &mut s,
+        t,
+        &[req(
+            2,
+            Command::Unsubscribe {
+                channel: "none".into(),
+            },
+        )],
+    );
+    assert!(
+        matches!(&d.frames[..], [ServerFrame::Reply { id: 2, outcome: Outcome::Error(e) }] if e.code == ErrorCode::NotSubscribed as u16)
+    );
+    let sub = Command::Subscribe(SubscribeRequest {
+        channel: "a".into(),
+        qos: Qos::AtLeastOnce,
+        since: None,
+    });
+    send(&mut s, t, &[req(3, sub)]);
+    let d = send(
+        &mut s,
+        t,
+        &[req(
+            4,
+            Command::Unsubscribe {
+                channel: "a".into(),
+            },
+        )],
+    );
+    let ids: Vec<u32> = d
+        .frames
+        .iter()
+        .filter_map(|f| {
+            if let ServerFrame::Reply { id, .. } = f {
+                Some(*id)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        vec![3, 4],
+        "the pending subscribe is answered, then the unsubscribe"
+    );
+    assert!(d.events.contains(&ServerEvent::Unsubscribed {
+        channel: "a".into()
+    }));
+    // The host's late verdict changes nothing.
+    s.subscribe_ok(t, 3, start(0, 1, Qos::AtLeastOnce));
+    assert!(drain(&mut s, t).frames.is_empty());
+    assert_eq!(s.channels().count(), 0);
+}

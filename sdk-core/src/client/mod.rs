@@ -1569,22 +1569,13 @@ impl ClientSession {
             _ => self.cfg.max_message_size,
         };
         if p.payload.z {
-            match compress::unpack(&p.payload, limit) {
-                Ok(d) => {
-                    p.payload = Payload {
-                        z: false,
-                        data: Bytes(d),
-                    }
-                }
-                Err(e) => {
-                    // Not surfaced and not acked: a later redelivery may be intact.
-                    self.queue
-                        .push_back(Queued::Out(Output::Event(Event::Error(format!(
-                            "publication {}@{} dropped: {e}",
-                            p.channel, p.offset
-                        )))));
-                    return;
-                }
+            // A payload that cannot be inflated still takes its place in the
+            // stream (reported, not surfaced), so it cannot stall delivery.
+            if let Ok(d) = compress::unpack(&p.payload, limit) {
+                p.payload = Payload {
+                    z: false,
+                    data: Bytes(d),
+                };
             }
         }
         let before = sub.inbox.next;
@@ -1604,7 +1595,14 @@ impl ClientSession {
                     offset: delivered,
                 });
                 for p in run {
-                    self.emit(Event::Publication(p));
+                    if p.payload.z {
+                        self.emit(Event::Error(format!(
+                            "publication {}@{} dropped: its payload does not inflate within {limit} bytes",
+                            p.channel, p.offset
+                        )));
+                    } else {
+                        self.emit(Event::Publication(p));
+                    }
                 }
                 self.emit(Event::Persist(Change::Position {
                     channel: ch.into(),

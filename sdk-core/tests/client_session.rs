@@ -1,0 +1,345 @@
+//! ClientSession rules, driven frame by frame by a hand-written server.
+
+use ferry_core::client::{ClientConfig, ClientSession, ConnectionState, Event, Input, Output};
+use ferry_core::codec::{self, Encoding};
+use ferry_core::frame::*;
+use ferry_core::{CloseCode, Instant};
+
+#[derive(Default, Debug)]
+struct Out {
+    frames: Vec<ClientFrame>,
+    events: Vec<Event>,
+    opened: Option<u64>,
+    closed: Option<u16>,
+}
+
+fn drain(s: &mut ClientSession, now: Instant) -> Out {
+    let mut o = Out::default();
+    for _ in 0..100_000 {
+        match s.poll_output(now) {
+            Output::Open { conn } => o.opened = Some(conn),
+            Output::Transmit { data, .. } => o.frames.extend(
+                codec::decode_client(Encoding::Json, &data, 1 << 20)
+                    .expect("client output decodes"),
+            ),
+            Output::Close { code, .. } => o.closed = Some(code),
+            Output::Event(e) => o.events.push(e),
+            Output::Timeout(_) => return o,
+        }
+    }
+    panic!("client output did not drain");
+}
+
+fn server_says(s: &mut ClientSession, conn: u64, now: Instant, frames: &[ServerFrame]) -> Out {
+    let mut msg = Vec::new();
+    for f in frames {
+        codec::encode_into(Encoding::Json, f, &mut msg);
+    }
+    s.handle_input(now, Input::TransportMessage { conn, data: &msg });
+    drain(s, now)
+}
+
+fn reply(id: u32, body: ReplyBody) -> ServerFrame {
+    ServerFrame::Reply {
+        id,
+        outcome: Outcome::Ok(body),
+    }
+}
+
+fn connected(subs: Vec<SubscribeResult>) -> ReplyBody {
+    ReplyBody::Connected(Connected {
+        client: "c".into(),
+        ping_interval_ms: 25_000,
+        pong_timeout_ms: 10_000,
+        compress_min: Some(64),
+        max_message_size: 65_536,
+        expires_in_ms: None,
+        subs,
+        time_ms: 0,
+    })
+}
+
+fn publication(offset: u64, payload: Payload) -> ServerFrame {
+    ServerFrame::Push(Push::Publication(Publication {
+        channel: "ch".into(),
+        epoch: "e".into(),
+        offset,
+        message_id: format!("m{offset}"),
+        qos: Qos::AtLeastOnce,
+        publisher: None,
+        time_ms: 0,
+        payload,
+    }))
+}
+
+fn plain(b: &[u8]) -> Payload {
+    Payload {
+        z: false,
+        data: Bytes(b.to_vec()),
+    }
+}
+
+/// A live session subscribed to "ch" (QoS 1), delivering from offset 1.
+fn live() -> (ClientSession, u64) {
+    let mut cfg = ClientConfig::new("dev");
+    cfg.encoding = Encoding::Json;
+    let mut s = ClientSession::new(cfg, 1);
+    let t = Instant(0);
+    s.subscribe(t, "ch", Qos::AtLeastOnce);
+    s.connect(t);
+    let conn = drain(&mut s, t).opened.expect("asks to open");
+    s.handle_input(t, Input::TransportOpened { conn });
+    let o = drain(&mut s, t);
+    let id = match &o.frames[..] {
+        [ClientFrame::Request {
+            id,
+            cmd: Command::Connect(c),
+        }] => {
+            assert_eq!(c.subs.len(), 1);
+            *id
+        }
+        other => panic!("{other:?}"),
+    };
+    let sub = Subscribed {
+        channel: "ch".into(),
+        qos: Qos::AtLeastOnce,
+        epoch: "e".into(),
+        top: 0,
+        from: 1,
+        recovered: true,
+    };
+    server_says(
+        &mut s,
+        conn,
+        t,
+        &[reply(id, connected(vec![SubscribeResult::Ok(sub)]))],
+    );
+    assert!(s.is_connected());
+    (s, conn)
+}
+
+fn surfaced(o: &Out) -> Vec<u64> {
+    o.events
+        .iter()
+        .filter_map(|e| {
+            if let Event::Publication(p) = e {
+                Some(p.offset)
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn acks(o: &Out) -> Vec<u64> {
+    o.frames
+        .iter()
+        .filter_map(|f| {
+            if let ClientFrame::Ack(items) = f {
+                Some(items[0].offset)
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn reorders_dedups_and_acks_cumulatively() {
+    let (mut s, conn) = live();
+    let t = Instant(1);
+    let o = server_says(
+        &mut s,
+        conn,
+        t,
+        &[publication(2, plain(b"b")), publication(3, plain(b"c"))],
+    );
+    assert!(surfaced(&o).is_empty(), "held until 1 arrives");
+    assert!(acks(&o).is_empty());
+    let o = server_says(&mut s, conn, t, &[publication(1, plain(b"a"))]);
+    assert_eq!(surfaced(&o), vec![1, 2, 3]);
+    assert_eq!(acks(&o), vec![3]);
+    // A duplicate is not surfaced but is acked again (the first ack may be lost).
+    let o = server_says(&mut s, conn, t, &[publication(2, plain(b"b"))]);
+    assert!(surfaced(&o).is_empty());
+    assert_eq!(acks(&o), vec![3]);
+    assert_eq!(s.stats().duplicates, 1);
+}
+
+#[test]
+fn a_corrupt_payload_is_reported_and_does_not_stall_the_stream() {
+    let (mut s, conn) = live();
+    let t = Instant(1);
+    let bomb = miniz_oxide::deflate::compress_to_vec(&vec![0u8; 1 << 20], 6);
+    let o = server_says(
+        &mut s,
+        conn,
+        t,
+        &[
+            publication(
+                1,
+                Payload {
+                    z: true,
+                    data: Bytes(vec![0xff, 0x00, 0x13]),
+                },
+            ),
+            publication(
+                2,
+                Payload {
+                    z: true,
+                    data: Bytes(bomb),
+                },
+            ),
+            publication(
+                3,
+                Payload {
+                    z: true,
+                    data: Bytes(miniz_oxide::deflate::compress_to_vec(b"hello", 6)),
+                },
+            ),
+        ],
+    );
+    assert_eq!(surfaced(&o), vec![3]);
+    let errors = o
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Error(_)))
+        .count();
+    assert_eq!(errors, 2);
+    assert_eq!(acks(&o), vec![3]);
+    let got = o.events.iter().find_map(|e| {
+        if let Event::Publication(p) = e {
+            Some(p.payload.clone())
+        } else {
+            None
+        }
+    });
+    assert_eq!(got, Some(plain(b"hello")));
+}
+
+#[test]
+fn hostile_values_from_the_server_do_not_panic() {
+    let (mut s, conn) = live();
+    let t = Instant(1);
+    server_says(
+        &mut s,
+        conn,
+        t,
+        &[
+            publication(u64::MAX, plain(b"x")),
+            publication(u64::MAX - 1, plain(b"y")),
+        ],
+    );
+    // Replies to requests never made are ignored.
+    let o = server_says(
+        &mut s,
+        conn,
+        t,
+        &[reply(999, ReplyBody::Released), reply(0, connected(vec![]))],
+    );
+    assert!(o.closed.is_none());
+    assert!(s.is_connected());
+    // A subscribed result with from = 0 and a huge top.
+    s.subscribe(t, "z", Qos::ExactlyOnce);
+    let id = match &drain(&mut s, t).frames[..] {
+        [ClientFrame::Request { id, .. }] => *id,
+        other => panic!("{other:?}"),
+    };
+    let sub = Subscribed {
+        channel: "z".into(),
+        qos: Qos::ExactlyOnce,
+        epoch: "x".into(),
+        top: u64::MAX,
+        from: 0,
+        recovered: false,
+    };
+    let o = server_says(&mut s, conn, t, &[reply(id, ReplyBody::Subscribed(sub))]);
+    assert!(o
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Subscribed { channel, .. } if channel == "z")));
+    assert!(s.is_connected());
+    // Garbage closes the link as a protocol violation, and the client comes back.
+    s.handle_input(
+        t,
+        Input::TransportMessage {
+            conn,
+            data: b"\x00\xff garbage",
+        },
+    );
+    let o = drain(&mut s, t);
+    assert_eq!(o.closed, Some(CloseCode::ProtocolViolation as u16));
+    assert!(matches!(
+        s.state(),
+        ConnectionState::Backoff { attempt: 0, .. }
+    ));
+}
+
+#[test]
+fn pushes_that_overtake_the_subscribe_reply_are_kept() {
+    let (mut s, conn) = live();
+    let t = Instant(1);
+    s.subscribe(t, "other", Qos::ExactlyOnce);
+    let o = drain(&mut s, t);
+    let id = match &o.frames[..] {
+        [ClientFrame::Request {
+            id,
+            cmd: Command::Subscribe(r),
+        }] if r.channel == "other" => *id,
+        other => panic!("{other:?}"),
+    };
+    let early = ServerFrame::Push(Push::Publication(Publication {
+        channel: "other".into(),
+        epoch: "e".into(),
+        offset: 8,
+        message_id: "x8".into(),
+        qos: Qos::ExactlyOnce,
+        publisher: None,
+        time_ms: 0,
+        payload: plain(b"x"),
+    }));
+    let o = server_says(&mut s, conn, t, &[early]);
+    assert!(surfaced(&o).is_empty());
+    let sub = Subscribed {
+        channel: "other".into(),
+        qos: Qos::ExactlyOnce,
+        epoch: "e".into(),
+        top: 7,
+        from: 8,
+        recovered: true,
+    };
+    let o = server_says(&mut s, conn, t, &[reply(id, ReplyBody::Subscribed(sub))]);
+    assert_eq!(surfaced(&o), vec![8]);
+}
+
+#[test]
+fn late_callbacks_from_an_old_transport_are_ignored() {
+    let (mut s, conn) = live();
+    let t = Instant(1);
+    s.handle_input(
+        t,
+        Input::TransportClosed {
+            conn,
+            code: Some(3000),
+            reason: "restart".into(),
+        },
+    );
+    drain(&mut s, t);
+    assert!(matches!(s.state(), ConnectionState::Backoff { .. }));
+    // The old socket reports again, and a message trickles in from it.
+    s.handle_input(
+        t,
+        Input::TransportClosed {
+            conn,
+            code: Some(3500),
+            reason: "late".into(),
+        },
+    );
+    s.handle_input(t, Input::TransportMessage { conn, data: b"{}" });
+    let o = drain(&mut s, t);
+    assert!(o.events.is_empty() && o.closed.is_none());
+    assert!(
+        matches!(s.state(), ConnectionState::Backoff { .. }),
+        "not closed for good by a stale 3500"
+    );
+}
