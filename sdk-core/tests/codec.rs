@@ -706,7 +706,7 @@ fn batcher_respects_the_frame_cap() {
 fn compressible() -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec((any::<u8>(), 1usize..300), 0..12).prop_map(|runs| {
         runs.into_iter()
-            .flat_map(|(b, n)| std::iter::repeat(b).take(n))
+            .flat_map(|(b, n)| std::iter::repeat_n(b, n))
             .collect()
     })
 }

@@ -1,0 +1,200 @@
+//! Server configuration: a TOML file, every field with a production default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_core::frame::Qos;
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address for WebSocket connections and `/healthz`.
+    pub listen: SocketAddr,
+    /// Where the embedded store keeps its files.
+    pub data_dir: PathBuf,
+    /// Development auth: the connect token is taken as the user id
+    /// (empty = anonymous). Replaced by signed tokens in production.
+    pub insecure_token_is_user: bool,
+    /// Allow connections with an empty token.
+    pub allow_anonymous: bool,
+    /// Connection limits and timings.
+    pub limits: Limits,
+    /// Namespace options; the key is the part of a channel name before the
+    /// first `:`; `default` applies to channels without a namespace and to
+    /// namespaces not listed.
+    pub namespaces: BTreeMap<String, Namespace>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8000".parse().expect("valid address"),
+            data_dir: PathBuf::from("ferry-data"),
+            insecure_token_is_user: true,
+            allow_anonymous: true,
+            limits: Limits::default(),
+            namespaces: BTreeMap::new(),
+        }
+    }
+}
+
+/// Per-connection limits and timings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest WebSocket message (and inflated payload), bytes.
+    pub max_message_size: usize,
+    /// Largest WebSocket frame (fragment), bytes.
+    pub max_frame_size: usize,
+    /// Subscriptions per connection.
+    pub max_subscriptions: usize,
+    /// Milliseconds from WebSocket open to `connect`.
+    pub handshake_timeout_ms: u64,
+    /// Milliseconds between pings.
+    pub ping_interval_ms: u64,
+    /// Milliseconds to wait for a pong.
+    pub pong_timeout_ms: u64,
+    /// Unacknowledged QoS 1/2 deliveries per connection.
+    pub inflight_window: usize,
+    /// Milliseconds before an unacknowledged delivery is pushed again.
+    pub ack_timeout_ms: u64,
+    /// Bytes waiting for one connection's socket before it is dropped as slow.
+    pub max_queued_bytes: usize,
+    /// Publications queued from fan-out to one connection before it is dropped as slow.
+    pub fanout_queue: usize,
+    /// Payloads at least this large are compressed for clients that agree (0 = off).
+    pub compress_min: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 64 * 1024,
+            max_frame_size: 64 * 1024,
+            max_subscriptions: 256,
+            handshake_timeout_ms: 10_000,
+            ping_interval_ms: 25_000,
+            pong_timeout_ms: 10_000,
+            inflight_window: 256,
+            ack_timeout_ms: 30_000,
+            max_queued_bytes: 4 << 20,
+            fanout_queue: 1024,
+            compress_min: 1024,
+        }
+    }
+}
+
+/// Options of one namespace.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Namespace {
+    /// Publications kept per channel.
+    pub history_size: usize,
+    /// Seconds a publication is kept (0 = no age limit).
+    pub history_ttl_secs: u64,
+    /// Presence queries allowed.
+    pub presence: bool,
+    /// Join/leave pushes.
+    pub join_leave: bool,
+    /// Clients may publish (else backend only).
+    pub client_publish: bool,
+    /// Highest QoS granted.
+    pub max_qos: u8,
+}
+
+impl Default for Namespace {
+    fn default() -> Self {
+        Namespace {
+            history_size: 1000,
+            history_ttl_secs: 7 * 24 * 3600,
+            presence: true,
+            join_leave: false,
+            client_publish: true,
+            max_qos: 2,
+        }
+    }
+}
+
+impl Namespace {
+    /// Highest QoS as the enum.
+    pub fn max_qos(&self) -> Qos {
+        Qos::from_u8(self.max_qos.min(2)).unwrap_or(Qos::ExactlyOnce)
+    }
+}
+
+impl Config {
+    /// Read and check a TOML file.
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        let c: Config = toml::from_str(text)?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Reject settings that cannot work.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let l = &self.limits;
+        anyhow::ensure!(
+            l.max_message_size >= 1024,
+            "limits.max_message_size must be at least 1024"
+        );
+        anyhow::ensure!(
+            l.max_frame_size >= 1024,
+            "limits.max_frame_size must be at least 1024"
+        );
+        anyhow::ensure!(
+            l.ping_interval_ms > 0,
+            "limits.ping_interval_ms must be positive"
+        );
+        anyhow::ensure!(
+            l.pong_timeout_ms > 0,
+            "limits.pong_timeout_ms must be positive"
+        );
+        anyhow::ensure!(
+            l.inflight_window > 0,
+            "limits.inflight_window must be positive"
+        );
+        for (name, ns) in &self.namespaces {
+            anyhow::ensure!(
+                ns.max_qos <= 2,
+                "namespaces.{name}.max_qos must be 0, 1 or 2"
+            );
+            anyhow::ensure!(
+                ns.history_size > 0,
+                "namespaces.{name}.history_size must be positive"
+            );
+        }
+        Ok(())
+    }
+
+    /// Options for a channel.
+    pub fn namespace(&self, channel: &str) -> &Namespace {
+        static DEFAULT: std::sync::OnceLock<Namespace> = std::sync::OnceLock::new();
+        let ns = crate::channel::namespace_of(channel);
+        self.namespaces
+            .get(ns)
+            .or_else(|| self.namespaces.get("default"))
+            .unwrap_or_else(|| DEFAULT.get_or_init(Namespace::default))
+    }
+
+    /// Session settings derived from the limits.
+    pub fn session(&self) -> ferry_core::server::ServerConfig {
+        let l = &self.limits;
+        ferry_core::server::ServerConfig {
+            ping_interval: Duration::from_millis(l.ping_interval_ms),
+            pong_timeout: Duration::from_millis(l.pong_timeout_ms),
+            handshake_timeout: Duration::from_millis(l.handshake_timeout_ms),
+            max_message_size: l.max_message_size,
+            max_subscriptions: l.max_subscriptions,
+            inflight_window: l.inflight_window,
+            ack_timeout: Duration::from_millis(l.ack_timeout_ms),
+            max_redeliveries: 5,
+            compress_min: (l.compress_min > 0).then_some(l.compress_min),
+            max_queued_bytes: l.max_queued_bytes,
+            request_id_window: 1024,
+        }
+    }
+}

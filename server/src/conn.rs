@@ -1,0 +1,348 @@
+//! One WebSocket connection: a task that drives the core's
+//! [`ServerSession`] and answers its events with the hub.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use ferry_core::codec::Encoding;
+use ferry_core::frame::*;
+use ferry_core::server::{Accept, ServerEvent, ServerOutput, ServerSession, SharedPublication};
+use ferry_core::{CloseCode, ErrorCode, Instant};
+use tokio::sync::mpsc;
+
+use crate::channel;
+use crate::hub::{now_ms, ConnHandle, ConnMsg, Hub, ReplyTo};
+
+/// A write that takes longer than this means the peer is gone or stalled.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Monotonic milliseconds for the session clock.
+fn clock(origin: tokio::time::Instant) -> Instant {
+    Instant::from_millis(origin.elapsed().as_millis() as u64)
+}
+
+struct Conn {
+    hub: Arc<Hub>,
+    session: ServerSession,
+    origin: tokio::time::Instant,
+    handle: Option<ConnHandle>,
+    ctl_tx: mpsc::UnboundedSender<ConnMsg>,
+    data_tx: mpsc::Sender<Arc<SharedPublication>>,
+    id: u64,
+    channels: Vec<String>,
+}
+
+/// Serve one upgraded WebSocket until it closes.
+pub async fn serve(
+    hub: Arc<Hub>,
+    mut ws: WebSocket,
+    enc: Encoding,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let origin = tokio::time::Instant::now();
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
+    let (data_tx, mut data_rx) = mpsc::channel(hub.config().limits.fanout_queue.max(1));
+    let id = hub.conn_id();
+    let session = ServerSession::new(hub.config().session(), enc, clock(origin));
+    let mut c = Conn {
+        hub: hub.clone(),
+        session,
+        origin,
+        handle: None,
+        ctl_tx,
+        data_tx,
+        id,
+        channels: Vec::new(),
+    };
+    let mut deadline: Option<Instant>;
+    loop {
+        // Drain the session: writes, host work, and the next deadline.
+        loop {
+            let now = clock(c.origin);
+            match c.session.poll_output(now) {
+                ServerOutput::Transmit(data) => {
+                    let msg = if enc.is_text() {
+                        match String::from_utf8(data) {
+                            Ok(s) => Message::Text(Utf8Bytes::from(s)),
+                            Err(_) => continue,
+                        }
+                    } else {
+                        Message::Binary(data.into())
+                    };
+                    match tokio::time::timeout(WRITE_TIMEOUT, ws.send(msg)).await {
+                        Ok(Ok(())) => {}
+                        _ => {
+                            c.session.handle_closed(clock(c.origin));
+                        }
+                    }
+                }
+                ServerOutput::Event(e) => c.on_event(e),
+                ServerOutput::Close { code, reason } => {
+                    let reason: String = reason.chars().take(100).collect();
+                    let frame = CloseFrame {
+                        code,
+                        reason: Utf8Bytes::from(reason),
+                    };
+                    let _ =
+                        tokio::time::timeout(WRITE_TIMEOUT, ws.send(Message::Close(Some(frame))))
+                            .await;
+                }
+                ServerOutput::Timeout(t) => {
+                    deadline = t;
+                    break;
+                }
+            }
+        }
+        if c.session.is_closed() {
+            break;
+        }
+        let sleep = async {
+            match deadline {
+                Some(t) => {
+                    let wait = t.as_millis().saturating_sub(clock(c.origin).as_millis());
+                    tokio::time::sleep(Duration::from_millis(wait)).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = ws.recv() => {
+                let now = clock(c.origin);
+                match msg {
+                    Some(Ok(Message::Binary(b))) if !enc.is_text() => c.session.handle_message(now, &b),
+                    Some(Ok(Message::Text(t))) if enc.is_text() => c.session.handle_message(now, t.as_bytes()),
+                    Some(Ok(Message::Binary(_) | Message::Text(_))) => {
+                        c.session.disconnect(now, CloseCode::ProtocolViolation, "wrong message type for the subprotocol")
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(Message::Close(_))) | None => c.session.handle_closed(now),
+                    Some(Err(e)) => {
+                        let too_big = e.to_string().contains("too long") || e.to_string().contains("Space limit");
+                        if too_big {
+                            c.session.disconnect(now, CloseCode::MessageTooLarge, "message too large");
+                        } else {
+                            c.session.handle_closed(now);
+                        }
+                    }
+                }
+            }
+            Some(m) = ctl_rx.recv() => c.on_ctl(m),
+            Some(p) = data_rx.recv() => {
+                let now = clock(c.origin);
+                c.session.deliver(now, &p);
+            }
+            _ = sleep => c.session.handle_timeout(clock(c.origin)),
+            _ = shutdown.changed() => {
+                c.session.disconnect(clock(c.origin), CloseCode::Shutdown, "server shutting down");
+            }
+        }
+    }
+    // Drain pending host events (Closed) so the hub forgets us.
+    while let ServerOutput::Event(e) = c.session.poll_output(clock(c.origin)) {
+        c.on_event(e);
+    }
+    c.hub.remove_conn(c.id, &c.channels);
+}
+
+impl Conn {
+    fn now(&self) -> Instant {
+        clock(self.origin)
+    }
+
+    fn on_event(&mut self, e: ServerEvent) {
+        let now = self.now();
+        match e {
+            ServerEvent::Connect { req, connect } => self.on_connect(now, req, connect),
+            ServerEvent::Subscribe { req, sub } => {
+                let Some(h) = self.handle.clone() else { return };
+                match self.hub.subscribe(&h, &sub) {
+                    Ok(start) => {
+                        self.channels.push(sub.channel.clone());
+                        self.session.subscribe_ok(now, req, start);
+                    }
+                    Err(err) => self.session.reply_error(now, req, err),
+                }
+            }
+            ServerEvent::Unsubscribed { channel } => {
+                self.hub.unsubscribe(self.id, &channel);
+                self.channels.retain(|c| *c != channel);
+            }
+            ServerEvent::Publish {
+                req,
+                channel,
+                message_id,
+                qos,
+                data,
+            } => {
+                let Some(h) = self.handle.clone() else { return };
+                if let Err(err) = channel::validate(&channel) {
+                    return self.session.reply_error(now, req, err);
+                }
+                let ns = self.hub.config().namespace(&channel);
+                if !ns.client_publish {
+                    return self.session.reply_error(
+                        now,
+                        req,
+                        ErrorReply::with_message(
+                            ErrorCode::PermissionDenied,
+                            "clients may not publish here",
+                        ),
+                    );
+                }
+                if qos > ns.max_qos() {
+                    return self.session.reply_error(
+                        now,
+                        req,
+                        ErrorReply::new(ErrorCode::QosNotAllowed),
+                    );
+                }
+                self.hub.publish(
+                    channel,
+                    message_id,
+                    qos,
+                    data,
+                    Some(h.info.clone()),
+                    ReplyTo::Conn(self.ctl_tx.clone(), req),
+                );
+            }
+            ServerEvent::Release { message_id } => self.hub.release(message_id),
+            ServerEvent::Call { req, cmd } => self.on_call(req, cmd),
+            ServerEvent::Refresh { req, token } => {
+                // Development auth has nothing to refresh; accept as-is.
+                let _ = token;
+                self.session.refresh_ok(now, req, None);
+            }
+            ServerEvent::Acked {
+                channel,
+                epoch,
+                offset,
+            } => {
+                if let Some(h) = &self.handle {
+                    self.hub.ack(h, &channel, epoch, offset);
+                }
+            }
+            ServerEvent::Fetch {
+                channel,
+                epoch,
+                from,
+                limit,
+            } => {
+                let hub = self.hub.clone();
+                let tx = self.ctl_tx.clone();
+                tokio::spawn(async move {
+                    let (pubs, end) = hub.fetch(&channel, &epoch, from, limit).await;
+                    let _ = tx.send(ConnMsg::Fetched { channel, pubs, end });
+                });
+            }
+            ServerEvent::Closed { code, reason } => {
+                tracing::debug!(conn = self.id, code, %reason, "connection closed");
+            }
+        }
+    }
+
+    fn on_connect(&mut self, now: Instant, req: u32, connect: Connect) {
+        let cfg = self.hub.config();
+        let user = if cfg.insecure_token_is_user {
+            connect.token.clone()
+        } else {
+            String::new()
+        };
+        if user.is_empty() && !cfg.allow_anonymous {
+            let err = ErrorReply::with_message(ErrorCode::Unauthorized, "anonymous access is off");
+            return self.session.reject(now, req, err, CloseCode::Unauthorized);
+        }
+        let info = ClientInfo {
+            client: format!("{:x}", self.id),
+            user,
+            info: None,
+        };
+        let handle = ConnHandle {
+            id: self.id,
+            info: info.clone(),
+            device: connect.device_id.clone(),
+            ctl: self.ctl_tx.clone(),
+            data: self.data_tx.clone(),
+        };
+        let mut subs = Vec::with_capacity(connect.subs.len());
+        for s in &connect.subs {
+            let r = self.hub.subscribe(&handle, s);
+            if r.is_ok() {
+                self.channels.push(s.channel.clone());
+            }
+            subs.push(r);
+        }
+        self.handle = Some(handle);
+        self.session.accept(
+            now,
+            req,
+            Accept {
+                client: info,
+                expires_in: None,
+                subs,
+                time_ms: now_ms(),
+            },
+        );
+    }
+
+    fn on_call(&mut self, req: u32, cmd: Command) {
+        let hub = self.hub.clone();
+        let tx = self.ctl_tx.clone();
+        match cmd {
+            Command::History(h) => {
+                tokio::spawn(async move {
+                    let result = hub.history(&h).await;
+                    let _ = tx.send(ConnMsg::Reply { req, result });
+                });
+            }
+            Command::Presence { channel } => {
+                let r = hub
+                    .presence(&channel)
+                    .map(|clients| ReplyBody::Presence { clients });
+                self.answer(req, r);
+            }
+            Command::PresenceStats { channel } => {
+                let r = hub.presence(&channel).map(|clients| {
+                    let mut users: Vec<&str> = clients.iter().map(|c| c.user.as_str()).collect();
+                    users.sort_unstable();
+                    users.dedup();
+                    ReplyBody::PresenceStats {
+                        clients: clients.len() as u32,
+                        users: users.len() as u32,
+                    }
+                });
+                self.answer(req, r);
+            }
+            _ => self.answer(req, Err(ErrorReply::new(ErrorCode::MethodNotFound))),
+        }
+    }
+
+    fn answer(&mut self, req: u32, r: Result<ReplyBody, ErrorReply>) {
+        let now = self.now();
+        match r {
+            Ok(body) => self.session.reply(now, req, body),
+            Err(e) => self.session.reply_error(now, req, e),
+        }
+    }
+
+    fn on_ctl(&mut self, m: ConnMsg) {
+        let now = self.now();
+        match m {
+            ConnMsg::Published { req, result } => match result {
+                Ok(s) => self
+                    .session
+                    .publish_ok(now, req, s.epoch, s.offset, s.duplicate),
+                Err(e) => self.session.reply_error(now, req, e),
+            },
+            ConnMsg::Fetched { channel, pubs, end } => {
+                for p in &pubs {
+                    self.session.deliver(now, p);
+                }
+                self.session.fetch_done(now, &channel, end);
+            }
+            ConnMsg::Reply { req, result } => self.answer(req, result),
+            ConnMsg::Notice(p) => self.session.push_notice(now, p),
+            ConnMsg::Kick(code, reason) => self.session.disconnect(now, code, &reason),
+        }
+    }
+}

@@ -1,0 +1,709 @@
+//! The hub: channel state, the sequencer that orders and durably commits
+//! publishes, fan-out, presence and history.
+//!
+//! Design: one sequencer thread owns offset assignment. It drains every
+//! queued publish into one batch, commits it with one fsync (group
+//! commit), and only then fans the publications out, in offset order,
+//! while holding the channel table lock. A subscriber registers under the
+//! same lock, so every publication is either at or below the `top` it was
+//! told (and replayed from the store) or delivered live — never both,
+//! never neither.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ferry_core::frame::*;
+use ferry_core::server::{FetchEnd, SharedPublication, StreamStart};
+use ferry_core::{CloseCode, ErrorCode};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::channel;
+use crate::config::Config;
+use crate::store::{Batch, DedupEntry, Store, StreamHeader};
+
+/// Identifies one connection.
+pub type ConnId = u64;
+
+/// Publications kept in memory per channel for recovery without disk reads.
+pub const HOT_WINDOW: usize = 256;
+
+/// How long a QoS 0/1 message id is remembered, ms.
+pub const DEDUP_WINDOW_MS: u64 = 24 * 3600 * 1000;
+/// How long an unreleased QoS 2 message id is kept at most, ms.
+pub const QOS2_HOLD_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// Messages to a connection's task.
+#[derive(Debug)]
+pub enum ConnMsg {
+    /// A publish finished.
+    Published {
+        /// Request id.
+        req: u32,
+        /// The stored position, or why not.
+        result: Result<Stored, ErrorReply>,
+    },
+    /// Publications from the store for a fetch.
+    Fetched {
+        /// Channel.
+        channel: String,
+        /// In offset order.
+        pubs: Vec<Arc<SharedPublication>>,
+        /// How it ended.
+        end: FetchEnd,
+    },
+    /// The answer to a call (history).
+    Reply {
+        /// Request id.
+        req: u32,
+        /// The answer.
+        result: Result<ReplyBody, ErrorReply>,
+    },
+    /// A push to forward (join, leave, unsubscribed).
+    Notice(Push),
+    /// Close the connection.
+    Kick(CloseCode, String),
+}
+
+/// Where a publish was stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    /// Epoch.
+    pub epoch: String,
+    /// Offset.
+    pub offset: u64,
+    /// It had been stored before.
+    pub duplicate: bool,
+}
+
+/// A connection as the hub knows it.
+#[derive(Clone)]
+pub struct ConnHandle {
+    /// Its id.
+    pub id: ConnId,
+    /// Identity shown in presence and as publisher.
+    pub info: ClientInfo,
+    /// Device id from `connect`.
+    pub device: String,
+    /// Replies and notices.
+    pub ctl: mpsc::UnboundedSender<ConnMsg>,
+    /// Live publications (bounded: a full queue means a slow consumer).
+    pub data: mpsc::Sender<Arc<SharedPublication>>,
+}
+
+struct Chan {
+    header: StreamHeader,
+    /// The header exists in the store.
+    persisted: bool,
+    hot: VecDeque<Arc<SharedPublication>>,
+    subs: BTreeMap<ConnId, ConnHandle>,
+}
+
+#[derive(Default)]
+struct State {
+    channels: HashMap<String, Chan>,
+}
+
+/// Who to tell the outcome of a publish.
+pub enum ReplyTo {
+    /// A connection's request.
+    Conn(mpsc::UnboundedSender<ConnMsg>, u32),
+    /// An in-process caller.
+    Once(oneshot::Sender<Result<Stored, ErrorReply>>),
+}
+
+impl ReplyTo {
+    fn send(self, r: Result<Stored, ErrorReply>) {
+        match self {
+            ReplyTo::Conn(tx, req) => {
+                let _ = tx.send(ConnMsg::Published { req, result: r });
+            }
+            ReplyTo::Once(tx) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+enum SeqReq {
+    Publish {
+        channel: String,
+        message_id: String,
+        qos: Qos,
+        data: Vec<u8>,
+        publisher: Option<ClientInfo>,
+        reply: ReplyTo,
+    },
+    Release(String),
+    Cursor(String, String, u64),
+}
+
+/// Counters.
+#[derive(Default, Debug)]
+pub struct HubStats {
+    /// Durable commits.
+    pub commits: AtomicU64,
+    /// Publications stored.
+    pub stored: AtomicU64,
+    /// Duplicate publishes answered from the dedup table.
+    pub duplicates: AtomicU64,
+    /// Connections dropped because their fan-out queue was full.
+    pub slow_consumers: AtomicU64,
+}
+
+/// Shared server state.
+pub struct Hub {
+    cfg: Arc<Config>,
+    store: Arc<dyn Store>,
+    state: Mutex<State>,
+    seq: std::sync::mpsc::Sender<SeqReq>,
+    next_conn: AtomicU64,
+    /// Counters.
+    pub stats: HubStats,
+}
+
+/// Wall clock, Unix ms.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A fresh epoch: distinct from every earlier one with overwhelming
+/// probability, so a wiped store never reuses an epoch.
+fn new_epoch() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    format!("{:016x}", h.finish())
+}
+
+impl Hub {
+    /// Start the hub over a store; spawns the sequencer thread.
+    pub fn start(
+        cfg: Arc<Config>,
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<Hub>, crate::store::StoreError> {
+        let mut state = State::default();
+        for (ch, header) in store.headers()? {
+            state.channels.insert(
+                ch,
+                Chan {
+                    header,
+                    persisted: true,
+                    hot: VecDeque::new(),
+                    subs: BTreeMap::new(),
+                },
+            );
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let hub = Arc::new(Hub {
+            cfg,
+            store,
+            state: Mutex::new(state),
+            seq: tx,
+            next_conn: AtomicU64::new(1),
+            stats: HubStats::default(),
+        });
+        let weak = Arc::downgrade(&hub);
+        std::thread::Builder::new()
+            .name("ferry-sequencer".into())
+            .spawn(move || sequencer(weak, rx))
+            .expect("spawn sequencer thread");
+        Ok(hub)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// A new connection id.
+    pub fn conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the table half-updated
+        // in a way later readers could not cope with, so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue a publish; the outcome goes to `reply` after the durable commit.
+    pub fn publish(
+        &self,
+        channel: String,
+        message_id: String,
+        qos: Qos,
+        data: Vec<u8>,
+        publisher: Option<ClientInfo>,
+        reply: ReplyTo,
+    ) {
+        let req = SeqReq::Publish {
+            channel,
+            message_id,
+            qos,
+            data,
+            publisher,
+            reply,
+        };
+        if let Err(std::sync::mpsc::SendError(SeqReq::Publish { reply, .. })) = self.seq.send(req) {
+            reply.send(Err(ErrorReply::new(ErrorCode::Unavailable)));
+        }
+    }
+
+    /// Publish from inside the server (tests, backend API) and wait.
+    pub async fn publish_wait(
+        &self,
+        channel: &str,
+        message_id: &str,
+        qos: Qos,
+        data: Vec<u8>,
+    ) -> Result<Stored, ErrorReply> {
+        let (tx, rx) = oneshot::channel();
+        self.publish(
+            channel.into(),
+            message_id.into(),
+            qos,
+            data,
+            None,
+            ReplyTo::Once(tx),
+        );
+        rx.await
+            .unwrap_or_else(|_| Err(ErrorReply::new(ErrorCode::Unavailable)))
+    }
+
+    /// QoS 2 release: the dedup entry may go.
+    pub fn release(&self, message_id: String) {
+        let _ = self.seq.send(SeqReq::Release(message_id));
+    }
+
+    /// Advance a durable offline cursor.
+    pub fn ack(&self, conn: &ConnHandle, channel: &str, epoch: String, offset: u64) {
+        if conn.info.user.is_empty() {
+            return;
+        }
+        let key = cursor_key(&conn.info.user, &conn.device, channel);
+        let _ = self.seq.send(SeqReq::Cursor(key, epoch, offset));
+    }
+
+    /// Register a subscriber and say where its delivery starts.
+    pub fn subscribe(
+        &self,
+        conn: &ConnHandle,
+        req: &SubscribeRequest,
+    ) -> Result<StreamStart, ErrorReply> {
+        channel::validate(&req.channel)?;
+        let ns = self.cfg.namespace(&req.channel);
+        if let Some(owner) = channel::personal_owner(&req.channel) {
+            if owner != conn.info.user {
+                return Err(ErrorReply::with_message(
+                    ErrorCode::PermissionDenied,
+                    "a personal channel belongs to its user",
+                ));
+            }
+        }
+        let qos = req.qos.min(ns.max_qos());
+        // A device that comes back without a position of its own resumes
+        // from its durable server-side cursor (offline delivery).
+        let since = match &req.since {
+            Some(p) => Some(p.clone()),
+            None if qos != Qos::AtMostOnce && !conn.info.user.is_empty() => {
+                let key = cursor_key(&conn.info.user, &conn.device, &req.channel);
+                self.store
+                    .cursor(&key)
+                    .map_err(|_| ErrorReply::new(ErrorCode::Unavailable))?
+                    .map(|(epoch, offset)| StreamPosition { epoch, offset })
+            }
+            None => None,
+        };
+        let mut st = self.lock();
+        let chan = st
+            .channels
+            .entry(req.channel.clone())
+            .or_insert_with(|| Chan {
+                header: StreamHeader {
+                    epoch: new_epoch(),
+                    first: 1,
+                    top: 0,
+                },
+                persisted: false,
+                hot: VecDeque::new(),
+                subs: BTreeMap::new(),
+            });
+        let h = &chan.header;
+        let (from, recovered) = match &since {
+            None => (h.top + 1, true),
+            Some(p) if p.epoch == h.epoch && p.offset <= h.top && p.offset + 1 >= h.first => {
+                (p.offset + 1, true)
+            }
+            // Nothing was ever trimmed and the client had seen nothing: no gap.
+            Some(p) if p.offset == 0 && h.first == 1 => (1, true),
+            Some(_) => (h.first, false),
+        };
+        let start = StreamStart {
+            qos,
+            epoch: h.epoch.clone(),
+            top: h.top,
+            from,
+            recovered,
+        };
+        chan.subs.insert(conn.id, conn.clone());
+        Ok(start)
+    }
+
+    /// Forget a subscription.
+    pub fn unsubscribe(&self, conn: ConnId, channel: &str) {
+        let mut st = self.lock();
+        if let Some(c) = st.channels.get_mut(channel) {
+            c.subs.remove(&conn);
+        }
+    }
+
+    /// Forget a connection everywhere.
+    pub fn remove_conn(&self, conn: ConnId, channels: &[String]) {
+        let mut st = self.lock();
+        for ch in channels {
+            if let Some(c) = st.channels.get_mut(ch) {
+                c.subs.remove(&conn);
+            }
+        }
+    }
+
+    /// Publications `from..` (at most `limit`) of `channel` in `epoch`.
+    pub async fn fetch(
+        self: &Arc<Self>,
+        channel: &str,
+        epoch: &str,
+        from: u64,
+        limit: usize,
+    ) -> (Vec<Arc<SharedPublication>>, FetchEnd) {
+        {
+            let st = self.lock();
+            let Some(c) = st.channels.get(channel) else {
+                return (vec![], FetchEnd::Done);
+            };
+            if c.header.epoch != epoch || from < c.header.first {
+                return (vec![], FetchEnd::Lost);
+            }
+            if c.hot
+                .front()
+                .is_some_and(|p| p.publication().offset <= from)
+            {
+                let out = c
+                    .hot
+                    .iter()
+                    .filter(|p| p.publication().offset >= from)
+                    .take(limit)
+                    .cloned()
+                    .collect();
+                return (out, FetchEnd::Done);
+            }
+        }
+        let hub = self.clone();
+        let ch = channel.to_string();
+        let read = tokio::task::spawn_blocking(move || hub.store.range(&ch, from, limit)).await;
+        match read {
+            Ok(Ok(pubs)) => {
+                // Records of another epoch are leftovers of a reset stream.
+                let pubs: Vec<_> = pubs
+                    .into_iter()
+                    .filter(|p| p.epoch == epoch)
+                    .map(SharedPublication::new)
+                    .collect();
+                (pubs, FetchEnd::Done)
+            }
+            _ => (vec![], FetchEnd::Lost),
+        }
+    }
+
+    /// History query.
+    pub async fn history(self: &Arc<Self>, h: &HistoryRequest) -> Result<ReplyBody, ErrorReply> {
+        channel::validate(&h.channel)?;
+        let header = {
+            let st = self.lock();
+            st.channels.get(&h.channel).map(|c| c.header.clone())
+        };
+        let Some(header) = header else {
+            return Ok(ReplyBody::History {
+                publications: vec![],
+                top: StreamPosition {
+                    epoch: String::new(),
+                    offset: 0,
+                },
+            });
+        };
+        let top = StreamPosition {
+            epoch: header.epoch.clone(),
+            offset: header.top,
+        };
+        let limit = (h.limit as usize).min(1000);
+        if limit == 0 {
+            return Ok(ReplyBody::History {
+                publications: vec![],
+                top,
+            });
+        }
+        let hub = self.clone();
+        let ch = h.channel.clone();
+        let (first, last) = (header.first, header.top);
+        let all = tokio::task::spawn_blocking(move || {
+            hub.store.range(&ch, first, (last + 1 - first) as usize)
+        })
+        .await
+        .map_err(|_| ErrorReply::new(ErrorCode::Internal))?
+        .map_err(|_| ErrorReply::new(ErrorCode::Unavailable))?;
+        let inside = |p: &Publication, b: &HistoryBound, lower: bool| match b {
+            HistoryBound::Offset(o) => {
+                if lower {
+                    p.offset >= *o
+                } else {
+                    p.offset <= *o
+                }
+            }
+            HistoryBound::TimeMs(t) => {
+                if lower {
+                    p.time_ms >= *t
+                } else {
+                    p.time_ms <= *t
+                }
+            }
+        };
+        let mut pubs: Vec<Publication> = all
+            .into_iter()
+            .filter(|p| p.epoch == header.epoch)
+            .filter(|p| h.since.as_ref().is_none_or(|b| inside(p, b, true)))
+            .filter(|p| h.until.as_ref().is_none_or(|b| inside(p, b, false)))
+            .collect();
+        if h.reverse {
+            pubs.reverse();
+        }
+        pubs.truncate(limit);
+        Ok(ReplyBody::History {
+            publications: pubs,
+            top,
+        })
+    }
+
+    /// Presence of a channel.
+    pub fn presence(&self, channel: &str) -> Result<Vec<ClientInfo>, ErrorReply> {
+        if !self.cfg.namespace(channel).presence {
+            return Err(ErrorReply::new(ErrorCode::NotAvailable));
+        }
+        let st = self.lock();
+        Ok(st
+            .channels
+            .get(channel)
+            .map(|c| c.subs.values().map(|h| h.info.clone()).collect())
+            .unwrap_or_default())
+    }
+
+    /// Commit a batch built by the sequencer, then apply it in memory.
+    fn apply(
+        &self,
+        batch: Batch,
+        replies: Vec<(ReplyTo, Result<Stored, ErrorReply>)>,
+        hot_trim: &HashMap<String, u64>,
+    ) {
+        let result = if batch.is_empty() {
+            Ok(())
+        } else {
+            self.store.commit(&batch)
+        };
+        if let Err(e) = result {
+            tracing::error!("store commit failed: {e}");
+            for (r, _) in replies {
+                r.send(Err(ErrorReply::new(ErrorCode::Unavailable)));
+            }
+            return;
+        }
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .stored
+            .fetch_add(batch.appends.len() as u64, Ordering::Relaxed);
+        let mut kicks = Vec::new();
+        {
+            let mut st = self.lock();
+            for (ch, h) in &batch.headers {
+                let c = st.channels.entry(ch.clone()).or_insert_with(|| Chan {
+                    header: h.clone(),
+                    persisted: true,
+                    hot: VecDeque::new(),
+                    subs: BTreeMap::new(),
+                });
+                c.header = h.clone();
+                c.persisted = true;
+                if let Some(first) = hot_trim.get(ch) {
+                    while c
+                        .hot
+                        .front()
+                        .is_some_and(|p| p.publication().offset < *first)
+                    {
+                        c.hot.pop_front();
+                    }
+                }
+            }
+            for p in batch.appends {
+                let shared = SharedPublication::new(p);
+                let Some(c) = st.channels.get_mut(&shared.publication().channel) else {
+                    continue;
+                };
+                c.hot.push_back(shared.clone());
+                if c.hot.len() > HOT_WINDOW {
+                    c.hot.pop_front();
+                }
+                for h in c.subs.values() {
+                    if h.data.try_send(shared.clone()).is_err() {
+                        kicks.push(h.clone());
+                    }
+                }
+            }
+        }
+        for h in kicks {
+            self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            let _ = h.ctl.send(ConnMsg::Kick(
+                CloseCode::SlowConsumer,
+                "fan-out queue full".into(),
+            ));
+        }
+        for (r, res) in replies {
+            r.send(res);
+        }
+    }
+}
+
+/// Key of an offline cursor.
+pub fn cursor_key(user: &str, device: &str, channel: &str) -> String {
+    format!("{user}\u{0}{device}\u{0}{channel}")
+}
+
+/// The sequencer loop: batch, assign offsets, dedup, commit, fan out.
+fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
+    const MAX_BATCH: usize = 1024;
+    while let Ok(first) = rx.recv() {
+        let mut reqs = vec![first];
+        while reqs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => reqs.push(r),
+                Err(_) => break,
+            }
+        }
+        let Some(hub) = hub.upgrade() else { return };
+        let now = now_ms();
+        let mut batch = Batch::default();
+        let mut replies = Vec::new();
+        let mut headers: BTreeMap<String, StreamHeader> = BTreeMap::new();
+        let mut fresh: HashMap<String, Stored> = HashMap::new();
+        let mut hot_trim = HashMap::new();
+        for r in reqs {
+            match r {
+                SeqReq::Publish {
+                    channel,
+                    message_id,
+                    qos,
+                    data,
+                    publisher,
+                    reply,
+                } => {
+                    if let Some(s) = fresh.get(&message_id) {
+                        replies.push((
+                            reply,
+                            Ok(Stored {
+                                duplicate: true,
+                                ..s.clone()
+                            }),
+                        ));
+                        continue;
+                    }
+                    match hub.store.dedup(&message_id) {
+                        Ok(Some(e)) if e.expires_ms > now => {
+                            hub.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                            replies.push((
+                                reply,
+                                Ok(Stored {
+                                    epoch: e.epoch,
+                                    offset: e.offset,
+                                    duplicate: true,
+                                }),
+                            ));
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            replies.push((reply, Err(ErrorReply::new(ErrorCode::Unavailable))));
+                            continue;
+                        }
+                    }
+                    let h = headers.entry(channel.clone()).or_insert_with(|| {
+                        let st = hub.lock();
+                        st.channels
+                            .get(&channel)
+                            .map(|c| c.header.clone())
+                            .unwrap_or_else(|| StreamHeader {
+                                epoch: new_epoch(),
+                                first: 1,
+                                top: 0,
+                            })
+                    });
+                    h.top += 1;
+                    let keep = hub.cfg.namespace(&channel).history_size as u64;
+                    if h.top - h.first + 1 > keep {
+                        h.first = h.top + 1 - keep;
+                        batch.trims.push((channel.clone(), h.first));
+                        hot_trim.insert(channel.clone(), h.first);
+                    }
+                    let stored = Stored {
+                        epoch: h.epoch.clone(),
+                        offset: h.top,
+                        duplicate: false,
+                    };
+                    let hold = if qos == Qos::ExactlyOnce {
+                        QOS2_HOLD_MS
+                    } else {
+                        DEDUP_WINDOW_MS
+                    };
+                    batch.dedup_put.push((
+                        message_id.clone(),
+                        DedupEntry {
+                            channel: channel.clone(),
+                            epoch: h.epoch.clone(),
+                            offset: h.top,
+                            expires_ms: now + hold,
+                        },
+                    ));
+                    batch.appends.push(Publication {
+                        channel: channel.clone(),
+                        epoch: h.epoch.clone(),
+                        offset: h.top,
+                        message_id: message_id.clone(),
+                        qos,
+                        publisher,
+                        time_ms: now,
+                        payload: Payload {
+                            z: false,
+                            data: Bytes(data),
+                        },
+                    });
+                    fresh.insert(message_id, stored.clone());
+                    replies.push((reply, Ok(stored)));
+                }
+                SeqReq::Release(id) => {
+                    // Design: a released QoS 2 id falls back to the ordinary
+                    // dedup window instead of vanishing at once, so a late
+                    // duplicate frame still finds it.
+                    if let Ok(Some(mut e)) = hub.store.dedup(&id) {
+                        e.expires_ms = e.expires_ms.min(now + DEDUP_WINDOW_MS);
+                        batch.dedup_put.push((id, e));
+                    }
+                }
+                SeqReq::Cursor(key, epoch, offset) => batch.cursors.push((key, (epoch, offset))),
+            }
+        }
+        batch.headers = headers.into_iter().collect();
+        hub.apply(batch, replies, &hot_trim);
+    }
+}

@@ -1,0 +1,96 @@
+//! # ferry-server
+//!
+//! The `ferry` messaging server: WebSocket endpoint (`/ws`, subprotocols
+//! `ferry.v1` and `ferry.v1.json`), health check (`/healthz`), channel
+//! fan-out, durable streams in an embedded store, recovery, presence and
+//! history. Every connection is driven by `ferry_core::server::ServerSession`;
+//! this crate supplies sockets, storage and fan-out.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let cfg = ferry_server::config::Config::default();
+//! let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+//! ferry_server::run(listener, cfg, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+pub mod channel;
+pub mod config;
+pub mod conn;
+pub mod hub;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use ferry_core::codec::Encoding;
+use ferry_core::frame::{SUBPROTOCOL_BINARY, SUBPROTOCOL_JSON};
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::store::RedbStore;
+
+#[derive(Clone)]
+struct AppState {
+    hub: Arc<Hub>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Serve on `listener` until `shutdown` completes; then tell every client
+/// to reconnect elsewhere and return.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    cfg.check()?;
+    let store = RedbStore::open(&cfg.data_dir)?;
+    let hub = Hub::start(Arc::new(cfg), Arc::new(store))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let app = router(AppState {
+        hub,
+        shutdown: stop_rx,
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await?;
+    Ok(())
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/ws", get(ws_handler))
+        .with_state(state)
+}
+
+async fn ws_handler(State(st): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    let limits = &st.hub.config().limits;
+    let ws = ws
+        .protocols([SUBPROTOCOL_BINARY, SUBPROTOCOL_JSON])
+        .max_message_size(limits.max_message_size)
+        .max_frame_size(limits.max_frame_size);
+    let enc = ws
+        .selected_protocol()
+        .and_then(|p| p.to_str().ok())
+        .and_then(Encoding::from_subprotocol);
+    let Some(enc) = enc else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "ferry: request the WebSocket subprotocol ferry.v1 (binary) or ferry.v1.json\n",
+        )
+            .into_response();
+    };
+    let hub = st.hub.clone();
+    let shutdown = st.shutdown.clone();
+    ws.on_upgrade(move |socket| conn::serve(hub, socket, enc, shutdown))
+}

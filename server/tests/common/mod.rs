@@ -1,0 +1,524 @@
+//! Test harness: a real server on an ephemeral loopback port and clients
+//! that drive `ferry_core::client::ClientSession` over tokio-tungstenite.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ferry_core::client::{ClientConfig, ClientSession, ConnId, Event, Input, Output, Snapshot};
+use ferry_core::codec::Encoding;
+use ferry_core::frame::*;
+use ferry_core::Instant;
+use ferry_server::config::Config;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "ferry-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A server running in this process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(mut cfg: Config) -> Self {
+        let dir = TempDir::new("srv");
+        cfg.data_dir = dir.path().to_path_buf();
+        Self::start_in(cfg, dir).await
+    }
+
+    pub async fn start_in(mut cfg: Config, dir: TempDir) -> Self {
+        cfg.data_dir = dir.path().to_path_buf();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(ferry_server::run(listener, cfg, async move {
+            let _ = rx.await;
+        }));
+        TestServer {
+            addr,
+            dir,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Stop gracefully and give back the data directory.
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        let dir = TempDir(self.dir.0.clone());
+        std::mem::forget(self.dir);
+        dir
+    }
+}
+
+/// The `ferry` binary as a child process (for kill -9).
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    pub fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("FERRY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ferry");
+        use std::io::BufRead;
+        let out = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("startup line");
+        let addr = line
+            .split("ws://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in startup line {line:?}"));
+        ServerProcess { child, addr }
+    }
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+    pub fn kill9(&mut self) {
+        // SIGKILL: no chance to flush anything.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Open a raw WebSocket with a subprotocol.
+pub async fn raw_ws(url: &str, enc: Encoding) -> Ws {
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", enc.subprotocol().parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connect");
+    assert_eq!(
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok()),
+        Some(enc.subprotocol())
+    );
+    ws
+}
+
+/// A test client: a ClientSession driven over a real socket.
+pub struct TestClient {
+    pub url: String,
+    pub session: ClientSession,
+    pub enc: Encoding,
+    ws: Option<(ConnId, Ws)>,
+    origin: std::time::Instant,
+    deadline: Option<Instant>,
+    pub events: Vec<Event>,
+    pub snapshot: Snapshot,
+    /// Publications surfaced, per channel: (offset, message id, payload).
+    pub received: std::collections::BTreeMap<String, Vec<(u64, String, Vec<u8>)>>,
+    pub acked: std::collections::BTreeMap<String, StreamPosition>,
+    /// Stop reading the socket (simulates a frozen app).
+    pub paused: bool,
+}
+
+impl TestClient {
+    pub fn config(device: &str, token: &str, enc: Encoding) -> ClientConfig {
+        let mut c = ClientConfig::new(device);
+        c.token = token.into();
+        c.encoding = enc;
+        c.backoff_min = Duration::from_millis(50);
+        c.backoff_max = Duration::from_millis(500);
+        c
+    }
+
+    pub fn new(url: &str, cfg: ClientConfig) -> Self {
+        static SEED: AtomicU64 = AtomicU64::new(1);
+        let enc = cfg.encoding;
+        let snapshot = Snapshot {
+            seen_cap: cfg.dedup_window,
+            ..Snapshot::default()
+        };
+        let session = ClientSession::new(cfg, SEED.fetch_add(1, Ordering::Relaxed));
+        Self::with_session(url, session, enc, snapshot)
+    }
+
+    pub fn restore(url: &str, cfg: ClientConfig, snapshot: Snapshot) -> Self {
+        let enc = cfg.encoding;
+        let session = ClientSession::restore(cfg, 99, &snapshot, Instant(0));
+        Self::with_session(url, session, enc, snapshot)
+    }
+
+    fn with_session(url: &str, session: ClientSession, enc: Encoding, snapshot: Snapshot) -> Self {
+        TestClient {
+            url: url.into(),
+            session,
+            enc,
+            ws: None,
+            origin: std::time::Instant::now(),
+            deadline: None,
+            events: Vec::new(),
+            snapshot,
+            received: Default::default(),
+            acked: Default::default(),
+            paused: false,
+        }
+    }
+
+    pub fn now(&self) -> Instant {
+        Instant::from_millis(self.origin.elapsed().as_millis() as u64)
+    }
+
+    pub fn ids(&self, ch: &str) -> Vec<String> {
+        self.received
+            .get(ch)
+            .map(|v| v.iter().map(|r| r.1.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn offsets(&self, ch: &str) -> Vec<u64> {
+        self.received
+            .get(ch)
+            .map(|v| v.iter().map(|r| r.0).collect())
+            .unwrap_or_default()
+    }
+
+    /// Process outputs of the session (opening sockets, writing, events).
+    async fn drain(&mut self) {
+        loop {
+            let now = self.now();
+            match self.session.poll_output(now) {
+                Output::Timeout(t) => {
+                    self.deadline = t;
+                    return;
+                }
+                Output::Open { conn } => {
+                    let mut req = self.url.as_str().into_client_request().unwrap();
+                    req.headers_mut().insert(
+                        "Sec-WebSocket-Protocol",
+                        self.enc.subprotocol().parse().unwrap(),
+                    );
+                    match tokio::time::timeout(
+                        Duration::from_secs(5),
+                        tokio_tungstenite::connect_async(req),
+                    )
+                    .await
+                    {
+                        Ok(Ok((ws, _))) => {
+                            self.ws = Some((conn, ws));
+                            let now = self.now();
+                            self.session
+                                .handle_input(now, Input::TransportOpened { conn });
+                        }
+                        _ => {
+                            let now = self.now();
+                            self.session.handle_input(
+                                now,
+                                Input::TransportClosed {
+                                    conn,
+                                    code: None,
+                                    reason: "connect failed".into(),
+                                },
+                            );
+                        }
+                    }
+                }
+                Output::Transmit { conn, data } => {
+                    if let Some((c, ws)) = &mut self.ws {
+                        if *c == conn {
+                            let msg = if self.enc.is_text() {
+                                Message::Text(String::from_utf8(data).unwrap().into())
+                            } else {
+                                Message::Binary(data.into())
+                            };
+                            if ws.send(msg).await.is_err() {
+                                let now = self.now();
+                                self.ws = None;
+                                self.session.handle_input(
+                                    now,
+                                    Input::TransportClosed {
+                                        conn,
+                                        code: None,
+                                        reason: "write failed".into(),
+                                    },
+                                );
+                            }
+                        }
+                    }
+                }
+                Output::Close { conn, code, reason } => {
+                    if let Some((c, mut ws)) = self.ws.take() {
+                        if c == conn {
+                            let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                                code: code.into(),
+                                reason: reason.into(),
+                            };
+                            let _ = tokio::time::timeout(
+                                Duration::from_millis(200),
+                                ws.close(Some(frame)),
+                            )
+                            .await;
+                        } else {
+                            self.ws = Some((c, ws));
+                        }
+                    }
+                }
+                Output::Event(e) => self.on_event(e),
+            }
+        }
+    }
+
+    fn on_event(&mut self, e: Event) {
+        match &e {
+            Event::Persist(c) => self.snapshot.apply(c),
+            Event::Publication(p) => self.received.entry(p.channel.clone()).or_default().push((
+                p.offset,
+                p.message_id.clone(),
+                p.payload.data.0.clone(),
+            )),
+            Event::PublishAcked {
+                message_id,
+                position,
+                ..
+            } => {
+                self.acked.insert(message_id.clone(), position.clone());
+            }
+            _ => {}
+        }
+        if !matches!(e, Event::Persist(_)) {
+            self.events.push(e);
+        }
+    }
+
+    /// Drive the session until `done` holds or `limit` passes; returns whether it held.
+    pub async fn run_until(
+        &mut self,
+        limit: Duration,
+        mut done: impl FnMut(&TestClient) -> bool,
+    ) -> bool {
+        let end = tokio::time::Instant::now() + limit;
+        self.drain().await;
+        loop {
+            if done(self) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= end {
+                return false;
+            }
+            self.step(end).await;
+            self.drain().await;
+        }
+    }
+
+    /// Drive for a while.
+    pub async fn run_for(&mut self, d: Duration) {
+        self.run_until(d, |_| false).await;
+    }
+
+    async fn step(&mut self, end: tokio::time::Instant) {
+        let wake = match self.deadline {
+            Some(t) => {
+                let wait = t.as_millis().saturating_sub(self.now().as_millis());
+                (tokio::time::Instant::now() + Duration::from_millis(wait)).min(end)
+            }
+            None => end,
+        };
+        // Never sleep long: the condition may depend on other clients.
+        let wake = wake.min(tokio::time::Instant::now() + Duration::from_millis(20));
+        let paused = self.paused;
+        let msg = match &mut self.ws {
+            Some((conn, ws)) if !paused => {
+                let conn = *conn;
+                tokio::select! {
+                    m = ws.next() => Some((conn, m)),
+                    _ = tokio::time::sleep_until(wake) => None,
+                }
+            }
+            _ => {
+                tokio::time::sleep_until(wake).await;
+                None
+            }
+        };
+        let now = self.now();
+        match msg {
+            Some((conn, Some(Ok(Message::Binary(b))))) => self
+                .session
+                .handle_input(now, Input::TransportMessage { conn, data: &b }),
+            Some((conn, Some(Ok(Message::Text(t))))) => self.session.handle_input(
+                now,
+                Input::TransportMessage {
+                    conn,
+                    data: t.as_bytes(),
+                },
+            ),
+            Some((conn, Some(Ok(Message::Close(f))))) => {
+                self.ws = None;
+                let (code, reason) = f
+                    .map(|f| (Some(u16::from(f.code)), f.reason.to_string()))
+                    .unwrap_or((None, String::new()));
+                self.session
+                    .handle_input(now, Input::TransportClosed { conn, code, reason });
+            }
+            Some((_, Some(Ok(_)))) => {}
+            Some((conn, Some(Err(e)))) => {
+                self.ws = None;
+                self.session.handle_input(
+                    now,
+                    Input::TransportClosed {
+                        conn,
+                        code: None,
+                        reason: e.to_string(),
+                    },
+                );
+            }
+            Some((conn, None)) => {
+                self.ws = None;
+                self.session.handle_input(
+                    now,
+                    Input::TransportClosed {
+                        conn,
+                        code: None,
+                        reason: "eof".into(),
+                    },
+                );
+            }
+            None => self.session.handle_input(now, Input::Timeout),
+        }
+    }
+
+    pub async fn connect(&mut self) {
+        let now = self.now();
+        self.session.connect(now);
+        self.drain().await;
+    }
+
+    pub async fn subscribe(&mut self, ch: &str, qos: Qos) {
+        let now = self.now();
+        self.session.subscribe(now, ch, qos);
+        self.drain().await;
+    }
+
+    pub async fn publish(&mut self, ch: &str, data: Vec<u8>, qos: Qos) -> String {
+        let now = self.now();
+        let id = self
+            .session
+            .publish(now, ch, data, qos)
+            .expect("publish accepted");
+        self.drain().await;
+        id
+    }
+
+    pub async fn call(&mut self, cmd: Command) -> Result<ReplyBody, String> {
+        let now = self.now();
+        let call = self.session.call(now, cmd).map_err(|e| e.to_string())?;
+        let mut result = None;
+        self.run_until(Duration::from_secs(10), |c| {
+            c.events
+                .iter()
+                .any(|e| matches!(e, Event::CallResult { call: id, .. } if *id == call))
+        })
+        .await;
+        for e in &self.events {
+            if let Event::CallResult {
+                call: id,
+                result: r,
+            } = e
+            {
+                if *id == call {
+                    result = Some(r.clone().map_err(|e| e.to_string()));
+                }
+            }
+        }
+        result.unwrap_or_else(|| Err("no answer".into()))
+    }
+
+    pub async fn connected(&mut self) -> bool {
+        self.run_until(Duration::from_secs(10), |c| c.session.is_connected())
+            .await
+    }
+
+    /// Drop the socket without a close frame (the app died or the link broke).
+    pub fn drop_socket(&mut self) {
+        self.ws = None;
+    }
+}
+
+/// Drive several clients round-robin until `done` holds.
+pub async fn run_all(
+    clients: &mut [TestClient],
+    limit: Duration,
+    mut done: impl FnMut(&[TestClient]) -> bool,
+) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        if done(clients) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        for c in clients.iter_mut() {
+            c.run_until(Duration::from_millis(5), |_| false).await;
+        }
+    }
+}
+
+/// A config for tests: small timings where a test needs them.
+pub fn test_config() -> Config {
+    Config::default()
+}
