@@ -353,6 +353,15 @@ impl Hub {
             recovered,
         };
         chan.subs.insert(conn.id, conn.clone());
+        drop(st);
+        if since.is_none() && qos != Qos::AtMostOnce && !conn.info.user.is_empty() {
+            // A durable subscription starts here: if the device goes away
+            // before acking anything, it still resumes from this point.
+            let key = cursor_key(&conn.info.user, &conn.device, &req.channel);
+            let _ = self
+                .seq
+                .send(SeqReq::Cursor(key, start.epoch.clone(), from - 1));
+        }
         Ok(start)
     }
 

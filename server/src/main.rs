@@ -63,8 +63,15 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
             let addr = listener.local_addr()?;
             // The first line names the address; tests and scripts read it.
-            println!("ferry listening on ws://{addr}/ws (health: http://{addr}/healthz)");
-            println!(
+            // Write errors are ignored: a closed stdout must not stop a server.
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "ferry listening on ws://{addr}/ws (health: http://{addr}/healthz)"
+            );
+            let _ = writeln!(
+                out,
                 "data: {} | anonymous access: {} | dev auth (token = user id): {}",
                 cfg.data_dir.display(),
                 if cfg.allow_anonymous { "on" } else { "off" },
@@ -74,6 +81,8 @@ async fn main() -> anyhow::Result<()> {
                     "off"
                 },
             );
+            let _ = out.flush();
+            drop(out);
             ferry_server::run(listener, cfg, shutdown_signal()).await
         }
     }

@@ -115,10 +115,16 @@ impl ServerProcess {
             .expect("spawn ferry");
         use std::io::BufRead;
         let out = child.stdout.take().unwrap();
+        let mut reader = std::io::BufReader::new(out);
         let mut line = String::new();
-        std::io::BufReader::new(out)
-            .read_line(&mut line)
-            .expect("startup line");
+        reader.read_line(&mut line).expect("startup line");
+        // Keep draining so the server never writes into a closed pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
         let addr = line
             .split("ws://")
             .nth(1)
