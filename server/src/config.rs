@@ -21,6 +21,9 @@ pub struct Config {
     pub insecure_token_is_user: bool,
     /// Allow connections with an empty token.
     pub allow_anonymous: bool,
+    /// Milliseconds a user stays present after their last connection
+    /// leaves a channel, so a quick reconnect does not flap join/leave.
+    pub presence_grace_ms: u64,
     /// Connection limits and timings.
     pub limits: Limits,
     /// Namespace options; the key is the part of a channel name before the
@@ -36,6 +39,7 @@ impl Default for Config {
             data_dir: PathBuf::from("ferry-data"),
             insecure_token_is_user: true,
             allow_anonymous: true,
+            presence_grace_ms: 5_000,
             limits: Limits::default(),
             namespaces: BTreeMap::new(),
         }

@@ -1,6 +1,7 @@
 //! One WebSocket connection: a task that drives the core's
 //! [`ServerSession`] and answers its events with the hub.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use ferry_core::codec::Encoding;
 use ferry_core::frame::*;
 use ferry_core::server::{Accept, ServerEvent, ServerOutput, ServerSession, SharedPublication};
 use ferry_core::{CloseCode, ErrorCode, Instant};
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::channel;
@@ -34,9 +36,14 @@ struct Conn {
 }
 
 /// Serve one upgraded WebSocket until it closes.
+///
+/// Design: a writer task owns the socket's sink, so a peer that stops
+/// reading never blocks this loop: timers (pong deadline, token expiry)
+/// keep firing, and bytes waiting for the writer count against the
+/// per-connection send-queue limit.
 pub async fn serve(
     hub: Arc<Hub>,
-    mut ws: WebSocket,
+    ws: WebSocket,
     enc: Encoding,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -45,6 +52,7 @@ pub async fn serve(
     let (data_tx, mut data_rx) = mpsc::channel(hub.config().limits.fanout_queue.max(1));
     let id = hub.conn_id();
     let session = ServerSession::new(hub.config().session(), enc, clock(origin));
+    let max_queued = hub.config().limits.max_queued_bytes;
     let mut c = Conn {
         hub: hub.clone(),
         session,
@@ -55,6 +63,25 @@ pub async fn serve(
         id,
         channels: Vec::new(),
     };
+    let (mut sink, mut stream) = ws.split();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let writer_queued = queued.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            let len = message_len(&m);
+            let close = matches!(m, Message::Close(_));
+            let ok = matches!(
+                tokio::time::timeout(WRITE_TIMEOUT, sink.send(m)).await,
+                Ok(Ok(()))
+            );
+            writer_queued.fetch_sub(len, Ordering::Relaxed);
+            if !ok || close {
+                break;
+            }
+        }
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close()).await;
+    });
     let mut deadline: Option<Instant>;
     loop {
         // Drain the session: writes, host work, and the next deadline.
@@ -70,11 +97,13 @@ pub async fn serve(
                     } else {
                         Message::Binary(data.into())
                     };
-                    match tokio::time::timeout(WRITE_TIMEOUT, ws.send(msg)).await {
-                        Ok(Ok(())) => {}
-                        _ => {
-                            c.session.handle_closed(clock(c.origin));
-                        }
+                    let len = message_len(&msg);
+                    if queued.fetch_add(len, Ordering::Relaxed) + len > max_queued {
+                        c.session
+                            .disconnect(now, CloseCode::SlowConsumer, "send queue full");
+                    }
+                    if out_tx.send(msg).is_err() {
+                        c.session.handle_closed(now);
                     }
                 }
                 ServerOutput::Event(e) => c.on_event(e),
@@ -84,9 +113,7 @@ pub async fn serve(
                         code,
                         reason: Utf8Bytes::from(reason),
                     };
-                    let _ =
-                        tokio::time::timeout(WRITE_TIMEOUT, ws.send(Message::Close(Some(frame))))
-                            .await;
+                    let _ = out_tx.send(Message::Close(Some(frame)));
                 }
                 ServerOutput::Timeout(t) => {
                     deadline = t;
@@ -107,7 +134,7 @@ pub async fn serve(
             }
         };
         tokio::select! {
-            msg = ws.recv() => {
+            msg = stream.next() => {
                 let now = clock(c.origin);
                 match msg {
                     Some(Ok(Message::Binary(b))) if !enc.is_text() => c.session.handle_message(now, &b),
@@ -118,8 +145,8 @@ pub async fn serve(
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Close(_))) | None => c.session.handle_closed(now),
                     Some(Err(e)) => {
-                        let too_big = e.to_string().contains("too long") || e.to_string().contains("Space limit");
-                        if too_big {
+                        let text = e.to_string();
+                        if text.contains("too long") || text.contains("Space limit") {
                             c.session.disconnect(now, CloseCode::MessageTooLarge, "message too large");
                         } else {
                             c.session.handle_closed(now);
@@ -139,10 +166,35 @@ pub async fn serve(
         }
     }
     // Drain pending host events (Closed) so the hub forgets us.
-    while let ServerOutput::Event(e) = c.session.poll_output(clock(c.origin)) {
-        c.on_event(e);
+    loop {
+        match c.session.poll_output(clock(c.origin)) {
+            ServerOutput::Event(e) => c.on_event(e),
+            ServerOutput::Timeout(_) => break,
+            ServerOutput::Transmit(_) => {}
+            ServerOutput::Close { code, reason } => {
+                let frame = CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from(reason),
+                };
+                let _ = out_tx.send(Message::Close(Some(frame)));
+            }
+        }
     }
     c.hub.remove_conn(c.id, &c.channels);
+    if let Some(h) = &c.handle {
+        c.hub.user_down(&h.info.user);
+    }
+    drop(out_tx);
+    // The writer ends on its own once the close frame is out (bounded by the write timeout).
+    drop(writer);
+}
+
+fn message_len(m: &Message) -> usize {
+    match m {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) => b.len(),
+        _ => 16,
+    }
 }
 
 impl Conn {
@@ -272,6 +324,7 @@ impl Conn {
             }
             subs.push(r);
         }
+        self.hub.user_up(&info.user);
         self.handle = Some(handle);
         self.session.accept(
             now,
@@ -296,21 +349,19 @@ impl Conn {
                 });
             }
             Command::Presence { channel } => {
+                // The client protocol returns the first page; the backend API pages further.
                 let r = hub
-                    .presence(&channel)
+                    .presence(&channel, None, 1000)
                     .map(|clients| ReplyBody::Presence { clients });
                 self.answer(req, r);
             }
             Command::PresenceStats { channel } => {
-                let r = hub.presence(&channel).map(|clients| {
-                    let mut users: Vec<&str> = clients.iter().map(|c| c.user.as_str()).collect();
-                    users.sort_unstable();
-                    users.dedup();
-                    ReplyBody::PresenceStats {
-                        clients: clients.len() as u32,
-                        users: users.len() as u32,
-                    }
-                });
+                let r = hub
+                    .presence_stats(&channel)
+                    .map(|s| ReplyBody::PresenceStats {
+                        clients: s.clients,
+                        users: s.users,
+                    });
                 self.answer(req, r);
             }
             _ => self.answer(req, Err(ErrorReply::new(ErrorCode::MethodNotFound))),

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::channel;
 use crate::config::Config;
+use crate::presence::{Change, MemoryPresence, Presence, Stats};
 use crate::store::{Batch, DedupEntry, Store, StreamHeader};
 
 /// Identifies one connection.
@@ -156,6 +157,7 @@ pub struct HubStats {
 pub struct Hub {
     cfg: Arc<Config>,
     store: Arc<dyn Store>,
+    presence: Arc<dyn Presence>,
     state: Mutex<State>,
     seq: std::sync::mpsc::Sender<SeqReq>,
     next_conn: AtomicU64,
@@ -204,6 +206,7 @@ impl Hub {
         let hub = Arc::new(Hub {
             cfg,
             store,
+            presence: Arc::new(MemoryPresence::default()),
             state: Mutex::new(state),
             seq: tx,
             next_conn: AtomicU64::new(1),
@@ -293,7 +296,7 @@ impl Hub {
 
     /// Register a subscriber and say where its delivery starts.
     pub fn subscribe(
-        &self,
+        self: &Arc<Self>,
         conn: &ConnHandle,
         req: &SubscribeRequest,
     ) -> Result<StreamStart, ErrorReply> {
@@ -354,6 +357,8 @@ impl Hub {
         };
         chan.subs.insert(conn.id, conn.clone());
         drop(st);
+        let change = self.presence.join(&req.channel, conn.id, &conn.info);
+        self.announce(&req.channel, change);
         if since.is_none() && qos != Qos::AtMostOnce && !conn.info.user.is_empty() {
             // A durable subscription starts here: if the device goes away
             // before acking anything, it still resumes from this point.
@@ -366,21 +371,92 @@ impl Hub {
     }
 
     /// Forget a subscription.
-    pub fn unsubscribe(&self, conn: ConnId, channel: &str) {
-        let mut st = self.lock();
-        if let Some(c) = st.channels.get_mut(channel) {
-            c.subs.remove(&conn);
+    pub fn unsubscribe(self: &Arc<Self>, conn: ConnId, channel: &str) {
+        self.remove_conn(conn, &[channel.to_string()]);
+    }
+
+    /// Forget a connection's subscriptions.
+    pub fn remove_conn(self: &Arc<Self>, conn: ConnId, channels: &[String]) {
+        {
+            let mut st = self.lock();
+            for ch in channels {
+                if let Some(c) = st.channels.get_mut(ch) {
+                    c.subs.remove(&conn);
+                }
+            }
+        }
+        for ch in channels {
+            let change = self.presence.leave(ch, conn);
+            self.announce(ch, change);
         }
     }
 
-    /// Forget a connection everywhere.
-    pub fn remove_conn(&self, conn: ConnId, channels: &[String]) {
-        let mut st = self.lock();
-        for ch in channels {
-            if let Some(c) = st.channels.get_mut(ch) {
-                c.subs.remove(&conn);
+    /// Turn a presence change into join/leave pushes (after the grace period for leaves).
+    fn announce(self: &Arc<Self>, channel: &str, change: Change) {
+        match change {
+            Change::None => {}
+            Change::Join(info) => {
+                if self.cfg.namespace(channel).join_leave {
+                    self.broadcast(
+                        channel,
+                        Push::Join {
+                            channel: channel.into(),
+                            info,
+                        },
+                    );
+                }
+            }
+            Change::LeavePending { user, generation } => {
+                let hub = self.clone();
+                let channel = channel.to_string();
+                let grace = std::time::Duration::from_millis(self.cfg.presence_grace_ms);
+                let settle = async move {
+                    tokio::time::sleep(grace).await;
+                    if let Some(info) = hub.presence.settle_leave(&channel, &user, generation) {
+                        if hub.cfg.namespace(&channel).join_leave {
+                            hub.broadcast(
+                                &channel,
+                                Push::Leave {
+                                    channel: channel.clone(),
+                                    info,
+                                },
+                            );
+                        }
+                    }
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(settle);
+                    }
+                    Err(_) => tracing::warn!("presence leave outside a runtime: not announced"),
+                }
             }
         }
+    }
+
+    /// Send a push to every subscriber of a channel.
+    fn broadcast(&self, channel: &str, push: Push) {
+        let st = self.lock();
+        if let Some(c) = st.channels.get(channel) {
+            for h in c.subs.values() {
+                let _ = h.ctl.send(ConnMsg::Notice(push.clone()));
+            }
+        }
+    }
+
+    /// A connection of `user` is live.
+    pub fn user_up(&self, user: &str) {
+        self.presence.user_up(user);
+    }
+
+    /// A connection of `user` ended.
+    pub fn user_down(&self, user: &str) {
+        self.presence.user_down(user);
+    }
+
+    /// Which of `users` are online now.
+    pub fn online(&self, users: &[String]) -> Vec<String> {
+        self.presence.online(users)
     }
 
     /// Publications `from..` (at most `limit`) of `channel` in `epoch`.
@@ -498,17 +574,25 @@ impl Hub {
         })
     }
 
-    /// Presence of a channel.
-    pub fn presence(&self, channel: &str) -> Result<Vec<ClientInfo>, ErrorReply> {
+    /// Presence of a channel, paginated by client id.
+    pub fn presence(
+        &self,
+        channel: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ClientInfo>, ErrorReply> {
         if !self.cfg.namespace(channel).presence {
             return Err(ErrorReply::new(ErrorCode::NotAvailable));
         }
-        let st = self.lock();
-        Ok(st
-            .channels
-            .get(channel)
-            .map(|c| c.subs.values().map(|h| h.info.clone()).collect())
-            .unwrap_or_default())
+        Ok(self.presence.list(channel, after, limit))
+    }
+
+    /// Presence counts of a channel.
+    pub fn presence_stats(&self, channel: &str) -> Result<Stats, ErrorReply> {
+        if !self.cfg.namespace(channel).presence {
+            return Err(ErrorReply::new(ErrorCode::NotAvailable));
+        }
+        Ok(self.presence.stats(channel))
     }
 
     /// Commit a batch built by the sequencer, then apply it in memory.

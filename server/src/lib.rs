@@ -18,6 +18,7 @@ pub mod channel;
 pub mod config;
 pub mod conn;
 pub mod hub;
+pub mod presence;
 pub mod store;
 
 use std::future::Future;

@@ -498,6 +498,14 @@ impl TestClient {
             .await
     }
 
+    /// Tell the session the network changed (it reconnects at once).
+    pub async fn network_changed(&mut self) {
+        let now = self.now();
+        self.session
+            .handle_input(now, Input::NetworkChanged { online: true });
+        self.drain().await;
+    }
+
     /// Drop the socket without a close frame (the app died or the link broke).
     pub fn drop_socket(&mut self) {
         self.ws = None;
