@@ -121,8 +121,7 @@ async fn join_leave_with_grace_and_silent_connection_eviction() {
     // Carol connects from a plain socket, subscribes, then goes silent: she
     // never answers a ping. The server evicts her on the heartbeat schedule.
     let mut carol = raw_ws(&srv.url(), Encoding::Json).await;
-    let mut msg = Vec::new();
-    for f in [ClientFrame::Request {
+    let connect = ClientFrame::Request {
         id: 1,
         cmd: Command::Connect(Connect {
             version: PROTOCOL_VERSION,
@@ -136,9 +135,8 @@ async fn join_leave_with_grace_and_silent_connection_eviction() {
             }],
             compression: false,
         }),
-    }] {
-        codec::encode_into(Encoding::Json, &f, &mut msg);
-    }
+    };
+    let msg = codec::encode(Encoding::Json, &connect);
     carol
         .send(Message::Text(String::from_utf8(msg).unwrap().into()))
         .await
