@@ -33,6 +33,34 @@ struct Conn {
     data_tx: mpsc::Sender<Arc<SharedPublication>>,
     id: u64,
     channels: Vec<String>,
+    /// Fetches the session asked for, waiting for socket room.
+    fetches: std::collections::VecDeque<(String, String, u64, usize)>,
+    /// A fetch is being read from the store.
+    fetching: bool,
+}
+
+/// Bytes of catch-up handed to the socket per fetch.
+const FETCH_CHUNK_BYTES: usize = 64 * 1024;
+
+impl Conn {
+    /// Start the next waiting fetch if the writer has drained enough.
+    fn serve_fetch(&mut self, queued: usize, low_water: usize) {
+        if self.fetching || queued > low_water {
+            return;
+        }
+        let Some((channel, epoch, from, limit)) = self.fetches.pop_front() else {
+            return;
+        };
+        self.fetching = true;
+        let hub = self.hub.clone();
+        let tx = self.ctl_tx.clone();
+        tokio::spawn(async move {
+            let (pubs, end) = hub
+                .fetch(&channel, &epoch, from, limit, FETCH_CHUNK_BYTES)
+                .await;
+            let _ = tx.send(ConnMsg::Fetched { channel, pubs, end });
+        });
+    }
 }
 
 /// Serve one upgraded WebSocket until it closes.
@@ -62,11 +90,16 @@ pub async fn serve(
         data_tx,
         id,
         channels: Vec::new(),
+        fetches: Default::default(),
+        fetching: false,
     };
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
     let queued = Arc::new(AtomicUsize::new(0));
     let writer_queued = queued.clone();
+    let drained = Arc::new(tokio::sync::Notify::new());
+    let writer_drained = drained.clone();
+    let low_water = (max_queued / 4).max(FETCH_CHUNK_BYTES);
     let writer = tokio::spawn(async move {
         while let Some(m) = out_rx.recv().await {
             let len = message_len(&m);
@@ -76,6 +109,7 @@ pub async fn serve(
                 Ok(Ok(()))
             );
             writer_queued.fetch_sub(len, Ordering::Relaxed);
+            writer_drained.notify_one();
             if !ok || close {
                 break;
             }
@@ -124,6 +158,8 @@ pub async fn serve(
         if c.session.is_closed() {
             break;
         }
+        c.serve_fetch(queued.load(Ordering::Relaxed), low_water);
+        let waiting_fetch = !c.fetches.is_empty() && !c.fetching;
         let sleep = async {
             match deadline {
                 Some(t) => {
@@ -160,6 +196,7 @@ pub async fn serve(
                 c.session.deliver(now, &p);
             }
             _ = sleep => c.session.handle_timeout(clock(c.origin)),
+            _ = drained.notified(), if waiting_fetch => {}
             _ = shutdown.changed() => {
                 c.session.disconnect(clock(c.origin), CloseCode::Shutdown, "server shutting down");
             }
@@ -280,12 +317,9 @@ impl Conn {
                 from,
                 limit,
             } => {
-                let hub = self.hub.clone();
-                let tx = self.ctl_tx.clone();
-                tokio::spawn(async move {
-                    let (pubs, end) = hub.fetch(&channel, &epoch, from, limit).await;
-                    let _ = tx.send(ConnMsg::Fetched { channel, pubs, end });
-                });
+                // Served when the socket has room: catch-up is paced by
+                // how fast this peer reads, never dumped into memory.
+                self.fetches.push_back((channel, epoch, from, limit));
             }
             ServerEvent::Closed { code, reason } => {
                 tracing::debug!(conn = self.id, code, %reason, "connection closed");
@@ -386,6 +420,8 @@ impl Conn {
                 Err(e) => self.session.reply_error(now, req, e),
             },
             ConnMsg::Fetched { channel, pubs, end } => {
+                self.fetching = false;
+                // A socket-sized slice; the session asks for the rest.
                 for p in &pubs {
                     self.session.deliver(now, p);
                 }

@@ -459,13 +459,15 @@ impl Hub {
         self.presence.online(users)
     }
 
-    /// Publications `from..` (at most `limit`) of `channel` in `epoch`.
+    /// Publications `from..` of `channel` in `epoch`: at most `limit`, and
+    /// no more once `max_bytes` of payload are collected (at least one).
     pub async fn fetch(
         self: &Arc<Self>,
         channel: &str,
         epoch: &str,
         from: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> (Vec<Arc<SharedPublication>>, FetchEnd) {
         {
             let st = self.lock();
@@ -479,23 +481,26 @@ impl Hub {
                 .front()
                 .is_some_and(|p| p.publication().offset <= from)
             {
-                let out = c
-                    .hot
-                    .iter()
-                    .filter(|p| p.publication().offset >= from)
-                    .take(limit)
-                    .cloned()
-                    .collect();
+                let mut out = Vec::new();
+                let mut bytes = 0;
+                for p in c.hot.iter().filter(|p| p.publication().offset >= from) {
+                    if out.len() >= limit || (bytes >= max_bytes && !out.is_empty()) {
+                        break;
+                    }
+                    bytes += p.publication().payload.data.0.len();
+                    out.push(p.clone());
+                }
                 return (out, FetchEnd::Done);
             }
         }
         let hub = self.clone();
         let ch = channel.to_string();
-        let read = tokio::task::spawn_blocking(move || hub.store.range(&ch, from, limit)).await;
+        let read =
+            tokio::task::spawn_blocking(move || hub.store.range(&ch, from, limit, max_bytes)).await;
         match read {
             Ok(Ok(pubs)) => {
                 // Records of another epoch are leftovers of a reset stream.
-                let pubs: Vec<_> = pubs
+                let pubs = pubs
                     .into_iter()
                     .filter(|p| p.epoch == epoch)
                     .map(SharedPublication::new)
@@ -506,20 +511,24 @@ impl Hub {
         }
     }
 
-    /// History query.
+    /// History query: by offsets or times, oldest or newest first, capped at
+    /// 1,000 publications and 1 MiB of payload.
     pub async fn history(self: &Arc<Self>, h: &HistoryRequest) -> Result<ReplyBody, ErrorReply> {
+        const MAX_BYTES: usize = 1 << 20;
         channel::validate(&h.channel)?;
-        let header = {
-            let st = self.lock();
-            st.channels.get(&h.channel).map(|c| c.header.clone())
-        };
+        let header = self
+            .lock()
+            .channels
+            .get(&h.channel)
+            .map(|c| c.header.clone());
         let Some(header) = header else {
+            let top = StreamPosition {
+                epoch: String::new(),
+                offset: 0,
+            };
             return Ok(ReplyBody::History {
                 publications: vec![],
-                top: StreamPosition {
-                    epoch: String::new(),
-                    offset: 0,
-                },
+                top,
             });
         };
         let top = StreamPosition {
@@ -527,42 +536,51 @@ impl Hub {
             offset: header.top,
         };
         let limit = (h.limit as usize).min(1000);
-        if limit == 0 {
+        let mut lo = header.first;
+        let mut hi = header.top;
+        let mut by_time = false;
+        for (b, lower) in [(&h.since, true), (&h.until, false)] {
+            match b {
+                Some(HistoryBound::Offset(o)) if lower => lo = lo.max(*o),
+                Some(HistoryBound::Offset(o)) => hi = hi.min(*o),
+                Some(HistoryBound::TimeMs(_)) => by_time = true,
+                None => {}
+            }
+        }
+        if limit == 0 || lo > hi {
             return Ok(ReplyBody::History {
                 publications: vec![],
                 top,
             });
         }
+        // Offset-only queries read just the page; time bounds scan the range.
+        let (start, count) = match (by_time, h.reverse) {
+            (false, false) => (lo, limit),
+            (false, true) => (hi.saturating_sub(limit as u64 - 1).max(lo), limit),
+            (true, _) => (lo, (hi - lo + 1) as usize),
+        };
         let hub = self.clone();
         let ch = h.channel.clone();
-        let (first, last) = (header.first, header.top);
-        let all = tokio::task::spawn_blocking(move || {
-            hub.store.range(&ch, first, (last + 1 - first) as usize)
-        })
-        .await
-        .map_err(|_| ErrorReply::new(ErrorCode::Internal))?
-        .map_err(|_| ErrorReply::new(ErrorCode::Unavailable))?;
-        let inside = |p: &Publication, b: &HistoryBound, lower: bool| match b {
-            HistoryBound::Offset(o) => {
-                if lower {
-                    p.offset >= *o
-                } else {
-                    p.offset <= *o
-                }
-            }
-            HistoryBound::TimeMs(t) => {
-                if lower {
-                    p.time_ms >= *t
-                } else {
-                    p.time_ms <= *t
-                }
-            }
+        let max_bytes = if by_time { usize::MAX } else { MAX_BYTES };
+        let pubs =
+            tokio::task::spawn_blocking(move || hub.store.range(&ch, start, count, max_bytes))
+                .await
+                .map_err(|_| ErrorReply::new(ErrorCode::Internal))?
+                .map_err(|_| ErrorReply::new(ErrorCode::Unavailable))?;
+        let in_time = |p: &Publication| {
+            let after = match &h.since {
+                Some(HistoryBound::TimeMs(t)) => p.time_ms >= *t,
+                _ => true,
+            };
+            let before = match &h.until {
+                Some(HistoryBound::TimeMs(t)) => p.time_ms <= *t,
+                _ => true,
+            };
+            after && before
         };
-        let mut pubs: Vec<Publication> = all
+        let mut pubs: Vec<Publication> = pubs
             .into_iter()
-            .filter(|p| p.epoch == header.epoch)
-            .filter(|p| h.since.as_ref().is_none_or(|b| inside(p, b, true)))
-            .filter(|p| h.until.as_ref().is_none_or(|b| inside(p, b, false)))
+            .filter(|p| p.epoch == header.epoch && p.offset <= hi && in_time(p))
             .collect();
         if h.reverse {
             pubs.reverse();

@@ -29,6 +29,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use ferry_core::codec::Encoding;
 use ferry_core::frame::{SUBPROTOCOL_BINARY, SUBPROTOCOL_JSON};
@@ -57,6 +58,10 @@ pub async fn run(
     let app = router(AppState {
         hub,
         shutdown: stop_rx,
+    });
+    // Small frames (acks, pings, replies) must not wait for Nagle.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -112,9 +112,16 @@ pub trait Store: Send + Sync + 'static {
     fn headers(&self) -> Result<Vec<(String, StreamHeader)>, StoreError>;
     /// Apply a batch atomically and durably (fsync before returning).
     fn commit(&self, batch: &Batch) -> Result<(), StoreError>;
-    /// Publications of `channel` with offsets `from..`, at most `limit`, ascending.
-    fn range(&self, channel: &str, from: u64, limit: usize)
-        -> Result<Vec<Publication>, StoreError>;
+    /// Publications of `channel` with offsets `from..`, ascending: at most
+    /// `limit` of them, and no more once `max_bytes` of payload are read
+    /// (always at least one).
+    fn range(
+        &self,
+        channel: &str,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Publication>, StoreError>;
     /// A dedup entry.
     fn dedup(&self, message_id: &str) -> Result<Option<DedupEntry>, StoreError>;
     /// An offline cursor.
@@ -211,17 +218,20 @@ impl Store for RedbStore {
         channel: &str,
         from: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<Publication>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(PUBS)?;
         let mut out = Vec::new();
+        let mut bytes = 0;
         for row in t.range((channel, from)..=(channel, u64::MAX))? {
-            if out.len() >= limit {
+            if out.len() >= limit || (bytes >= max_bytes && !out.is_empty()) {
                 break;
             }
             let (k, v) = row?;
             let (_, offset) = k.value();
             let r: StoredPub = dec(v.value())?;
+            bytes += r.payload.len();
             out.push(Publication {
                 channel: channel.to_string(),
                 epoch: r.epoch,

@@ -282,6 +282,17 @@ pub enum GapReason {
 pub enum Event {
     /// The connection state changed.
     State(ConnectionState),
+    /// A connection (or an attempt) ended: why, and whether the session
+    /// will try again.
+    Disconnected {
+        /// Close code (the server's `disconnect` code when it sent one; 1006
+        /// when the transport failed without one).
+        code: u16,
+        /// Reason.
+        reason: String,
+        /// Whether a reconnect follows.
+        reconnect: bool,
+    },
     /// A subscription is live; `recovered` is false when a gap was reported.
     Subscribed {
         /// Channel.
@@ -995,6 +1006,11 @@ impl ClientSession {
         } else {
             self.cleanup_connection(now);
         }
+        self.emit(Event::Disconnected {
+            code,
+            reason: reason.clone(),
+            reconnect,
+        });
         if !reconnect {
             self.set_state(State::Closed { code, reason });
             return;

@@ -1,0 +1,258 @@
+//! Limits, namespace rules, slow consumers and history queries end to end.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ferry_core::client::Event;
+use ferry_core::codec::Encoding;
+use ferry_core::frame::*;
+use ferry_core::{CloseCode, ErrorCode};
+use ferry_server::config::Namespace;
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+
+const T: Duration = Duration::from_secs(30);
+
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut r = ferry_core::rng::Rng::new(seed);
+    (0..n).map(|_| r.next_u64() as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_is_disconnected_and_recovers_without_loss() {
+    let mut cfg = test_config();
+    cfg.limits.max_queued_bytes = 256 * 1024;
+    let srv = TestServer::start(cfg).await;
+    let mut slow = TestClient::new(
+        &srv.url(),
+        TestClient::config("slow", "s", Encoding::Binary),
+    );
+    slow.subscribe("feed:x", Qos::AtLeastOnce).await;
+    slow.connect().await;
+    assert!(
+        slow.run_until(T, |c| c
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Subscribed { .. })))
+            .await
+    );
+    // The app freezes: it stops reading its socket.
+    slow.paused = true;
+    let mut publisher = TestClient::new(&srv.url(), TestClient::config("p", "p", Encoding::Binary));
+    publisher.connect().await;
+    let mut ids = Vec::new();
+    for i in 0..400 {
+        ids.push(
+            publisher
+                .publish("feed:x", noise(i, 30_000), Qos::AtLeastOnce)
+                .await,
+        );
+        publisher.run_for(Duration::from_millis(1)).await;
+    }
+    assert!(
+        publisher
+            .run_until(T, |c| c.session.outbox_len() == 0)
+            .await
+    );
+    // It thaws, finds itself dropped as a slow consumer, reconnects and
+    // recovers everything, in order, once.
+    slow.paused = false;
+    let thaw = std::time::Instant::now();
+    slow.run_until(T, |c| {
+        c.events
+            .iter()
+            .any(|e| matches!(e, Event::Disconnected { .. }))
+    })
+    .await;
+    eprintln!(
+        "thaw -> disconnected: {:?}, received {}",
+        thaw.elapsed(),
+        slow.ids("feed:x").len()
+    );
+    assert!(
+        slow.run_until(Duration::from_secs(60), |c| c.ids("feed:x").len()
+            == ids.len())
+            .await,
+        "got {}; events {:?}",
+        slow.ids("feed:x").len(),
+        slow.events
+            .iter()
+            .filter(|e| !matches!(e, Event::Publication(_)))
+            .collect::<Vec<_>>()
+    );
+    eprintln!("thaw -> complete: {:?}", thaw.elapsed());
+    let codes: Vec<u16> = slow
+        .events
+        .iter()
+        .filter_map(|e| {
+            if let Event::Disconnected { code, .. } = e {
+                Some(*code)
+            } else {
+                None
+            }
+        })
+        .collect();
+    eprintln!("disconnects: {codes:?}");
+    assert_eq!(slow.ids("feed:x"), ids);
+    let dropped = slow.events.iter().any(|e| {
+        matches!(e, Event::Disconnected { code, reconnect: true, .. } if *code == CloseCode::SlowConsumer as u16 || *code == 1006)
+    });
+    assert!(
+        dropped,
+        "the server dropped the frozen connection: {:?}",
+        slow.events
+            .iter()
+            .filter(|e| matches!(e, Event::Disconnected { .. }))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn history_by_offset_and_by_time() {
+    let srv = TestServer::start(test_config()).await;
+    let mut c = TestClient::new(&srv.url(), TestClient::config("h", "h", Encoding::Json));
+    c.connect().await;
+    let mut ids = Vec::new();
+    for i in 0..10u8 {
+        ids.push(c.publish("log:1", vec![i], Qos::AtLeastOnce).await);
+        assert!(c.run_until(T, |c| c.acked.len() == ids.len()).await);
+        // Distinct server times for the time-range query.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let hist = |since, until, limit, reverse| {
+        Command::History(HistoryRequest {
+            channel: "log:1".into(),
+            since,
+            until,
+            limit,
+            reverse,
+        })
+    };
+    let get = |r: ReplyBody| match r {
+        ReplyBody::History { publications, top } => (publications, top),
+        other => panic!("{other:?}"),
+    };
+    let (p, top) = get(c
+        .call(hist(
+            Some(HistoryBound::Offset(3)),
+            Some(HistoryBound::Offset(6)),
+            100,
+            false,
+        ))
+        .await
+        .unwrap());
+    assert_eq!(p.iter().map(|p| p.offset).collect::<Vec<_>>(), [3, 4, 5, 6]);
+    assert_eq!(top.offset, 10);
+    let (p, _) = get(c.call(hist(None, None, 3, true)).await.unwrap());
+    assert_eq!(
+        p.iter().map(|p| p.offset).collect::<Vec<_>>(),
+        [10, 9, 8],
+        "newest first"
+    );
+    let (all, _) = get(c.call(hist(None, None, 100, false)).await.unwrap());
+    let (t3, t7) = (all[2].time_ms, all[6].time_ms);
+    let (p, _) = get(c
+        .call(hist(
+            Some(HistoryBound::TimeMs(t3)),
+            Some(HistoryBound::TimeMs(t7)),
+            100,
+            false,
+        ))
+        .await
+        .unwrap());
+    assert_eq!(p.first().map(|p| p.offset), Some(3));
+    assert_eq!(p.last().map(|p| p.offset), Some(7));
+    assert!(p.iter().all(|p| p.time_ms >= t3 && p.time_ms <= t7));
+    let (p, top) = get(c.call(hist(None, None, 0, false)).await.unwrap());
+    assert!(p.is_empty() && top.offset == 10);
+}
+
+#[tokio::test]
+async fn namespace_rules_and_subscription_limits() {
+    let mut cfg = test_config();
+    cfg.limits.max_subscriptions = 3;
+    cfg.namespaces.insert(
+        "feed".into(),
+        Namespace {
+            client_publish: false,
+            max_qos: 1,
+            presence: false,
+            ..Namespace::default()
+        },
+    );
+    let srv = TestServer::start(cfg).await;
+    let mut c = TestClient::new(&srv.url(), TestClient::config("n", "n", Encoding::Binary));
+    c.connect().await;
+    assert!(c.connected().await);
+    // Backend-only namespace: clients may not publish.
+    let now = c.now();
+    let id = c
+        .session
+        .publish(now, "feed:a", b"x".to_vec(), Qos::AtLeastOnce)
+        .unwrap();
+    assert!(
+        c.run_until(T, |c| c.events.iter().any(
+            |e| matches!(e, Event::PublishFailed { message_id, .. } if *message_id == id)
+        ))
+        .await
+    );
+    let err = c.events.iter().find_map(|e| match e {
+        Event::PublishFailed {
+            error: ferry_core::client::PublishError::Rejected(r),
+            ..
+        } => Some(r.code),
+        _ => None,
+    });
+    assert_eq!(err, Some(ErrorCode::PermissionDenied as u16));
+    // QoS is capped at the namespace maximum.
+    c.subscribe("feed:a", Qos::ExactlyOnce).await;
+    assert!(c.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Subscribed { channel, qos: Qos::AtLeastOnce, .. } if channel == "feed:a"))).await);
+    // Presence off for the namespace.
+    let r = c
+        .call(Command::PresenceStats {
+            channel: "feed:a".into(),
+        })
+        .await;
+    assert!(r.unwrap_err().contains("108"), "presence is off");
+    // Bad channel names and the subscription limit.
+    c.subscribe("bad name", Qos::AtMostOnce).await;
+    c.subscribe("a:1", Qos::AtMostOnce).await;
+    c.subscribe("a:2", Qos::AtMostOnce).await;
+    c.subscribe("a:3", Qos::AtMostOnce).await;
+    let failed = |c: &TestClient, ch: &str| {
+        c.events.iter().find_map(|e| match e {
+            Event::SubscribeFailed { channel, error } if channel == ch => Some(error.code),
+            _ => None,
+        })
+    };
+    assert!(
+        c.run_until(T, |c| failed(c, "a:3").is_some()
+            && failed(c, "bad name").is_some())
+            .await
+    );
+    assert_eq!(
+        failed(&c, "bad name"),
+        Some(ErrorCode::UnknownChannel as u16)
+    );
+    assert_eq!(failed(&c, "a:3"), Some(ErrorCode::LimitExceeded as u16));
+}
+
+#[tokio::test]
+async fn handshake_deadline_closes_idle_sockets() {
+    let mut cfg = test_config();
+    cfg.limits.handshake_timeout_ms = 300;
+    let srv = TestServer::start(cfg).await;
+    let mut ws = raw_ws(&srv.url(), Encoding::Binary).await;
+    let started = std::time::Instant::now();
+    let code = loop {
+        match tokio::time::timeout(T, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(code, Some(CloseCode::HandshakeTimeout as u16));
+    assert!(started.elapsed() >= Duration::from_millis(290));
+}
