@@ -108,6 +108,9 @@ pub struct Namespace {
     pub client_publish: bool,
     /// Highest QoS granted.
     pub max_qos: u8,
+    /// Durable per-(user, device, channel) cursors: a device that comes
+    /// back without a position of its own resumes where it left off.
+    pub offline: bool,
 }
 
 impl Default for Namespace {
@@ -119,6 +122,7 @@ impl Default for Namespace {
             join_leave: false,
             client_publish: true,
             max_qos: 2,
+            offline: true,
         }
     }
 }

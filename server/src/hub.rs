@@ -287,7 +287,7 @@ impl Hub {
 
     /// Advance a durable offline cursor.
     pub fn ack(&self, conn: &ConnHandle, channel: &str, epoch: String, offset: u64) {
-        if conn.info.user.is_empty() {
+        if conn.info.user.is_empty() || !self.cfg.namespace(channel).offline {
             return;
         }
         let key = cursor_key(&conn.info.user, &conn.device, channel);
@@ -311,11 +311,12 @@ impl Hub {
             }
         }
         let qos = req.qos.min(ns.max_qos());
+        let durable = ns.offline && qos != Qos::AtMostOnce && !conn.info.user.is_empty();
         // A device that comes back without a position of its own resumes
         // from its durable server-side cursor (offline delivery).
         let since = match &req.since {
             Some(p) => Some(p.clone()),
-            None if qos != Qos::AtMostOnce && !conn.info.user.is_empty() => {
+            None if durable => {
                 let key = cursor_key(&conn.info.user, &conn.device, &req.channel);
                 self.store
                     .cursor(&key)
@@ -359,7 +360,7 @@ impl Hub {
         drop(st);
         let change = self.presence.join(&req.channel, conn.id, &conn.info);
         self.announce(&req.channel, change);
-        if since.is_none() && qos != Qos::AtMostOnce && !conn.info.user.is_empty() {
+        if since.is_none() && durable {
             // A durable subscription starts here: if the device goes away
             // before acking anything, it still resumes from this point.
             let key = cursor_key(&conn.info.user, &conn.device, &req.channel);
@@ -687,6 +688,46 @@ impl Hub {
     }
 }
 
+/// How often publications past their namespace's age limit are trimmed, ms.
+const EXPIRY_EVERY_MS: u64 = 1000;
+
+/// Trim publications older than their namespace's `history_ttl_secs`.
+fn expire_by_age(
+    hub: &Hub,
+    now: u64,
+    headers: &mut BTreeMap<String, StreamHeader>,
+    batch: &mut Batch,
+    hot_trim: &mut HashMap<String, u64>,
+) {
+    let streams: Vec<(String, StreamHeader)> = {
+        let st = hub.lock();
+        st.channels
+            .iter()
+            .filter(|(_, c)| c.persisted && c.header.first <= c.header.top)
+            .map(|(k, c)| (k.clone(), c.header.clone()))
+            .collect()
+    };
+    for (ch, h) in streams {
+        let ttl = hub.cfg.namespace(&ch).history_ttl_secs;
+        if ttl == 0 {
+            continue;
+        }
+        let cutoff = now.saturating_sub(ttl.saturating_mul(1000));
+        // Bounded work per pass: the next pass continues.
+        let Ok(oldest) = hub.store.range(&ch, h.first, 1024, usize::MAX) else {
+            continue;
+        };
+        let expired = oldest.iter().take_while(|p| p.time_ms < cutoff).count() as u64;
+        if expired == 0 {
+            continue;
+        }
+        let first = h.first + expired;
+        batch.trims.push((ch.clone(), first));
+        hot_trim.insert(ch.clone(), first);
+        headers.insert(ch, StreamHeader { first, ..h });
+    }
+}
+
 /// Key of an offline cursor.
 pub fn cursor_key(user: &str, device: &str, channel: &str) -> String {
     format!("{user}\u{0}{device}\u{0}{channel}")
@@ -695,9 +736,15 @@ pub fn cursor_key(user: &str, device: &str, channel: &str) -> String {
 /// The sequencer loop: batch, assign offsets, dedup, commit, fan out.
 fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
     const MAX_BATCH: usize = 1024;
-    while let Ok(first) = rx.recv() {
-        let mut reqs = vec![first];
-        while reqs.len() < MAX_BATCH {
+    let mut last_expiry = now_ms();
+    loop {
+        let first = match rx.recv_timeout(std::time::Duration::from_millis(EXPIRY_EVERY_MS)) {
+            Ok(r) => Some(r),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let mut reqs: Vec<SeqReq> = first.into_iter().collect();
+        while !reqs.is_empty() && reqs.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(r) => reqs.push(r),
                 Err(_) => break,
@@ -710,6 +757,13 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
         let mut headers: BTreeMap<String, StreamHeader> = BTreeMap::new();
         let mut fresh: HashMap<String, Stored> = HashMap::new();
         let mut hot_trim = HashMap::new();
+        if now >= last_expiry + EXPIRY_EVERY_MS {
+            last_expiry = now;
+            expire_by_age(&hub, now, &mut headers, &mut batch, &mut hot_trim);
+        }
+        if reqs.is_empty() && batch.is_empty() {
+            continue;
+        }
         for r in reqs {
             match r {
                 SeqReq::Publish {

@@ -256,3 +256,91 @@ async fn handshake_deadline_closes_idle_sockets() {
     assert_eq!(code, Some(CloseCode::HandshakeTimeout as u16));
     assert!(started.elapsed() >= Duration::from_millis(290));
 }
+
+#[tokio::test]
+async fn history_expires_by_age() {
+    let mut cfg = test_config();
+    cfg.namespaces.insert(
+        "tmp".into(),
+        Namespace {
+            history_ttl_secs: 1,
+            ..Namespace::default()
+        },
+    );
+    let srv = TestServer::start(cfg).await;
+    let mut c = TestClient::new(&srv.url(), TestClient::config("t", "t", Encoding::Binary));
+    c.connect().await;
+    for i in 0..3u8 {
+        c.publish("tmp:x", vec![i], Qos::AtLeastOnce).await;
+        c.publish("keep:x", vec![i], Qos::AtLeastOnce).await;
+    }
+    assert!(c.run_until(T, |c| c.acked.len() == 6).await);
+    let count = |r: ReplyBody| match r {
+        ReplyBody::History { publications, top } => (publications.len(), top.offset),
+        other => panic!("{other:?}"),
+    };
+    let hist = |ch: &str| {
+        Command::History(HistoryRequest {
+            channel: ch.into(),
+            since: None,
+            until: None,
+            limit: 10,
+            reverse: false,
+        })
+    };
+    assert_eq!(count(c.call(hist("tmp:x")).await.unwrap()), (3, 3));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (n, top) = count(c.call(hist("tmp:x")).await.unwrap());
+        if n == 0 {
+            assert_eq!(top, 3, "offsets are kept when history expires");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "history never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        count(c.call(hist("keep:x")).await.unwrap()),
+        (3, 3),
+        "other namespaces keep theirs"
+    );
+    // A device that saw only the first message comes back: a gap is reported.
+    let h = c.call(hist("tmp:x")).await.unwrap();
+    let ReplyBody::History { top, .. } = h else {
+        panic!()
+    };
+    let snapshot = ferry_core::client::Snapshot {
+        subs: vec![ferry_core::client::SubRecord {
+            channel: "tmp:x".into(),
+            qos: Qos::AtLeastOnce,
+            position: Some(StreamPosition {
+                epoch: top.epoch.clone(),
+                offset: 1,
+            }),
+            seen: vec![],
+        }],
+        seen_cap: 1024,
+        ..Default::default()
+    };
+    let mut back = TestClient::restore(
+        &srv.url(),
+        TestClient::config("late", "", Encoding::Json),
+        snapshot,
+    );
+    back.connect().await;
+    assert!(
+        back.run_until(T, |c| c
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Gap { .. })))
+            .await
+    );
+    let gap = back.events.iter().find_map(|e| match e {
+        Event::Gap { reason, to, .. } => Some((*reason, to.offset)),
+        _ => None,
+    });
+    assert_eq!(gap, Some((ferry_core::client::GapReason::NotRetained, 3)));
+}
