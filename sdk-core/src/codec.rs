@@ -124,16 +124,9 @@ pub fn encode_server(enc: Encoding, f: &ServerFrame) -> Vec<u8> {
 }
 
 /// Decode every frame of a message.
-pub fn decode_message<T: DeserializeOwned>(
-    enc: Encoding,
-    msg: &[u8],
-    max_size: usize,
-) -> Result<Vec<T>, DecodeError> {
+pub fn decode_message<T: DeserializeOwned>(enc: Encoding, msg: &[u8], max_size: usize) -> Result<Vec<T>, DecodeError> {
     if msg.len() > max_size {
-        return Err(DecodeError::TooLarge {
-            size: msg.len(),
-            limit: max_size,
-        });
+        return Err(DecodeError::TooLarge { size: msg.len(), limit: max_size });
     }
     let mut frames = Vec::new();
     match enc {
@@ -150,8 +143,8 @@ pub fn decode_message<T: DeserializeOwned>(
                     return Err(DecodeError::BadLength);
                 }
                 let (body, tail) = rest.split_at(len);
-                let (frame, extra) = postcard::take_from_bytes::<T>(body)
-                    .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+                let (frame, extra) =
+                    postcard::take_from_bytes::<T>(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
                 if !extra.is_empty() {
                     return Err(DecodeError::Malformed("trailing bytes in frame".into()));
                 }
@@ -167,8 +160,7 @@ pub fn decode_message<T: DeserializeOwned>(
                 if frames.len() == MAX_FRAMES_PER_MESSAGE {
                     return Err(DecodeError::TooManyFrames);
                 }
-                let frame = serde_json::from_slice::<T>(line)
-                    .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+                let frame = serde_json::from_slice::<T>(line).map_err(|e| DecodeError::Malformed(e.to_string()))?;
                 frames.push(frame);
             }
         }
@@ -180,20 +172,12 @@ pub fn decode_message<T: DeserializeOwned>(
 }
 
 /// Decode a message from a client.
-pub fn decode_client(
-    enc: Encoding,
-    msg: &[u8],
-    max: usize,
-) -> Result<Vec<ClientFrame>, DecodeError> {
+pub fn decode_client(enc: Encoding, msg: &[u8], max: usize) -> Result<Vec<ClientFrame>, DecodeError> {
     decode_message(enc, msg, max)
 }
 
 /// Decode a message from a server.
-pub fn decode_server(
-    enc: Encoding,
-    msg: &[u8],
-    max: usize,
-) -> Result<Vec<ServerFrame>, DecodeError> {
+pub fn decode_server(enc: Encoding, msg: &[u8], max: usize) -> Result<Vec<ServerFrame>, DecodeError> {
     decode_message(enc, msg, max)
 }
 

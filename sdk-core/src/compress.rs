@@ -14,17 +14,11 @@ pub fn pack(data: Vec<u8>, min: Option<u32>) -> Payload {
         if data.len() >= min as usize {
             let z = miniz_oxide::deflate::compress_to_vec(&data, LEVEL);
             if z.len() < data.len() {
-                return Payload {
-                    z: true,
-                    data: Bytes(z),
-                };
+                return Payload { z: true, data: Bytes(z) };
             }
         }
     }
-    Payload {
-        z: false,
-        data: Bytes(data),
-    }
+    Payload { z: false, data: Bytes(data) }
 }
 
 /// The payload's bytes, inflated if needed; a payload that would inflate
@@ -66,9 +60,6 @@ mod tests {
         let bomb = miniz_oxide::deflate::compress_to_vec(&vec![0u8; 64 << 20], 10);
         let err = inflate(&bomb, 64 * 1024).unwrap_err();
         assert_eq!(err, DecodeError::InflateLimit { limit: 64 * 1024 });
-        assert_eq!(
-            inflate(b"\xff\xff\xff", 100),
-            Err(DecodeError::BadCompression)
-        );
+        assert_eq!(inflate(b"\xff\xff\xff", 100), Err(DecodeError::BadCompression));
     }
 }

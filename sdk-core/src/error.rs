@@ -66,10 +66,7 @@ impl ErrorCode {
 
     /// Whether retrying the same command later may succeed.
     pub fn temporary(self) -> bool {
-        matches!(
-            self,
-            ErrorCode::Internal | ErrorCode::TooManyRequests | ErrorCode::Unavailable
-        )
+        matches!(self, ErrorCode::Internal | ErrorCode::TooManyRequests | ErrorCode::Unavailable)
     }
 
     /// Default message.

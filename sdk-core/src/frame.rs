@@ -54,9 +54,7 @@ impl<'de> Deserialize<'de> for Bytes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         if d.is_human_readable() {
             let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-            crate::base64::decode(&s)
-                .map(Bytes)
-                .map_err(|_| serde::de::Error::custom("invalid base64"))
+            crate::base64::decode(&s).map(Bytes).map_err(|_| serde::de::Error::custom("invalid base64"))
         } else {
             struct V;
             impl<'de> serde::de::Visitor<'de> for V {
@@ -180,10 +178,7 @@ pub struct Publication {
 impl Publication {
     /// This publication's position.
     pub fn position(&self) -> StreamPosition {
-        StreamPosition {
-            epoch: self.epoch.clone(),
-            offset: self.offset,
-        }
+        StreamPosition { epoch: self.epoch.clone(), offset: self.offset }
     }
 }
 
@@ -452,19 +447,11 @@ pub struct ErrorReply {
 impl ErrorReply {
     /// An error with the code's default message and temporary flag.
     pub fn new(code: ErrorCode) -> Self {
-        ErrorReply {
-            code: code as u16,
-            message: code.message().into(),
-            temporary: code.temporary(),
-        }
+        ErrorReply { code: code as u16, message: code.message().into(), temporary: code.temporary() }
     }
     /// An error with a custom message.
     pub fn with_message(code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorReply {
-            code: code as u16,
-            message: message.into(),
-            temporary: code.temporary(),
-        }
+        ErrorReply { code: code as u16, message: message.into(), temporary: code.temporary() }
     }
 }
 

@@ -228,11 +228,7 @@ pub struct SharedPublication {
 impl SharedPublication {
     /// Wrap a publication whose payload is not compressed.
     pub fn new(plain: Publication) -> Arc<Self> {
-        Arc::new(SharedPublication {
-            plain,
-            packed: OnceLock::new(),
-            encoded: Default::default(),
-        })
+        Arc::new(SharedPublication { plain, packed: OnceLock::new(), encoded: Default::default() })
     }
     /// The publication.
     pub fn publication(&self) -> &Publication {
@@ -245,10 +241,7 @@ impl SharedPublication {
             self.packed
                 .get_or_init(|| {
                     let p = compress::pack(self.plain.payload.data.0.clone(), Some(min));
-                    p.z.then(|| Publication {
-                        payload: p,
-                        ..self.plain.clone()
-                    })
+                    p.z.then(|| Publication { payload: p, ..self.plain.clone() })
                 })
                 .as_ref()
         });
@@ -450,11 +443,9 @@ impl ServerSession {
         if self.timers.take_due(Timer::Ping as usize, now) && self.is_live() {
             self.push(Push::Ping);
             if self.timers.get(Timer::Pong as usize).is_none() {
-                self.timers
-                    .set(Timer::Pong as usize, now.plus(self.cfg.pong_timeout));
+                self.timers.set(Timer::Pong as usize, now.plus(self.cfg.pong_timeout));
             }
-            self.timers
-                .set(Timer::Ping as usize, now.plus(self.cfg.ping_interval));
+            self.timers.set(Timer::Ping as usize, now.plus(self.cfg.ping_interval));
         }
         if self.timers.take_due(Timer::Redeliver as usize, now) {
             self.redeliver(now);
@@ -464,10 +455,7 @@ impl ServerSession {
     /// The transport closed under us.
     pub fn handle_closed(&mut self, _now: Instant) {
         if !self.is_closed() {
-            self.finish(
-                CloseCode::HeartbeatTimeout as u16,
-                "transport closed".into(),
-            );
+            self.finish(CloseCode::HeartbeatTimeout as u16, "transport closed".into());
         }
     }
 
@@ -487,19 +475,14 @@ impl ServerSession {
         if let Some(e) = self.events.pop_front() {
             return e;
         }
-        ServerOutput::Timeout(if self.is_closed() {
-            None
-        } else {
-            self.timers.earliest()
-        })
+        ServerOutput::Timeout(if self.is_closed() { None } else { self.timers.earliest() })
     }
 
     // ---- verdicts from the host ----------------------------------------
 
     /// Accept a `connect`.
     pub fn accept(&mut self, now: Instant, req: RequestId, a: Accept) {
-        let Phase::Authenticating(r, wanted) = std::mem::replace(&mut self.phase, Phase::Live)
-        else {
+        let Phase::Authenticating(r, wanted) = std::mem::replace(&mut self.phase, Phase::Live) else {
             return;
         };
         if r != req {
@@ -507,18 +490,15 @@ impl ServerSession {
             return;
         }
         self.timers.clear(Timer::Handshake as usize);
-        self.timers
-            .set(Timer::Ping as usize, now.plus(self.cfg.ping_interval));
-        self.timers
-            .set_opt(Timer::Expiry as usize, a.expires_in.map(|d| now.plus(d)));
+        self.timers.set(Timer::Ping as usize, now.plus(self.cfg.ping_interval));
+        self.timers.set_opt(Timer::Expiry as usize, a.expires_in.map(|d| now.plus(d)));
         let mut results = Vec::with_capacity(wanted.len());
         let mut starts = Vec::new();
-        for (w, r) in wanted
-            .into_iter()
-            .zip(a.subs.into_iter().chain(std::iter::repeat_with(|| {
-                Err(ErrorReply::with_message(ErrorCode::Internal, "no verdict"))
-            })))
-        {
+        for (w, r) in wanted.into_iter().zip(
+            a.subs
+                .into_iter()
+                .chain(std::iter::repeat_with(|| Err(ErrorReply::with_message(ErrorCode::Internal, "no verdict")))),
+        ) {
             match r {
                 Ok(start) if starts.len() < self.cfg.max_subscriptions => {
                     results.push(SubscribeResult::Ok(subscribed(&w.channel, &start)));
@@ -528,10 +508,7 @@ impl ServerSession {
                     channel: w.channel,
                     error: ErrorReply::new(ErrorCode::LimitExceeded),
                 }),
-                Err(error) => results.push(SubscribeResult::Error {
-                    channel: w.channel,
-                    error,
-                }),
+                Err(error) => results.push(SubscribeResult::Error { channel: w.channel, error }),
             }
         }
         let connected = Connected {
@@ -552,10 +529,7 @@ impl ServerSession {
 
     /// Refuse a `connect` (or anything else) and close with `close`.
     pub fn reject(&mut self, _now: Instant, req: RequestId, err: ErrorReply, close: CloseCode) {
-        self.send_frame(&ServerFrame::Reply {
-            id: req,
-            outcome: Outcome::Error(err),
-        });
+        self.send_frame(&ServerFrame::Reply { id: req, outcome: Outcome::Error(err) });
         self.close(close, close.reason());
     }
 
@@ -572,25 +546,14 @@ impl ServerSession {
     }
 
     /// A publish was stored (durably, for QoS 1/2) at this position.
-    pub fn publish_ok(
-        &mut self,
-        _now: Instant,
-        req: RequestId,
-        epoch: String,
-        offset: u64,
-        duplicate: bool,
-    ) {
+    pub fn publish_ok(&mut self, _now: Instant, req: RequestId, epoch: String, offset: u64, duplicate: bool) {
         let Some(PendingKind::Publish(mid)) = self.pending.remove(&req) else {
             return;
         };
         let waiting = self.publishing.remove(&mid).unwrap_or_default();
         for (i, r) in waiting.into_iter().enumerate() {
             self.pending.remove(&r);
-            let body = ReplyBody::Published {
-                epoch: epoch.clone(),
-                offset,
-                duplicate: duplicate || i > 0,
-            };
+            let body = ReplyBody::Published { epoch: epoch.clone(), offset, duplicate: duplicate || i > 0 };
             self.reply_ok(r, body);
         }
     }
@@ -608,16 +571,10 @@ impl ServerSession {
             Some(PendingKind::Publish(mid)) => {
                 for r in self.publishing.remove(&mid).unwrap_or_default() {
                     self.pending.remove(&r);
-                    self.send_frame(&ServerFrame::Reply {
-                        id: r,
-                        outcome: Outcome::Error(err.clone()),
-                    });
+                    self.send_frame(&ServerFrame::Reply { id: r, outcome: Outcome::Error(err.clone()) });
                 }
             }
-            Some(_) => self.send_frame(&ServerFrame::Reply {
-                id: req,
-                outcome: Outcome::Error(err),
-            }),
+            Some(_) => self.send_frame(&ServerFrame::Reply { id: req, outcome: Outcome::Error(err) }),
             None => {}
         }
     }
@@ -625,14 +582,8 @@ impl ServerSession {
     /// A new token was accepted.
     pub fn refresh_ok(&mut self, now: Instant, req: RequestId, expires_in: Option<Duration>) {
         if let Some(PendingKind::Refresh) = self.pending.remove(&req) {
-            self.timers
-                .set_opt(Timer::Expiry as usize, expires_in.map(|d| now.plus(d)));
-            self.reply_ok(
-                req,
-                ReplyBody::Refreshed {
-                    expires_in_ms: expires_in.map(ms),
-                },
-            );
+            self.timers.set_opt(Timer::Expiry as usize, expires_in.map(|d| now.plus(d)));
+            self.reply_ok(req, ReplyBody::Refreshed { expires_in_ms: expires_in.map(ms) });
         }
     }
 
@@ -664,12 +615,7 @@ impl ServerSession {
         }
         if pb.offset == sub.next && room > 0 {
             sub.next += 1;
-            sub.inflight.push_back(InFlight {
-                offset: pb.offset,
-                sent: now,
-                redeliveries: 0,
-                publication: p.clone(),
-            });
+            sub.inflight.push_back(InFlight { offset: pb.offset, sent: now, redeliveries: 0, publication: p.clone() });
             self.inflight_total += 1;
             self.stats.delivered += 1;
             let frame = p.frame(self.enc, self.compress_min()).to_vec();
@@ -689,10 +635,7 @@ impl ServerSession {
             return;
         };
         if end == FetchEnd::Lost {
-            return self.close(
-                CloseCode::InsufficientState,
-                "stream position no longer retained",
-            );
+            return self.close(CloseCode::InsufficientState, "stream position no longer retained");
         }
         if sub.next == from && sub.inflight.len() < self.cfg.inflight_window {
             // Nothing came back although there was room: the stream ends
@@ -724,43 +667,23 @@ impl ServerSession {
 
     fn on_frame(&mut self, now: Instant, f: ClientFrame) {
         match (&self.phase, f) {
-            (
-                Phase::Handshake,
-                ClientFrame::Request {
-                    id,
-                    cmd: Command::Connect(c),
-                },
-            ) => {
+            (Phase::Handshake, ClientFrame::Request { id, cmd: Command::Connect(c) }) => {
                 if c.version != PROTOCOL_VERSION {
-                    let err = ErrorReply::with_message(
-                        ErrorCode::BadRequest,
-                        "unsupported protocol version",
-                    );
+                    let err = ErrorReply::with_message(ErrorCode::BadRequest, "unsupported protocol version");
                     return self.reject(now, id, err, CloseCode::UnsupportedVersion);
                 }
                 self.remember_request(id);
                 self.client_compress = c.compression;
                 self.phase = Phase::Authenticating(id, c.subs.clone());
-                self.events
-                    .push_back(ServerOutput::Event(ServerEvent::Connect {
-                        req: id,
-                        connect: c,
-                    }));
+                self.events.push_back(ServerOutput::Event(ServerEvent::Connect { req: id, connect: c }));
             }
-            (
-                Phase::Authenticating(r, _),
-                ClientFrame::Request {
-                    id,
-                    cmd: Command::Connect(_),
-                },
-            ) if *r == id => {
+            (Phase::Authenticating(r, _), ClientFrame::Request { id, cmd: Command::Connect(_) }) if *r == id => {
                 // A duplicated connect frame.
                 self.stats.duplicate_requests += 1;
             }
-            (Phase::Handshake | Phase::Authenticating(..), _) => self.close(
-                CloseCode::ProtocolViolation,
-                "connect must come first, alone",
-            ),
+            (Phase::Handshake | Phase::Authenticating(..), _) => {
+                self.close(CloseCode::ProtocolViolation, "connect must come first, alone")
+            }
             (Phase::Live, ClientFrame::Pong) => self.timers.clear(Timer::Pong as usize),
             (Phase::Live, ClientFrame::Ack(items)) => {
                 for a in items {
@@ -797,31 +720,22 @@ impl ServerSession {
         match cmd {
             Command::Connect(_) => self.close(CloseCode::ProtocolViolation, "already connected"),
             Command::Subscribe(sub) => {
-                let pending_subs = self
-                    .pending
-                    .values()
-                    .filter(|p| matches!(p, PendingKind::Subscribe(_)))
-                    .count();
+                let pending_subs = self.pending.values().filter(|p| matches!(p, PendingKind::Subscribe(_))).count();
                 if self.subs.contains_key(&sub.channel)
-                    || self
-                        .pending
-                        .values()
-                        .any(|p| matches!(p, PendingKind::Subscribe(s) if s.channel == sub.channel))
+                    || self.pending.values().any(|p| matches!(p, PendingKind::Subscribe(s) if s.channel == sub.channel))
                 {
                     self.reply_err(id, ErrorReply::new(ErrorCode::AlreadySubscribed));
                 } else if self.subs.len() + pending_subs >= self.cfg.max_subscriptions {
                     self.reply_err(id, ErrorReply::new(ErrorCode::LimitExceeded));
                 } else {
                     self.pending.insert(id, PendingKind::Subscribe(sub.clone()));
-                    self.events
-                        .push_back(ServerOutput::Event(ServerEvent::Subscribe { req: id, sub }));
+                    self.events.push_back(ServerOutput::Event(ServerEvent::Subscribe { req: id, sub }));
                 }
             }
             Command::Unsubscribe { channel } => match self.subs.remove(&channel) {
                 Some(sub) => {
                     self.inflight_total -= sub.inflight.len();
-                    self.events
-                        .push_back(ServerOutput::Event(ServerEvent::Unsubscribed { channel }));
+                    self.events.push_back(ServerOutput::Event(ServerEvent::Unsubscribed { channel }));
                     self.reply_ok(id, ReplyBody::Unsubscribed);
                 }
                 None => {
@@ -834,44 +748,29 @@ impl ServerSession {
                     match pending {
                         Some(r) => {
                             self.pending.remove(&r);
-                            let err = ErrorReply::with_message(
-                                ErrorCode::NotSubscribed,
-                                "unsubscribed before subscribed",
-                            );
+                            let err =
+                                ErrorReply::with_message(ErrorCode::NotSubscribed, "unsubscribed before subscribed");
                             self.reply_err(r, err);
-                            self.events
-                                .push_back(ServerOutput::Event(ServerEvent::Unsubscribed {
-                                    channel,
-                                }));
+                            self.events.push_back(ServerOutput::Event(ServerEvent::Unsubscribed { channel }));
                             self.reply_ok(id, ReplyBody::Unsubscribed);
                         }
                         None => self.reply_err(id, ErrorReply::new(ErrorCode::NotSubscribed)),
                     }
                 }
             },
-            Command::Publish {
-                channel,
-                message_id,
-                qos,
-                payload,
-            } => {
+            Command::Publish { channel, message_id, qos, payload } => {
                 let data = match compress::unpack(&payload, self.cfg.max_message_size) {
                     Ok(d) => d,
                     Err(DecodeError::InflateLimit { .. }) => {
                         return self.reply_err(id, ErrorReply::new(ErrorCode::MessageTooLarge));
                     }
                     Err(e) => {
-                        return self.reply_err(
-                            id,
-                            ErrorReply::with_message(ErrorCode::BadRequest, e.to_string()),
-                        )
+                        return self.reply_err(id, ErrorReply::with_message(ErrorCode::BadRequest, e.to_string()))
                     }
                 };
                 if payload.z && !self.client_compress {
-                    return self.reply_err(
-                        id,
-                        ErrorReply::with_message(ErrorCode::BadRequest, "compression not agreed"),
-                    );
+                    return self
+                        .reply_err(id, ErrorReply::with_message(ErrorCode::BadRequest, "compression not agreed"));
                 }
                 if let Some(waiting) = self.publishing.get_mut(&message_id) {
                     // A retry of a publish the host is still storing: answer
@@ -882,33 +781,26 @@ impl ServerSession {
                     return;
                 }
                 self.publishing.insert(message_id.clone(), vec![id]);
-                self.pending
-                    .insert(id, PendingKind::Publish(message_id.clone()));
-                self.events
-                    .push_back(ServerOutput::Event(ServerEvent::Publish {
-                        req: id,
-                        channel,
-                        message_id,
-                        qos,
-                        data,
-                    }));
+                self.pending.insert(id, PendingKind::Publish(message_id.clone()));
+                self.events.push_back(ServerOutput::Event(ServerEvent::Publish {
+                    req: id,
+                    channel,
+                    message_id,
+                    qos,
+                    data,
+                }));
             }
             Command::Release { message_id } => {
-                self.events
-                    .push_back(ServerOutput::Event(ServerEvent::Release { message_id }));
+                self.events.push_back(ServerOutput::Event(ServerEvent::Release { message_id }));
                 self.reply_ok(id, ReplyBody::Released);
             }
             Command::Refresh { token } => {
                 self.pending.insert(id, PendingKind::Refresh);
-                self.events
-                    .push_back(ServerOutput::Event(ServerEvent::Refresh { req: id, token }));
+                self.events.push_back(ServerOutput::Event(ServerEvent::Refresh { req: id, token }));
             }
-            cmd @ (Command::Presence { .. }
-            | Command::PresenceStats { .. }
-            | Command::History(_)) => {
+            cmd @ (Command::Presence { .. } | Command::PresenceStats { .. } | Command::History(_)) => {
                 self.pending.insert(id, PendingKind::Call);
-                self.events
-                    .push_back(ServerOutput::Event(ServerEvent::Call { req: id, cmd }));
+                self.events.push_back(ServerOutput::Event(ServerEvent::Call { req: id, cmd }));
             }
         }
     }
@@ -931,20 +823,15 @@ impl ServerSession {
             sub.inflight.pop_front();
         }
         self.inflight_total -= before - sub.inflight.len();
-        self.events
-            .push_back(ServerOutput::Event(ServerEvent::Acked {
-                channel: a.channel.clone(),
-                epoch: a.epoch,
-                offset,
-            }));
+        self.events.push_back(ServerOutput::Event(ServerEvent::Acked {
+            channel: a.channel.clone(),
+            epoch: a.epoch,
+            offset,
+        }));
         self.arm_redeliver();
         // Room freed: channels that fell behind can catch up.
-        let behind: Vec<String> = self
-            .subs
-            .iter()
-            .filter(|(_, s)| s.fetching.is_none() && s.next <= s.top)
-            .map(|(c, _)| c.clone())
-            .collect();
+        let behind: Vec<String> =
+            self.subs.iter().filter(|(_, s)| s.fetching.is_none() && s.next <= s.top).map(|(c, _)| c.clone()).collect();
         for ch in behind {
             self.maybe_fetch(&ch);
         }
@@ -972,22 +859,17 @@ impl ServerSession {
         if sub.fetching.is_some() || sub.next > sub.top {
             return;
         }
-        let limit = if sub.qos == Qos::AtMostOnce {
-            self.cfg.inflight_window
-        } else {
-            room
-        };
+        let limit = if sub.qos == Qos::AtMostOnce { self.cfg.inflight_window } else { room };
         if limit == 0 {
             return;
         }
         sub.fetching = Some(sub.next);
-        self.events
-            .push_back(ServerOutput::Event(ServerEvent::Fetch {
-                channel: channel.into(),
-                epoch: sub.epoch.clone(),
-                from: sub.next,
-                limit,
-            }));
+        self.events.push_back(ServerOutput::Event(ServerEvent::Fetch {
+            channel: channel.into(),
+            epoch: sub.epoch.clone(),
+            from: sub.next,
+            limit,
+        }));
     }
 
     fn redeliver(&mut self, now: Instant) {
@@ -1018,29 +900,16 @@ impl ServerSession {
     }
 
     fn arm_redeliver(&mut self) {
-        let at = self
-            .subs
-            .values()
-            .filter_map(|s| s.inflight.iter().map(|f| f.sent).min())
-            .min();
-        self.timers.set_opt(
-            Timer::Redeliver as usize,
-            at.map(|t| t.plus(self.cfg.ack_timeout)),
-        );
+        let at = self.subs.values().filter_map(|s| s.inflight.iter().map(|f| f.sent).min()).min();
+        self.timers.set_opt(Timer::Redeliver as usize, at.map(|t| t.plus(self.cfg.ack_timeout)));
     }
 
     fn reply_ok(&mut self, id: RequestId, body: ReplyBody) {
-        self.send_frame(&ServerFrame::Reply {
-            id,
-            outcome: Outcome::Ok(body),
-        });
+        self.send_frame(&ServerFrame::Reply { id, outcome: Outcome::Ok(body) });
     }
 
     fn reply_err(&mut self, id: RequestId, err: ErrorReply) {
-        self.send_frame(&ServerFrame::Reply {
-            id,
-            outcome: Outcome::Error(err),
-        });
+        self.send_frame(&ServerFrame::Reply { id, outcome: Outcome::Error(err) });
     }
 
     fn push(&mut self, p: Push) {
@@ -1070,15 +939,8 @@ impl ServerSession {
             return;
         }
         let reconnect = CloseCode::reconnects(code as u16);
-        self.push(Push::Disconnect {
-            code: code as u16,
-            reason: reason.into(),
-            reconnect,
-        });
-        self.events.push_back(ServerOutput::Close {
-            code: code as u16,
-            reason: reason.into(),
-        });
+        self.push(Push::Disconnect { code: code as u16, reason: reason.into(), reconnect });
+        self.events.push_back(ServerOutput::Close { code: code as u16, reason: reason.into() });
         self.finish(code as u16, reason.into());
     }
 
@@ -1089,8 +951,7 @@ impl ServerSession {
         self.inflight_total = 0;
         self.pending.clear();
         self.publishing.clear();
-        self.events
-            .push_back(ServerOutput::Event(ServerEvent::Closed { code, reason }));
+        self.events.push_back(ServerOutput::Event(ServerEvent::Closed { code, reason }));
     }
 }
 

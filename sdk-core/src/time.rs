@@ -4,19 +4,7 @@ use std::time::Duration;
 
 /// A monotonic instant in milliseconds since an origin the host picks
 /// (process start, `performance.now()`, a simulated clock, ...).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub struct Instant(pub u64);
 
@@ -31,10 +19,7 @@ impl Instant {
     }
     /// `self + d`, saturating.
     pub fn plus(self, d: Duration) -> Instant {
-        Instant(
-            self.0
-                .saturating_add(d.as_millis().min(u64::MAX as u128) as u64),
-        )
+        Instant(self.0.saturating_add(d.as_millis().min(u64::MAX as u128) as u64))
     }
     /// `self + ms`, saturating.
     pub fn add_ms(self, ms: u64) -> Instant {

@@ -18,10 +18,9 @@ fn drain(s: &mut ClientSession, now: Instant) -> Out {
     for _ in 0..100_000 {
         match s.poll_output(now) {
             Output::Open { conn } => o.opened = Some(conn),
-            Output::Transmit { data, .. } => o.frames.extend(
-                codec::decode_client(Encoding::Json, &data, 1 << 20)
-                    .expect("client output decodes"),
-            ),
+            Output::Transmit { data, .. } => {
+                o.frames.extend(codec::decode_client(Encoding::Json, &data, 1 << 20).expect("client output decodes"))
+            }
             Output::Close { code, .. } => o.closed = Some(code),
             Output::Event(e) => o.events.push(e),
             Output::Timeout(_) => return o,
@@ -40,10 +39,7 @@ fn server_says(s: &mut ClientSession, conn: u64, now: Instant, frames: &[ServerF
 }
 
 fn reply(id: u32, body: ReplyBody) -> ServerFrame {
-    ServerFrame::Reply {
-        id,
-        outcome: Outcome::Ok(body),
-    }
+    ServerFrame::Reply { id, outcome: Outcome::Ok(body) }
 }
 
 fn connected(subs: Vec<SubscribeResult>) -> ReplyBody {
@@ -73,10 +69,7 @@ fn publication(offset: u64, payload: Payload) -> ServerFrame {
 }
 
 fn plain(b: &[u8]) -> Payload {
-    Payload {
-        z: false,
-        data: Bytes(b.to_vec()),
-    }
+    Payload { z: false, data: Bytes(b.to_vec()) }
 }
 
 /// A live session subscribed to "ch" (QoS 1), delivering from offset 1.
@@ -91,69 +84,32 @@ fn live() -> (ClientSession, u64) {
     s.handle_input(t, Input::TransportOpened { conn });
     let o = drain(&mut s, t);
     let id = match &o.frames[..] {
-        [ClientFrame::Request {
-            id,
-            cmd: Command::Connect(c),
-        }] => {
+        [ClientFrame::Request { id, cmd: Command::Connect(c) }] => {
             assert_eq!(c.subs.len(), 1);
             *id
         }
         other => panic!("{other:?}"),
     };
-    let sub = Subscribed {
-        channel: "ch".into(),
-        qos: Qos::AtLeastOnce,
-        epoch: "e".into(),
-        top: 0,
-        from: 1,
-        recovered: true,
-    };
-    server_says(
-        &mut s,
-        conn,
-        t,
-        &[reply(id, connected(vec![SubscribeResult::Ok(sub)]))],
-    );
+    let sub =
+        Subscribed { channel: "ch".into(), qos: Qos::AtLeastOnce, epoch: "e".into(), top: 0, from: 1, recovered: true };
+    server_says(&mut s, conn, t, &[reply(id, connected(vec![SubscribeResult::Ok(sub)]))]);
     assert!(s.is_connected());
     (s, conn)
 }
 
 fn surfaced(o: &Out) -> Vec<u64> {
-    o.events
-        .iter()
-        .filter_map(|e| {
-            if let Event::Publication(p) = e {
-                Some(p.offset)
-            } else {
-                None
-            }
-        })
-        .collect()
+    o.events.iter().filter_map(|e| if let Event::Publication(p) = e { Some(p.offset) } else { None }).collect()
 }
 
 fn acks(o: &Out) -> Vec<u64> {
-    o.frames
-        .iter()
-        .filter_map(|f| {
-            if let ClientFrame::Ack(items) = f {
-                Some(items[0].offset)
-            } else {
-                None
-            }
-        })
-        .collect()
+    o.frames.iter().filter_map(|f| if let ClientFrame::Ack(items) = f { Some(items[0].offset) } else { None }).collect()
 }
 
 #[test]
 fn reorders_dedups_and_acks_cumulatively() {
     let (mut s, conn) = live();
     let t = Instant(1);
-    let o = server_says(
-        &mut s,
-        conn,
-        t,
-        &[publication(2, plain(b"b")), publication(3, plain(b"c"))],
-    );
+    let o = server_says(&mut s, conn, t, &[publication(2, plain(b"b")), publication(3, plain(b"c"))]);
     assert!(surfaced(&o).is_empty(), "held until 1 arrives");
     assert!(acks(&o).is_empty());
     let o = server_says(&mut s, conn, t, &[publication(1, plain(b"a"))]);
@@ -176,44 +132,16 @@ fn a_corrupt_payload_is_reported_and_does_not_stall_the_stream() {
         conn,
         t,
         &[
-            publication(
-                1,
-                Payload {
-                    z: true,
-                    data: Bytes(vec![0xff, 0x00, 0x13]),
-                },
-            ),
-            publication(
-                2,
-                Payload {
-                    z: true,
-                    data: Bytes(bomb),
-                },
-            ),
-            publication(
-                3,
-                Payload {
-                    z: true,
-                    data: Bytes(miniz_oxide::deflate::compress_to_vec(b"hello", 6)),
-                },
-            ),
+            publication(1, Payload { z: true, data: Bytes(vec![0xff, 0x00, 0x13]) }),
+            publication(2, Payload { z: true, data: Bytes(bomb) }),
+            publication(3, Payload { z: true, data: Bytes(miniz_oxide::deflate::compress_to_vec(b"hello", 6)) }),
         ],
     );
     assert_eq!(surfaced(&o), vec![3]);
-    let errors = o
-        .events
-        .iter()
-        .filter(|e| matches!(e, Event::Error(_)))
-        .count();
+    let errors = o.events.iter().filter(|e| matches!(e, Event::Error(_))).count();
     assert_eq!(errors, 2);
     assert_eq!(acks(&o), vec![3]);
-    let got = o.events.iter().find_map(|e| {
-        if let Event::Publication(p) = e {
-            Some(p.payload.clone())
-        } else {
-            None
-        }
-    });
+    let got = o.events.iter().find_map(|e| if let Event::Publication(p) = e { Some(p.payload.clone()) } else { None });
     assert_eq!(got, Some(plain(b"hello")));
 }
 
@@ -221,22 +149,9 @@ fn a_corrupt_payload_is_reported_and_does_not_stall_the_stream() {
 fn hostile_values_from_the_server_do_not_panic() {
     let (mut s, conn) = live();
     let t = Instant(1);
-    server_says(
-        &mut s,
-        conn,
-        t,
-        &[
-            publication(u64::MAX, plain(b"x")),
-            publication(u64::MAX - 1, plain(b"y")),
-        ],
-    );
+    server_says(&mut s, conn, t, &[publication(u64::MAX, plain(b"x")), publication(u64::MAX - 1, plain(b"y"))]);
     // Replies to requests never made are ignored.
-    let o = server_says(
-        &mut s,
-        conn,
-        t,
-        &[reply(999, ReplyBody::Released), reply(0, connected(vec![]))],
-    );
+    let o = server_says(&mut s, conn, t, &[reply(999, ReplyBody::Released), reply(0, connected(vec![]))]);
     assert!(o.closed.is_none());
     assert!(s.is_connected());
     // A subscribed result with from = 0 and a huge top.
@@ -254,25 +169,13 @@ fn hostile_values_from_the_server_do_not_panic() {
         recovered: false,
     };
     let o = server_says(&mut s, conn, t, &[reply(id, ReplyBody::Subscribed(sub))]);
-    assert!(o
-        .events
-        .iter()
-        .any(|e| matches!(e, Event::Subscribed { channel, .. } if channel == "z")));
+    assert!(o.events.iter().any(|e| matches!(e, Event::Subscribed { channel, .. } if channel == "z")));
     assert!(s.is_connected());
     // Garbage closes the link as a protocol violation, and the client comes back.
-    s.handle_input(
-        t,
-        Input::TransportMessage {
-            conn,
-            data: b"\x00\xff garbage",
-        },
-    );
+    s.handle_input(t, Input::TransportMessage { conn, data: b"\x00\xff garbage" });
     let o = drain(&mut s, t);
     assert_eq!(o.closed, Some(CloseCode::ProtocolViolation as u16));
-    assert!(matches!(
-        s.state(),
-        ConnectionState::Backoff { attempt: 0, .. }
-    ));
+    assert!(matches!(s.state(), ConnectionState::Backoff { attempt: 0, .. }));
 }
 
 #[test]
@@ -282,10 +185,7 @@ fn pushes_that_overtake_the_subscribe_reply_are_kept() {
     s.subscribe(t, "other", Qos::ExactlyOnce);
     let o = drain(&mut s, t);
     let id = match &o.frames[..] {
-        [ClientFrame::Request {
-            id,
-            cmd: Command::Subscribe(r),
-        }] if r.channel == "other" => *id,
+        [ClientFrame::Request { id, cmd: Command::Subscribe(r) }] if r.channel == "other" => *id,
         other => panic!("{other:?}"),
     };
     let early = ServerFrame::Push(Push::Publication(Publication {
@@ -316,30 +216,13 @@ fn pushes_that_overtake_the_subscribe_reply_are_kept() {
 fn late_callbacks_from_an_old_transport_are_ignored() {
     let (mut s, conn) = live();
     let t = Instant(1);
-    s.handle_input(
-        t,
-        Input::TransportClosed {
-            conn,
-            code: Some(3000),
-            reason: "restart".into(),
-        },
-    );
+    s.handle_input(t, Input::TransportClosed { conn, code: Some(3000), reason: "restart".into() });
     drain(&mut s, t);
     assert!(matches!(s.state(), ConnectionState::Backoff { .. }));
     // The old socket reports again, and a message trickles in from it.
-    s.handle_input(
-        t,
-        Input::TransportClosed {
-            conn,
-            code: Some(3500),
-            reason: "late".into(),
-        },
-    );
+    s.handle_input(t, Input::TransportClosed { conn, code: Some(3500), reason: "late".into() });
     s.handle_input(t, Input::TransportMessage { conn, data: b"{}" });
     let o = drain(&mut s, t);
     assert!(o.events.is_empty() && o.closed.is_none());
-    assert!(
-        matches!(s.state(), ConnectionState::Backoff { .. }),
-        "not closed for good by a stale 3500"
-    );
+    assert!(matches!(s.state(), ConnectionState::Backoff { .. }), "not closed for good by a stale 3500");
 }

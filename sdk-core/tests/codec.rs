@@ -33,11 +33,7 @@ const ENCODINGS: [Encoding; 2] = [Encoding::Binary, Encoding::Json];
 const NO_LIMIT: usize = usize::MAX;
 
 fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
 }
 
 // ---------------------------------------------------------------------------
@@ -104,10 +100,7 @@ prop_compose! {
 }
 
 fn history_bound() -> impl Strategy<Value = HistoryBound> {
-    prop_oneof![
-        any::<u64>().prop_map(HistoryBound::Offset),
-        any::<u64>().prop_map(HistoryBound::TimeMs)
-    ]
+    prop_oneof![any::<u64>().prop_map(HistoryBound::Offset), any::<u64>().prop_map(HistoryBound::TimeMs)]
 }
 
 prop_compose! {
@@ -148,14 +141,8 @@ fn command() -> impl Strategy<Value = Command> {
         connect().prop_map(Command::Connect),
         subscribe_request().prop_map(Command::Subscribe),
         text().prop_map(|channel| Command::Unsubscribe { channel }),
-        (text(), text(), qos(), payload()).prop_map(|(channel, message_id, qos, payload)| {
-            Command::Publish {
-                channel,
-                message_id,
-                qos,
-                payload,
-            }
-        }),
+        (text(), text(), qos(), payload())
+            .prop_map(|(channel, message_id, qos, payload)| { Command::Publish { channel, message_id, qos, payload } }),
         text().prop_map(|message_id| Command::Release { message_id }),
         text().prop_map(|channel| Command::Presence { channel }),
         text().prop_map(|channel| Command::PresenceStats { channel }),
@@ -201,8 +188,7 @@ prop_compose! {
 fn subscribe_result() -> impl Strategy<Value = SubscribeResult> {
     prop_oneof![
         subscribed().prop_map(SubscribeResult::Ok),
-        (text(), error_reply())
-            .prop_map(|(channel, error)| SubscribeResult::Error { channel, error }),
+        (text(), error_reply()).prop_map(|(channel, error)| SubscribeResult::Error { channel, error }),
     ]
 }
 
@@ -235,22 +221,14 @@ fn reply_body() -> impl Strategy<Value = ReplyBody> {
         connected().prop_map(ReplyBody::Connected),
         subscribed().prop_map(ReplyBody::Subscribed),
         Just(ReplyBody::Unsubscribed),
-        (text(), any::<u64>(), any::<bool>()).prop_map(|(epoch, offset, duplicate)| {
-            ReplyBody::Published {
-                epoch,
-                offset,
-                duplicate,
-            }
-        }),
+        (text(), any::<u64>(), any::<bool>())
+            .prop_map(|(epoch, offset, duplicate)| { ReplyBody::Published { epoch, offset, duplicate } }),
         Just(ReplyBody::Released),
-        prop::collection::vec(client_info(), 0..3)
-            .prop_map(|clients| ReplyBody::Presence { clients }),
-        (any::<u32>(), any::<u32>())
-            .prop_map(|(clients, users)| ReplyBody::PresenceStats { clients, users }),
+        prop::collection::vec(client_info(), 0..3).prop_map(|clients| ReplyBody::Presence { clients }),
+        (any::<u32>(), any::<u32>()).prop_map(|(clients, users)| ReplyBody::PresenceStats { clients, users }),
         (prop::collection::vec(publication(), 0..3), position())
             .prop_map(|(publications, top)| ReplyBody::History { publications, top }),
-        prop::option::of(any::<u64>())
-            .prop_map(|expires_in_ms| ReplyBody::Refreshed { expires_in_ms }),
+        prop::option::of(any::<u64>()).prop_map(|expires_in_ms| ReplyBody::Refreshed { expires_in_ms }),
     ]
 }
 
@@ -263,19 +241,10 @@ fn push() -> impl Strategy<Value = Push> {
         publication().prop_map(Push::Publication),
         (text(), client_info()).prop_map(|(channel, info)| Push::Join { channel, info }),
         (text(), client_info()).prop_map(|(channel, info)| Push::Leave { channel, info }),
-        (text(), any::<u16>(), text()).prop_map(|(channel, code, reason)| Push::Unsubscribed {
-            channel,
-            code,
-            reason
-        }),
+        (text(), any::<u16>(), text()).prop_map(|(channel, code, reason)| Push::Unsubscribed { channel, code, reason }),
         Just(Push::Ping),
-        (any::<u16>(), text(), any::<bool>()).prop_map(|(code, reason, reconnect)| {
-            Push::Disconnect {
-                code,
-                reason,
-                reconnect,
-            }
-        }),
+        (any::<u16>(), text(), any::<bool>())
+            .prop_map(|(code, reason, reconnect)| { Push::Disconnect { code, reason, reconnect } }),
     ]
 }
 
@@ -300,13 +269,7 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (any::<Index>(), 0u8..8).prop_map(|(i, bit)| Mutation::Flip(i, bit)),
         // Bytes that are structural in one encoding or the other.
-        (
-            any::<Index>(),
-            prop_oneof![
-                any::<u8>(),
-                prop::sample::select(b"\n\"\\{}[]:,0\x80\xff".to_vec())
-            ]
-        )
+        (any::<Index>(), prop_oneof![any::<u8>(), prop::sample::select(b"\n\"\\{}[]:,0\x80\xff".to_vec())])
             .prop_map(|(i, b)| Mutation::Insert(i, b)),
         any::<Index>().prop_map(Mutation::Delete),
         any::<Index>().prop_map(Mutation::Truncate),
@@ -339,11 +302,7 @@ fn joined(enc: Encoding, frames: &[Vec<u8>]) -> Vec<u8> {
     frames.join(sep)
 }
 
-fn decode<T: DeserializeOwned>(
-    enc: Encoding,
-    msg: &[u8],
-    max: usize,
-) -> Result<Vec<T>, DecodeError> {
+fn decode<T: DeserializeOwned>(enc: Encoding, msg: &[u8], max: usize) -> Result<Vec<T>, DecodeError> {
     codec::decode_message(enc, msg, max)
 }
 
@@ -361,8 +320,7 @@ where
             prop_assert_eq!(len as usize + used, msg.len());
         }
     }
-    let back: Vec<T> =
-        decode(enc, &msg, msg.len()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let back: Vec<T> = decode(enc, &msg, msg.len()).map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(back.len(), 1);
     prop_assert_eq!(&back[0], f);
     Ok(())
@@ -379,8 +337,7 @@ where
     let encoded: Vec<Vec<u8>> = frames.iter().map(|f| codec::encode(enc, f)).collect();
     // encode_into and encode + join must agree byte for byte.
     prop_assert_eq!(&msg, &joined(enc, &encoded));
-    let back: Vec<T> =
-        decode(enc, &msg, msg.len()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let back: Vec<T> = decode(enc, &msg, msg.len()).map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(back.as_slice(), frames);
     Ok(())
 }
@@ -409,20 +366,13 @@ where
         // Whole frames, in queue order, nothing added or dropped.
         prop_assert_eq!(&msg, &joined(enc, part));
         // Over `max` only when a single frame is itself larger.
-        prop_assert!(
-            msg.len() <= max || taken == 1,
-            "{} frames in {} B > max {}",
-            taken,
-            msg.len(),
-            max
-        );
+        prop_assert!(msg.len() <= max || taken == 1, "{} frames in {} B > max {}", taken, msg.len(), max);
         // Greedy: the frame left at the head would not have fitted, or the
         // message already holds as many frames as a decoder accepts.
         if let Some(head) = encoded.get(next + taken) {
             prop_assert!(msg.len() + sep + head.len() > max || taken == MAX_FRAMES_PER_MESSAGE);
         }
-        let back: Vec<T> =
-            decode(enc, &msg, NO_LIMIT).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let back: Vec<T> = decode(enc, &msg, NO_LIMIT).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(back.as_slice(), &frames[next..next + taken]);
         next += taken;
         queued -= part.iter().map(Vec::len).sum::<usize>();
@@ -647,35 +597,20 @@ fn repeated<T: Serialize>(enc: Encoding, f: &T, n: usize) -> Vec<u8> {
 fn frame_count_is_capped() {
     for enc in ENCODINGS {
         let ok = repeated(enc, &ClientFrame::Pong, MAX_FRAMES_PER_MESSAGE);
-        assert_eq!(
-            decode_client(enc, &ok, NO_LIMIT).map(|v| v.len()),
-            Ok(MAX_FRAMES_PER_MESSAGE)
-        );
+        assert_eq!(decode_client(enc, &ok, NO_LIMIT).map(|v| v.len()), Ok(MAX_FRAMES_PER_MESSAGE));
         let over = repeated(enc, &ClientFrame::Pong, MAX_FRAMES_PER_MESSAGE + 1);
-        assert_eq!(
-            decode_client(enc, &over, NO_LIMIT),
-            Err(DecodeError::TooManyFrames)
-        );
+        assert_eq!(decode_client(enc, &over, NO_LIMIT), Err(DecodeError::TooManyFrames));
 
         let ping = ServerFrame::Push(Push::Ping);
         let ok = repeated(enc, &ping, MAX_FRAMES_PER_MESSAGE);
-        assert_eq!(
-            decode_server(enc, &ok, NO_LIMIT).map(|v| v.len()),
-            Ok(MAX_FRAMES_PER_MESSAGE)
-        );
+        assert_eq!(decode_server(enc, &ok, NO_LIMIT).map(|v| v.len()), Ok(MAX_FRAMES_PER_MESSAGE));
         let over = repeated(enc, &ping, MAX_FRAMES_PER_MESSAGE + 1);
-        assert_eq!(
-            decode_server(enc, &over, NO_LIMIT),
-            Err(DecodeError::TooManyFrames)
-        );
+        assert_eq!(decode_server(enc, &over, NO_LIMIT), Err(DecodeError::TooManyFrames));
         // The cap holds even when the surplus frame is itself malformed:
         // counting stops before parsing it.
         let mut junk = ok.clone();
         codec::join_into(enc, b"\x01\xff", &mut junk);
-        assert_eq!(
-            decode_server(enc, &junk, NO_LIMIT),
-            Err(DecodeError::TooManyFrames)
-        );
+        assert_eq!(decode_server(enc, &junk, NO_LIMIT), Err(DecodeError::TooManyFrames));
     }
 }
 
@@ -704,11 +639,8 @@ fn batcher_respects_the_frame_cap() {
 
 /// Data with long runs so that deflate sometimes wins and sometimes not.
 fn compressible() -> impl Strategy<Value = Vec<u8>> {
-    prop::collection::vec((any::<u8>(), 1usize..300), 0..12).prop_map(|runs| {
-        runs.into_iter()
-            .flat_map(|(b, n)| std::iter::repeat_n(b, n))
-            .collect()
-    })
+    prop::collection::vec((any::<u8>(), 1usize..300), 0..12)
+        .prop_map(|runs| runs.into_iter().flat_map(|(b, n)| std::iter::repeat_n(b, n)).collect())
 }
 
 fn payload_data() -> impl Strategy<Value = Vec<u8>> {
@@ -741,11 +673,7 @@ fn bomb(reps: usize) -> Vec<u8> {
             self.put(rev, n);
         }
     }
-    let mut b = Bits {
-        out: Vec::new(),
-        acc: 0,
-        n: 0,
-    };
+    let mut b = Bits { out: Vec::new(), acc: 0, n: 0 };
     b.put(1, 1); // BFINAL
     b.put(1, 2); // BTYPE = fixed Huffman
     b.code(0x30, 8); // literal 0
@@ -800,18 +728,9 @@ proptest! {
 fn big_bomb_is_refused() {
     // ~258 MB of zeros from ~1.6 MB; must stop at the 64 KiB limit.
     let z = bomb(1_000_000);
-    assert_eq!(
-        inflate(&z, 64 * 1024),
-        Err(DecodeError::InflateLimit { limit: 64 * 1024 })
-    );
-    let p = Payload {
-        z: true,
-        data: Bytes(z),
-    };
-    assert_eq!(
-        unpack(&p, 1 << 20),
-        Err(DecodeError::InflateLimit { limit: 1 << 20 })
-    );
+    assert_eq!(inflate(&z, 64 * 1024), Err(DecodeError::InflateLimit { limit: 64 * 1024 }));
+    let p = Payload { z: true, data: Bytes(z) };
+    assert_eq!(unpack(&p, 1 << 20), Err(DecodeError::InflateLimit { limit: 1 << 20 }));
 }
 
 proptest! {
@@ -925,15 +844,9 @@ fn varint_edges() {
         write_varint(v, &mut buf);
         assert_eq!(read_varint(&buf), Some((v, buf.len())));
     }
-    assert_eq!(
-        read_varint(&[0xff; 9].iter().copied().chain([0x01]).collect::<Vec<_>>()),
-        Some((u64::MAX, 10))
-    );
+    assert_eq!(read_varint(&[0xff; 9].iter().copied().chain([0x01]).collect::<Vec<_>>()), Some((u64::MAX, 10)));
     // A 10th byte above 1 would overflow u64.
-    assert_eq!(
-        read_varint(&[0xff; 9].iter().copied().chain([0x02]).collect::<Vec<_>>()),
-        None
-    );
+    assert_eq!(read_varint(&[0xff; 9].iter().copied().chain([0x02]).collect::<Vec<_>>()), None);
     assert_eq!(read_varint(&[0x80; 10]), None);
     assert_eq!(read_varint(&[]), None);
 }
@@ -981,14 +894,8 @@ fn client_variants(f: &ClientFrame, seen: &mut std::collections::BTreeSet<&'stat
 
 fn server_variants(f: &ServerFrame, seen: &mut std::collections::BTreeSet<&'static str>) {
     let name = match f {
-        ServerFrame::Reply {
-            outcome: Outcome::Error(_),
-            ..
-        } => "error",
-        ServerFrame::Reply {
-            outcome: Outcome::Ok(body),
-            ..
-        } => match body {
+        ServerFrame::Reply { outcome: Outcome::Error(_), .. } => "error",
+        ServerFrame::Reply { outcome: Outcome::Ok(body), .. } => match body {
             ReplyBody::Connected(c) => {
                 for s in &c.subs {
                     seen.insert(match s {
@@ -1014,11 +921,7 @@ fn server_variants(f: &ServerFrame, seen: &mut std::collections::BTreeSet<&'stat
         },
         ServerFrame::Push(p) => match p {
             Push::Publication(p) => {
-                seen.insert(if p.publisher.is_some() {
-                    "publisher"
-                } else {
-                    "no_publisher"
-                });
+                seen.insert(if p.publisher.is_some() { "publisher" } else { "no_publisher" });
                 "publication"
             }
             Push::Join { .. } => "join",
@@ -1039,10 +942,7 @@ fn strategies_cover_every_variant() {
     let mut runner = TestRunner::deterministic();
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..2000 {
-        client_variants(
-            &client_frame().new_tree(&mut runner).unwrap().current(),
-            &mut seen,
-        );
+        client_variants(&client_frame().new_tree(&mut runner).unwrap().current(), &mut seen);
     }
     let want = [
         "ack",
@@ -1067,10 +967,7 @@ fn strategies_cover_every_variant() {
 
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..2000 {
-        server_variants(
-            &server_frame().new_tree(&mut runner).unwrap().current(),
-            &mut seen,
-        );
+        server_variants(&server_frame().new_tree(&mut runner).unwrap().current(), &mut seen);
     }
     let want = [
         "connected",

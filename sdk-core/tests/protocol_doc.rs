@@ -53,11 +53,7 @@ fn fenced_blocks(doc: &str) -> Vec<Block> {
         match open.take() {
             None => {
                 if let Some(info) = t.strip_prefix("```") {
-                    open = Some(Block {
-                        info: info.trim().to_string(),
-                        line: i + 1,
-                        body: Vec::new(),
-                    });
+                    open = Some(Block { info: info.trim().to_string(), line: i + 1, body: Vec::new() });
                 }
             }
             Some(mut b) => {
@@ -79,16 +75,11 @@ fn cells(row: &str) -> Vec<String> {
     let row = row.trim();
     let inner = row.strip_prefix('|').unwrap_or(row);
     let inner = inner.strip_suffix('|').unwrap_or(inner);
-    inner
-        .split('|')
-        .map(|c| c.trim().replace('`', ""))
-        .collect()
+    inner.split('|').map(|c| c.trim().replace('`', "")).collect()
 }
 
 fn is_separator(row: &str) -> bool {
-    cells(row)
-        .iter()
-        .all(|c| !c.is_empty() && c.chars().all(|ch| matches!(ch, '-' | ':' | ' ')))
+    cells(row).iter().all(|c| !c.is_empty() && c.chars().all(|ch| matches!(ch, '-' | ':' | ' ')))
 }
 
 /// Data rows of every table whose header row starts with `header` (cells
@@ -107,10 +98,7 @@ fn tables(doc: &str, header: &[&str]) -> Vec<(String, Vec<Vec<String>>)> {
         if t.starts_with('|') {
             let head = cells(t);
             let matches = head.len() >= header.len()
-                && header
-                    .iter()
-                    .zip(&head)
-                    .all(|(want, got)| want.eq_ignore_ascii_case(got));
+                && header.iter().zip(&head).all(|(want, got)| want.eq_ignore_ascii_case(got));
             if matches {
                 let mut rows = Vec::new();
                 i += 1;
@@ -136,11 +124,7 @@ fn tables(doc: &str, header: &[&str]) -> Vec<(String, Vec<Vec<String>>)> {
 
 fn one_table(doc: &str, header: &[&str]) -> Vec<Vec<String>> {
     let mut t = tables(doc, header);
-    assert_eq!(
-        t.len(),
-        1,
-        "expected exactly one table with header {header:?}"
-    );
+    assert_eq!(t.len(), 1, "expected exactly one table with header {header:?}");
     t.pop().unwrap().1
 }
 
@@ -181,11 +165,7 @@ type EncodeFn<T> = fn(Encoding, &T) -> Vec<u8>;
 
 /// Decode each line as one JSON frame, check the JSON round trip, and check
 /// that the block as a whole decodes as one message with the same frames.
-fn check_json_block<T: PartialEq + fmt::Debug>(
-    b: &Block,
-    decode: DecodeFn<T>,
-    encode: EncodeFn<T>,
-) -> Vec<T> {
+fn check_json_block<T: PartialEq + fmt::Debug>(b: &Block, decode: DecodeFn<T>, encode: EncodeFn<T>) -> Vec<T> {
     let mut frames = Vec::new();
     for (n, line) in b.body.iter().enumerate() {
         if line.trim().is_empty() {
@@ -202,20 +182,11 @@ fn check_json_block<T: PartialEq + fmt::Debug>(
         assert_eq!(back, vec![frame], "{at}: JSON round trip changed the frame");
         frames.push(back.into_iter().next().unwrap());
     }
-    assert!(
-        !frames.is_empty(),
-        "PROTOCOL.md line {}: empty {} block",
-        b.line,
-        b.info
-    );
+    assert!(!frames.is_empty(), "PROTOCOL.md line {}: empty {} block", b.line, b.info);
     let whole = b.body.join("\n");
     let all = decode(Encoding::Json, whole.as_bytes(), LIMIT)
         .unwrap_or_else(|e| panic!("PROTOCOL.md line {}: block as one message: {e}", b.line));
-    assert_eq!(
-        all, frames,
-        "PROTOCOL.md line {}: block as one message",
-        b.line
-    );
+    assert_eq!(all, frames, "PROTOCOL.md line {}: block as one message", b.line);
     frames
 }
 
@@ -225,28 +196,16 @@ fn parse_hex(b: &Block) -> Vec<u8> {
         let data = line.split('#').next().unwrap_or("");
         for tok in data.split_whitespace() {
             let ok = tok.len() == 2 && tok.chars().all(|c| c.is_ascii_hexdigit());
-            assert!(
-                ok,
-                "PROTOCOL.md line {}: bad hex byte {tok:?}",
-                b.line + 1 + n
-            );
+            assert!(ok, "PROTOCOL.md line {}: bad hex byte {tok:?}", b.line + 1 + n);
             bytes.push(u8::from_str_radix(tok, 16).unwrap());
         }
     }
-    assert!(
-        !bytes.is_empty(),
-        "PROTOCOL.md line {}: empty hex block",
-        b.line
-    );
+    assert!(!bytes.is_empty(), "PROTOCOL.md line {}: empty hex block", b.line);
     bytes
 }
 
 /// Decode a binary message and check that re-encoding gives the same bytes.
-fn check_hex_block<T: PartialEq + fmt::Debug>(
-    b: &Block,
-    decode: DecodeFn<T>,
-    encode: EncodeFn<T>,
-) -> Vec<T> {
+fn check_hex_block<T: PartialEq + fmt::Debug>(b: &Block, decode: DecodeFn<T>, encode: EncodeFn<T>) -> Vec<T> {
     let bytes = parse_hex(b);
     let frames = decode(Encoding::Binary, &bytes, LIMIT)
         .unwrap_or_else(|e| panic!("PROTOCOL.md line {}: hex does not decode: {e}", b.line));
@@ -254,11 +213,7 @@ fn check_hex_block<T: PartialEq + fmt::Debug>(
     for f in &frames {
         again.extend(encode(Encoding::Binary, f));
     }
-    assert_eq!(
-        again, bytes,
-        "PROTOCOL.md line {}: re-encoding gives other bytes",
-        b.line
-    );
+    assert_eq!(again, bytes, "PROTOCOL.md line {}: re-encoding gives other bytes", b.line);
     let back = decode(Encoding::Binary, &again, LIMIT).unwrap();
     assert_eq!(back, frames);
     frames
@@ -274,11 +229,7 @@ fn frame_examples_decode_and_round_trip() {
     for b in fenced_blocks(&doc) {
         let tagged_like = b.info.starts_with("json ") || b.info.starts_with("hex ");
         if !TAGS.contains(&b.info.as_str()) {
-            assert!(
-                !tagged_like,
-                "PROTOCOL.md line {}: unknown block tag {:?}",
-                b.line, b.info
-            );
+            assert!(!tagged_like, "PROTOCOL.md line {}: unknown block tag {:?}", b.line, b.info);
             continue;
         }
         match b.info.as_str() {
@@ -296,17 +247,9 @@ fn frame_examples_decode_and_round_trip() {
             }
             "hex client" | "hex server" => {
                 let got = if b.info == "hex client" {
-                    Frames::Client(check_hex_block(
-                        &b,
-                        codec::decode_client,
-                        codec::encode_client,
-                    ))
+                    Frames::Client(check_hex_block(&b, codec::decode_client, codec::encode_client))
                 } else {
-                    Frames::Server(check_hex_block(
-                        &b,
-                        codec::decode_server,
-                        codec::encode_server,
-                    ))
+                    Frames::Server(check_hex_block(&b, codec::decode_server, codec::encode_server))
                 };
                 assert_eq!(
                     last_json.as_ref(),
@@ -320,14 +263,8 @@ fn frame_examples_decode_and_round_trip() {
         }
     }
     // Guard against the extraction silently finding nothing.
-    assert!(
-        json_blocks >= 20,
-        "only {json_blocks} JSON example blocks found"
-    );
-    assert!(
-        frames_seen >= 30,
-        "only {frames_seen} JSON example frames found"
-    );
+    assert!(json_blocks >= 20, "only {json_blocks} JSON example blocks found");
+    assert!(frames_seen >= 30, "only {frames_seen} JSON example frames found");
     assert!(hex_blocks >= 1, "no hex example found");
 }
 
@@ -344,17 +281,13 @@ fn frame_examples_round_trip_in_binary() {
             "json client" => {
                 let frames = codec::decode_client(Encoding::Json, msg.as_bytes(), LIMIT).unwrap();
                 let mut bin = Vec::new();
-                frames
-                    .iter()
-                    .for_each(|f| bin.extend(codec::encode_client(Encoding::Binary, f)));
+                frames.iter().for_each(|f| bin.extend(codec::encode_client(Encoding::Binary, f)));
                 codec::decode_client(Encoding::Binary, &bin, LIMIT).map(|g| g == frames)
             }
             "json server" => {
                 let frames = codec::decode_server(Encoding::Json, msg.as_bytes(), LIMIT).unwrap();
                 let mut bin = Vec::new();
-                frames
-                    .iter()
-                    .for_each(|f| bin.extend(codec::encode_server(Encoding::Binary, f)));
+                frames.iter().for_each(|f| bin.extend(codec::encode_server(Encoding::Binary, f)));
                 codec::decode_server(Encoding::Binary, &bin, LIMIT).map(|g| g == frames)
             }
             _ => continue,
@@ -363,11 +296,7 @@ fn frame_examples_round_trip_in_binary() {
             failures.push(format!("line {}: {res:?}", b.line));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "binary round trip failed:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "binary round trip failed:\n{}", failures.join("\n"));
 }
 
 // ---------------------------------------------------------------------------
@@ -378,14 +307,9 @@ fn code_rows(doc: &str, retry_col: &str) -> BTreeMap<u16, (String, bool)> {
     let rows = one_table(doc, &["Code", "Name", retry_col]);
     let mut out = BTreeMap::new();
     for r in rows {
-        let code: u16 = r[0]
-            .parse()
-            .unwrap_or_else(|_| panic!("{retry_col} table: bad code {:?}", r[0]));
+        let code: u16 = r[0].parse().unwrap_or_else(|_| panic!("{retry_col} table: bad code {:?}", r[0]));
         let flag = yes_no(&r[2], &format!("code {code}"));
-        assert!(
-            out.insert(code, (r[1].clone(), flag)).is_none(),
-            "code {code} listed twice"
-        );
+        assert!(out.insert(code, (r[1].clone(), flag)).is_none(), "code {code} listed twice");
     }
     out
 }
@@ -395,25 +319,12 @@ fn error_code_table_matches_error_code() {
     let rows = code_rows(&doc(), "Temporary");
     for &c in ErrorCode::ALL {
         let n = c as u16;
-        let (name, temporary) = rows
-            .get(&n)
-            .unwrap_or_else(|| panic!("error code {n} ({c:?}) missing from the table"));
-        assert_eq!(
-            *name,
-            snake_case(&format!("{c:?}")),
-            "name of error code {n}"
-        );
-        assert_eq!(
-            *temporary,
-            c.temporary(),
-            "Temporary column of error code {n}"
-        );
+        let (name, temporary) = rows.get(&n).unwrap_or_else(|| panic!("error code {n} ({c:?}) missing from the table"));
+        assert_eq!(*name, snake_case(&format!("{c:?}")), "name of error code {n}");
+        assert_eq!(*temporary, c.temporary(), "Temporary column of error code {n}");
     }
     for n in rows.keys() {
-        assert!(
-            ErrorCode::from_u16(*n).is_some(),
-            "error table lists unknown code {n}"
-        );
+        assert!(ErrorCode::from_u16(*n).is_some(), "error table lists unknown code {n}");
     }
 }
 
@@ -422,25 +333,12 @@ fn close_code_table_matches_close_code() {
     let rows = code_rows(&doc(), "Reconnect");
     for &c in CloseCode::ALL {
         let n = c as u16;
-        let (name, reconnect) = rows
-            .get(&n)
-            .unwrap_or_else(|| panic!("close code {n} ({c:?}) missing from the table"));
-        assert_eq!(
-            *name,
-            snake_case(&format!("{c:?}")),
-            "name of close code {n}"
-        );
-        assert_eq!(
-            *reconnect,
-            CloseCode::reconnects(n),
-            "Reconnect column of close code {n}"
-        );
+        let (name, reconnect) = rows.get(&n).unwrap_or_else(|| panic!("close code {n} ({c:?}) missing from the table"));
+        assert_eq!(*name, snake_case(&format!("{c:?}")), "name of close code {n}");
+        assert_eq!(*reconnect, CloseCode::reconnects(n), "Reconnect column of close code {n}");
     }
     for n in rows.keys() {
-        assert!(
-            CloseCode::from_u16(*n).is_some(),
-            "close table lists unknown code {n}"
-        );
+        assert!(CloseCode::from_u16(*n).is_some(), "close table lists unknown code {n}");
     }
 }
 
@@ -465,42 +363,23 @@ fn binary_variant<T: Serialize>(v: &T) -> u64 {
 /// Every variant name of enum `T`, read from serde's "unknown variant" error,
 /// so that a variant added to the crate but not to the doc is noticed.
 fn all_variants<T: DeserializeOwned + fmt::Debug>() -> BTreeSet<String> {
-    let err = serde_json::from_str::<T>("\"__no_such_variant__\"")
-        .unwrap_err()
-        .to_string();
-    let (_, expected) = err
-        .split_once("expected")
-        .unwrap_or_else(|| panic!("unexpected error: {err}"));
-    let names: BTreeSet<String> = expected
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_string)
-        .collect();
+    let err = serde_json::from_str::<T>("\"__no_such_variant__\"").unwrap_err().to_string();
+    let (_, expected) = err.split_once("expected").unwrap_or_else(|| panic!("unexpected error: {err}"));
+    let names: BTreeSet<String> = expected.split('`').skip(1).step_by(2).map(str::to_string).collect();
     assert!(!names.is_empty(), "cannot read variant names from: {err}");
     names
 }
 
 fn pos() -> StreamPosition {
-    StreamPosition {
-        epoch: "e".into(),
-        offset: 7,
-    }
+    StreamPosition { epoch: "e".into(), offset: 7 }
 }
 
 fn info() -> ClientInfo {
-    ClientInfo {
-        client: "c".into(),
-        user: "u".into(),
-        info: Some(Bytes(vec![1])),
-    }
+    ClientInfo { client: "c".into(), user: "u".into(), info: Some(Bytes(vec![1])) }
 }
 
 fn payload() -> Payload {
-    Payload {
-        z: true,
-        data: Bytes(vec![1, 2, 3]),
-    }
+    Payload { z: true, data: Bytes(vec![1, 2, 3]) }
 }
 
 fn publication() -> Publication {
@@ -517,11 +396,7 @@ fn publication() -> Publication {
 }
 
 fn sub_req() -> SubscribeRequest {
-    SubscribeRequest {
-        channel: "ch".into(),
-        qos: Qos::AtLeastOnce,
-        since: Some(pos()),
-    }
+    SubscribeRequest { channel: "ch".into(), qos: Qos::AtLeastOnce, since: Some(pos()) }
 }
 
 fn history_req() -> HistoryRequest {
@@ -539,24 +414,14 @@ fn connect() -> Connect {
         version: PROTOCOL_VERSION,
         token: "t".into(),
         device_id: "d".into(),
-        client: ClientVersion {
-            name: "n".into(),
-            version: "v".into(),
-        },
+        client: ClientVersion { name: "n".into(), version: "v".into() },
         subs: vec![sub_req()],
         compression: true,
     }
 }
 
 fn subscribed() -> Subscribed {
-    Subscribed {
-        channel: "ch".into(),
-        qos: Qos::AtLeastOnce,
-        epoch: "e".into(),
-        top: 9,
-        from: 10,
-        recovered: true,
-    }
+    Subscribed { channel: "ch".into(), qos: Qos::AtLeastOnce, epoch: "e".into(), top: 9, from: 10, recovered: true }
 }
 
 fn error_reply() -> ErrorReply {
@@ -583,24 +448,11 @@ fn commands() -> Vec<Command> {
     vec![
         Command::Connect(connect()),
         Command::Subscribe(sub_req()),
-        Command::Unsubscribe {
-            channel: "ch".into(),
-        },
-        Command::Publish {
-            channel: "ch".into(),
-            message_id: "m".into(),
-            qos: Qos::ExactlyOnce,
-            payload: payload(),
-        },
-        Command::Release {
-            message_id: "m".into(),
-        },
-        Command::Presence {
-            channel: "ch".into(),
-        },
-        Command::PresenceStats {
-            channel: "ch".into(),
-        },
+        Command::Unsubscribe { channel: "ch".into() },
+        Command::Publish { channel: "ch".into(), message_id: "m".into(), qos: Qos::ExactlyOnce, payload: payload() },
+        Command::Release { message_id: "m".into() },
+        Command::Presence { channel: "ch".into() },
+        Command::PresenceStats { channel: "ch".into() },
         Command::History(history_req()),
         Command::Refresh { token: "t".into() },
     ]
@@ -608,17 +460,8 @@ fn commands() -> Vec<Command> {
 
 fn client_frames() -> Vec<ClientFrame> {
     vec![
-        ClientFrame::Request {
-            id: 1,
-            cmd: Command::Unsubscribe {
-                channel: "ch".into(),
-            },
-        },
-        ClientFrame::Ack(vec![AckItem {
-            channel: "ch".into(),
-            epoch: "e".into(),
-            offset: 1,
-        }]),
+        ClientFrame::Request { id: 1, cmd: Command::Unsubscribe { channel: "ch".into() } },
+        ClientFrame::Ack(vec![AckItem { channel: "ch".into(), epoch: "e".into(), offset: 1 }]),
         ClientFrame::Pong,
     ]
 }
@@ -628,79 +471,36 @@ fn reply_bodies() -> Vec<ReplyBody> {
         ReplyBody::Connected(connected()),
         ReplyBody::Subscribed(subscribed()),
         ReplyBody::Unsubscribed,
-        ReplyBody::Published {
-            epoch: "e".into(),
-            offset: 1,
-            duplicate: true,
-        },
+        ReplyBody::Published { epoch: "e".into(), offset: 1, duplicate: true },
         ReplyBody::Released,
-        ReplyBody::Presence {
-            clients: vec![info()],
-        },
-        ReplyBody::PresenceStats {
-            clients: 2,
-            users: 1,
-        },
-        ReplyBody::History {
-            publications: vec![publication()],
-            top: pos(),
-        },
-        ReplyBody::Refreshed {
-            expires_in_ms: Some(1),
-        },
+        ReplyBody::Presence { clients: vec![info()] },
+        ReplyBody::PresenceStats { clients: 2, users: 1 },
+        ReplyBody::History { publications: vec![publication()], top: pos() },
+        ReplyBody::Refreshed { expires_in_ms: Some(1) },
     ]
 }
 
 fn outcomes() -> Vec<Outcome> {
-    vec![
-        Outcome::Ok(ReplyBody::Released),
-        Outcome::Error(error_reply()),
-    ]
+    vec![Outcome::Ok(ReplyBody::Released), Outcome::Error(error_reply())]
 }
 
 fn subscribe_results() -> Vec<SubscribeResult> {
-    vec![
-        SubscribeResult::Ok(subscribed()),
-        SubscribeResult::Error {
-            channel: "ch".into(),
-            error: error_reply(),
-        },
-    ]
+    vec![SubscribeResult::Ok(subscribed()), SubscribeResult::Error { channel: "ch".into(), error: error_reply() }]
 }
 
 fn pushes() -> Vec<Push> {
     vec![
         Push::Publication(publication()),
-        Push::Join {
-            channel: "ch".into(),
-            info: info(),
-        },
-        Push::Leave {
-            channel: "ch".into(),
-            info: info(),
-        },
-        Push::Unsubscribed {
-            channel: "ch".into(),
-            code: 3500,
-            reason: "r".into(),
-        },
+        Push::Join { channel: "ch".into(), info: info() },
+        Push::Leave { channel: "ch".into(), info: info() },
+        Push::Unsubscribed { channel: "ch".into(), code: 3500, reason: "r".into() },
         Push::Ping,
-        Push::Disconnect {
-            code: 3000,
-            reason: "r".into(),
-            reconnect: true,
-        },
+        Push::Disconnect { code: 3000, reason: "r".into(), reconnect: true },
     ]
 }
 
 fn server_frames() -> Vec<ServerFrame> {
-    vec![
-        ServerFrame::Reply {
-            id: 1,
-            outcome: Outcome::Ok(ReplyBody::Released),
-        },
-        ServerFrame::Push(Push::Ping),
-    ]
+    vec![ServerFrame::Reply { id: 1, outcome: Outcome::Ok(ReplyBody::Released) }, ServerFrame::Push(Push::Ping)]
 }
 
 fn history_bounds() -> Vec<HistoryBound> {
@@ -718,9 +518,7 @@ struct VariantSample {
 }
 
 /// Samples of one enum, checked to cover every variant exactly once.
-fn variant_samples<T: Serialize + DeserializeOwned + fmt::Debug>(
-    samples: &[T],
-) -> Vec<VariantSample> {
+fn variant_samples<T: Serialize + DeserializeOwned + fmt::Debug>(samples: &[T]) -> Vec<VariantSample> {
     let out: Vec<VariantSample> = samples
         .iter()
         .map(|s| VariantSample {
@@ -732,11 +530,7 @@ fn variant_samples<T: Serialize + DeserializeOwned + fmt::Debug>(
     let names: Vec<&str> = out.iter().map(|s| s.name.as_str()).collect();
     let set: BTreeSet<String> = names.iter().map(|n| n.to_string()).collect();
     assert_eq!(set.len(), names.len(), "duplicate samples: {names:?}");
-    assert_eq!(
-        set,
-        all_variants::<T>(),
-        "samples do not cover every variant"
-    );
+    assert_eq!(set, all_variants::<T>(), "samples do not cover every variant");
     out
 }
 
@@ -757,14 +551,9 @@ fn all_enum_samples() -> Vec<(&'static str, Vec<VariantSample>)> {
 fn variant_table(doc: &str) -> BTreeMap<(String, String), (u64, String)> {
     let mut out = BTreeMap::new();
     for r in one_table(doc, &["Enum", "Index", "Variant", "Body"]) {
-        let idx: u64 = r[1]
-            .parse()
-            .unwrap_or_else(|_| panic!("bad index in row {r:?}"));
+        let idx: u64 = r[1].parse().unwrap_or_else(|_| panic!("bad index in row {r:?}"));
         let key = (r[0].clone(), r[2].clone());
-        assert!(
-            out.insert(key, (idx, r[3].clone())).is_none(),
-            "row listed twice: {r:?}"
-        );
+        assert!(out.insert(key, (idx, r[3].clone())).is_none(), "row listed twice: {r:?}");
     }
     out
 }
@@ -776,25 +565,16 @@ fn variant_index_table_matches_postcard() {
     for (enum_name, samples) in all_enum_samples() {
         for s in samples {
             let key = (enum_name.to_string(), s.name.clone());
-            let (idx, body) = documented
-                .get(&key)
-                .unwrap_or_else(|| panic!("variant table lacks {enum_name} {}", s.name));
+            let (idx, body) =
+                documented.get(&key).unwrap_or_else(|| panic!("variant table lacks {enum_name} {}", s.name));
             assert_eq!(*idx, s.index, "postcard index of {enum_name} {}", s.name);
             let unit = s.json.starts_with('"');
-            assert_eq!(
-                body == "none",
-                unit,
-                "Body of {enum_name} {} (unit variants say none)",
-                s.name
-            );
+            assert_eq!(body == "none", unit, "Body of {enum_name} {} (unit variants say none)", s.name);
             seen.insert(key);
         }
     }
     let extra: Vec<_> = documented.keys().filter(|k| !seen.contains(*k)).collect();
-    assert!(
-        extra.is_empty(),
-        "variant table lists variants the crate lacks: {extra:?}"
-    );
+    assert!(extra.is_empty(), "variant table lists variants the crate lacks: {extra:?}");
 }
 
 // ---------------------------------------------------------------------------
@@ -826,9 +606,7 @@ impl<'de> Deserialize<'de> for Keys {
 
 /// The field names of a struct value, in serialization (= wire) order.
 fn fields<T: Serialize>(v: &T) -> Vec<String> {
-    serde_json::from_str::<Keys>(&serde_json::to_string(v).unwrap())
-        .unwrap()
-        .0
+    serde_json::from_str::<Keys>(&serde_json::to_string(v).unwrap()).unwrap().0
 }
 
 /// The field names of the body of an enum value written `{"variant": {...}}`.
@@ -850,17 +628,10 @@ fn field_tables_match_wire_order() {
             .to_string();
         let mut names = Vec::new();
         for (i, r) in rows.iter().enumerate() {
-            assert_eq!(
-                r[0],
-                i.to_string(),
-                "{key}: field numbers must count 0, 1, 2, ..."
-            );
+            assert_eq!(r[0], i.to_string(), "{key}: field numbers must count 0, 1, 2, ...");
             names.push(r[1].clone());
         }
-        assert!(
-            documented.insert(key.clone(), names).is_none(),
-            "{key} documented twice"
-        );
+        assert!(documented.insert(key.clone(), names).is_none(), "{key} documented twice");
     }
 
     // Struct types.
@@ -876,14 +647,7 @@ fn field_tables_match_wire_order() {
     put("SubscribeRequest", fields(&sub_req()));
     put("HistoryRequest", fields(&history_req()));
     put("Connect", fields(&connect()));
-    put(
-        "AckItem",
-        fields(&AckItem {
-            channel: "c".into(),
-            epoch: "e".into(),
-            offset: 1,
-        }),
-    );
+    put("AckItem", fields(&AckItem { channel: "c".into(), epoch: "e".into(), offset: 1 }));
     put("Subscribed", fields(&subscribed()));
     put("Connected", fields(&connected()));
     put("ErrorReply", fields(&error_reply()));
@@ -896,20 +660,12 @@ fn field_tables_match_wire_order() {
         for s in samples {
             let body = &variants[&(enum_name.to_string(), s.name.clone())].1;
             if let Some(key) = body.strip_prefix("struct ") {
-                assert_eq!(
-                    key,
-                    format!("{enum_name}.{}", s.name),
-                    "Body cell of {enum_name} {}",
-                    s.name
-                );
+                assert_eq!(key, format!("{enum_name}.{}", s.name), "Body cell of {enum_name} {}", s.name);
                 put(key, body_fields(&s.json));
             }
         }
     }
-    assert_eq!(
-        documented, actual,
-        "field tables differ from the crate's field order"
-    );
+    assert_eq!(documented, actual, "field tables differ from the crate's field order");
 }
 
 // ---------------------------------------------------------------------------
@@ -918,30 +674,15 @@ fn field_tables_match_wire_order() {
 #[test]
 fn constants_match() {
     let doc = doc();
-    assert!(doc.contains(&format!(
-        "# Ferry wire protocol, version {PROTOCOL_VERSION}"
-    )));
+    assert!(doc.contains(&format!("# Ferry wire protocol, version {PROTOCOL_VERSION}")));
     for sp in [SUBPROTOCOL_BINARY, SUBPROTOCOL_JSON] {
-        assert!(
-            doc.contains(&format!("| `{sp}`")),
-            "subprotocol {sp} not in the table"
-        );
+        assert!(doc.contains(&format!("| `{sp}`")), "subprotocol {sp} not in the table");
     }
     let limits = one_table(&doc, &["Limit", "Default"]);
     let row = |name: &str| {
-        limits
-            .iter()
-            .find(|r| r[0] == name)
-            .unwrap_or_else(|| panic!("limits table has no {name:?} row"))[1]
-            .clone()
+        limits.iter().find(|r| r[0] == name).unwrap_or_else(|| panic!("limits table has no {name:?} row"))[1].clone()
     };
     let size = row("Max message size");
-    assert!(
-        size.starts_with(&codec::DEFAULT_MAX_MESSAGE_SIZE.to_string()),
-        "max message size: {size}"
-    );
-    assert_eq!(
-        row("Frames per message"),
-        codec::MAX_FRAMES_PER_MESSAGE.to_string()
-    );
+    assert!(size.starts_with(&codec::DEFAULT_MAX_MESSAGE_SIZE.to_string()), "max message size: {size}");
+    assert_eq!(row("Frames per message"), codec::MAX_FRAMES_PER_MESSAGE.to_string());
 }

@@ -5,8 +5,7 @@ use std::time::Duration;
 use ferry_core::codec::{self, Encoding};
 use ferry_core::frame::*;
 use ferry_core::server::{
-    Accept, FetchEnd, ServerConfig, ServerEvent, ServerOutput, ServerSession, SharedPublication,
-    StreamStart,
+    Accept, FetchEnd, ServerConfig, ServerEvent, ServerOutput, ServerSession, SharedPublication, StreamStart,
 };
 use ferry_core::{CloseCode, ErrorCode, Instant};
 
@@ -26,9 +25,7 @@ fn drain(s: &mut ServerSession, now: Instant) -> Drained {
         match s.poll_output(now) {
             ServerOutput::Transmit(m) => {
                 d.messages += 1;
-                d.frames.extend(
-                    codec::decode_server(s.encoding(), &m, 1 << 24).expect("server output decodes"),
-                );
+                d.frames.extend(codec::decode_server(s.encoding(), &m, 1 << 24).expect("server output decodes"));
             }
             ServerOutput::Event(e) => d.events.push(e),
             ServerOutput::Close { code, .. } => d.close = Some(code),
@@ -66,13 +63,7 @@ fn connect_cmd(subs: Vec<SubscribeRequest>) -> Command {
 }
 
 fn start(top: u64, from: u64, qos: Qos) -> StreamStart {
-    StreamStart {
-        qos,
-        epoch: "e".into(),
-        top,
-        from,
-        recovered: true,
-    }
+    StreamStart { qos, epoch: "e".into(), top, from, recovered: true }
 }
 
 fn cfg() -> ServerConfig {
@@ -90,31 +81,13 @@ fn live(enc: Encoding, subs: Vec<(SubscribeRequest, StreamStart)>) -> (ServerSes
     live_with(cfg(), enc, subs)
 }
 
-fn live_with(
-    c: ServerConfig,
-    enc: Encoding,
-    subs: Vec<(SubscribeRequest, StreamStart)>,
-) -> (ServerSession, Drained) {
+fn live_with(c: ServerConfig, enc: Encoding, subs: Vec<(SubscribeRequest, StreamStart)>) -> (ServerSession, Drained) {
     let t0 = Instant(0);
     let mut s = ServerSession::new(c, enc, t0);
-    let d = send(
-        &mut s,
-        t0,
-        &[req(
-            1,
-            connect_cmd(subs.iter().map(|x| x.0.clone()).collect()),
-        )],
-    );
-    assert!(matches!(
-        d.events[..],
-        [ServerEvent::Connect { req: 1, .. }]
-    ));
+    let d = send(&mut s, t0, &[req(1, connect_cmd(subs.iter().map(|x| x.0.clone()).collect()))]);
+    assert!(matches!(d.events[..], [ServerEvent::Connect { req: 1, .. }]));
     let accept = Accept {
-        client: ClientInfo {
-            client: "c1".into(),
-            user: "u".into(),
-            info: None,
-        },
+        client: ClientInfo { client: "c1".into(), user: "u".into(), info: None },
         expires_in: None,
         subs: subs.into_iter().map(|x| Ok(x.1)).collect(),
         time_ms: 0,
@@ -133,10 +106,7 @@ fn publication(ch: &str, offset: u64) -> std::sync::Arc<SharedPublication> {
         qos: Qos::AtLeastOnce,
         publisher: None,
         time_ms: 0,
-        payload: Payload {
-            z: false,
-            data: Bytes(vec![b'x'; 2000]),
-        },
+        payload: Payload { z: false, data: Bytes(vec![b'x'; 2000]) },
     })
 }
 
@@ -158,41 +128,19 @@ fn handshake_deadline_and_connect_first() {
     s.handle_timeout(Instant(10_000));
     let d = drain(&mut s, Instant(10_000));
     assert_eq!(d.close, Some(CloseCode::HandshakeTimeout as u16));
-    assert!(matches!(
-        d.frames.last(),
-        Some(ServerFrame::Push(Push::Disconnect {
-            code: 3006,
-            reconnect: true,
-            ..
-        }))
-    ));
+    assert!(matches!(d.frames.last(), Some(ServerFrame::Push(Push::Disconnect { code: 3006, reconnect: true, .. }))));
 
     let mut s = ServerSession::new(cfg(), Encoding::Json, Instant(0));
-    let d = send(
-        &mut s,
-        Instant(1),
-        &[req(
-            1,
-            Command::Presence {
-                channel: "x".into(),
-            },
-        )],
-    );
+    let d = send(&mut s, Instant(1), &[req(1, Command::Presence { channel: "x".into() })]);
     assert_eq!(d.close, Some(CloseCode::ProtocolViolation as u16));
 
     let mut s = ServerSession::new(cfg(), Encoding::Json, Instant(0));
     s.handle_message(Instant(1), b"{not json");
-    assert_eq!(
-        drain(&mut s, Instant(1)).close,
-        Some(CloseCode::ProtocolViolation as u16)
-    );
+    assert_eq!(drain(&mut s, Instant(1)).close, Some(CloseCode::ProtocolViolation as u16));
 
     let mut s = ServerSession::new(cfg(), Encoding::Binary, Instant(0));
     s.handle_message(Instant(1), &vec![0u8; 70_000]);
-    assert_eq!(
-        drain(&mut s, Instant(1)).close,
-        Some(CloseCode::MessageTooLarge as u16)
-    );
+    assert_eq!(drain(&mut s, Instant(1)).close, Some(CloseCode::MessageTooLarge as u16));
 
     let mut s = ServerSession::new(cfg(), Encoding::Binary, Instant(0));
     let mut c = connect_cmd(vec![]);
@@ -207,34 +155,18 @@ fn handshake_deadline_and_connect_first() {
 fn rejected_connect_replies_then_closes() {
     let mut s = ServerSession::new(cfg(), Encoding::Binary, Instant(0));
     send(&mut s, Instant(0), &[req(7, connect_cmd(vec![]))]);
-    s.reject(
-        Instant(0),
-        7,
-        ErrorReply::new(ErrorCode::Unauthorized),
-        CloseCode::Unauthorized,
-    );
+    s.reject(Instant(0), 7, ErrorReply::new(ErrorCode::Unauthorized), CloseCode::Unauthorized);
     let d = drain(&mut s, Instant(0));
-    assert!(
-        matches!(&d.frames[0], ServerFrame::Reply { id: 7, outcome: Outcome::Error(e) } if e.code == 101)
-    );
-    assert!(matches!(
-        &d.frames[1],
-        ServerFrame::Push(Push::Disconnect {
-            code: 3500,
-            reconnect: false,
-            ..
-        })
-    ));
+    assert!(matches!(&d.frames[0], ServerFrame::Reply { id: 7, outcome: Outcome::Error(e) } if e.code == 101));
+    assert!(matches!(&d.frames[1], ServerFrame::Push(Push::Disconnect { code: 3500, reconnect: false, .. })));
     assert_eq!(d.close, Some(3500));
 }
 
 #[test]
 fn pings_on_schedule_and_closes_without_pong() {
     let (mut s, d) = live(Encoding::Binary, vec![]);
-    assert!(
-        matches!(&d.frames[0], ServerFrame::Reply { id: 1, outcome: Outcome::Ok(ReplyBody::Connected(c)) }
-        if c.ping_interval_ms == 25_000 && c.pong_timeout_ms == 10_000 && c.compress_min == Some(1024))
-    );
+    assert!(matches!(&d.frames[0], ServerFrame::Reply { id: 1, outcome: Outcome::Ok(ReplyBody::Connected(c)) }
+        if c.ping_interval_ms == 25_000 && c.pong_timeout_ms == 10_000 && c.compress_min == Some(1024)));
     assert_eq!(d.timeout, Some(Instant(25_000)));
     s.handle_timeout(Instant(25_000));
     let d = drain(&mut s, Instant(25_000));
@@ -242,21 +174,14 @@ fn pings_on_schedule_and_closes_without_pong() {
     assert_eq!(d.timeout, Some(Instant(35_000)));
     send(&mut s, Instant(25_100), &[ClientFrame::Pong]);
     s.handle_timeout(Instant(35_000));
-    assert_eq!(
-        drain(&mut s, Instant(35_000)).close,
-        None,
-        "a pong was received"
-    );
+    assert_eq!(drain(&mut s, Instant(35_000)).close, None, "a pong was received");
     s.handle_timeout(Instant(50_000));
     let d = drain(&mut s, Instant(50_000));
     assert_eq!(d.frames, vec![ServerFrame::Push(Push::Ping)]);
     s.handle_timeout(Instant(60_000));
     let d = drain(&mut s, Instant(60_000));
     assert_eq!(d.close, Some(CloseCode::HeartbeatTimeout as u16));
-    assert!(d
-        .events
-        .iter()
-        .any(|e| matches!(e, ServerEvent::Closed { code: 3002, .. })));
+    assert!(d.events.iter().any(|e| matches!(e, ServerEvent::Closed { code: 3002, .. })));
 }
 
 #[test]
@@ -270,18 +195,12 @@ fn publish_acknowledged_only_after_durable_write_and_retries_coalesce() {
                 channel: "ch".into(),
                 message_id: "m-1".into(),
                 qos: Qos::ExactlyOnce,
-                payload: Payload {
-                    z: false,
-                    data: Bytes(b"hi".to_vec()),
-                },
+                payload: Payload { z: false, data: Bytes(b"hi".to_vec()) },
             },
         )
     };
     let d = send(&mut s, now, &[publish(2)]);
-    assert!(
-        d.frames.is_empty(),
-        "no reply before the host confirms the write"
-    );
+    assert!(d.frames.is_empty(), "no reply before the host confirms the write");
     assert!(
         matches!(&d.events[..], [ServerEvent::Publish { req: 2, message_id, data, .. }] if message_id == "m-1" && data == b"hi")
     );
@@ -298,41 +217,17 @@ fn publish_acknowledged_only_after_durable_write_and_retries_coalesce() {
         .frames
         .iter()
         .map(|f| match f {
-            ServerFrame::Reply {
-                id,
-                outcome:
-                    Outcome::Ok(ReplyBody::Published {
-                        offset, duplicate, ..
-                    }),
-            } => (*id, *offset, *duplicate),
+            ServerFrame::Reply { id, outcome: Outcome::Ok(ReplyBody::Published { offset, duplicate, .. }) } => {
+                (*id, *offset, *duplicate)
+            }
             other => panic!("unexpected {other:?}"),
         })
         .collect();
     assert_eq!(replies, vec![(2, 5, false), (3, 5, true)]);
     // QoS 2 second step.
-    let d = send(
-        &mut s,
-        now,
-        &[req(
-            4,
-            Command::Release {
-                message_id: "m-1".into(),
-            },
-        )],
-    );
-    assert_eq!(
-        d.events,
-        vec![ServerEvent::Release {
-            message_id: "m-1".into()
-        }]
-    );
-    assert!(matches!(
-        &d.frames[..],
-        [ServerFrame::Reply {
-            id: 4,
-            outcome: Outcome::Ok(ReplyBody::Released)
-        }]
-    ));
+    let d = send(&mut s, now, &[req(4, Command::Release { message_id: "m-1".into() })]);
+    assert_eq!(d.events, vec![ServerEvent::Release { message_id: "m-1".into() }]);
+    assert!(matches!(&d.frames[..], [ServerFrame::Reply { id: 4, outcome: Outcome::Ok(ReplyBody::Released) }]));
 }
 
 #[test]
@@ -349,10 +244,7 @@ fn bad_payloads_get_error_replies() {
                     channel: "c".into(),
                     message_id: "a".into(),
                     qos: Qos::AtLeastOnce,
-                    payload: Payload {
-                        z: true,
-                        data: Bytes(bomb),
-                    },
+                    payload: Payload { z: true, data: Bytes(bomb) },
                 },
             ),
             req(
@@ -361,10 +253,7 @@ fn bad_payloads_get_error_replies() {
                     channel: "c".into(),
                     message_id: "b".into(),
                     qos: Qos::AtLeastOnce,
-                    payload: Payload {
-                        z: true,
-                        data: Bytes(vec![1, 2, 3]),
-                    },
+                    payload: Payload { z: true, data: Bytes(vec![1, 2, 3]) },
                 },
             ),
         ],
@@ -373,31 +262,18 @@ fn bad_payloads_get_error_replies() {
         .frames
         .iter()
         .map(|f| match f {
-            ServerFrame::Reply {
-                outcome: Outcome::Error(e),
-                ..
-            } => e.code,
+            ServerFrame::Reply { outcome: Outcome::Error(e), .. } => e.code,
             other => panic!("{other:?}"),
         })
         .collect();
-    assert_eq!(
-        codes,
-        vec![
-            ErrorCode::MessageTooLarge as u16,
-            ErrorCode::BadRequest as u16
-        ]
-    );
+    assert_eq!(codes, vec![ErrorCode::MessageTooLarge as u16, ErrorCode::BadRequest as u16]);
     assert!(d.events.is_empty());
     assert_eq!(d.close, None);
 }
 
 #[test]
 fn inflight_window_bounds_deliveries_and_acks_pull_more_from_the_store() {
-    let sub = SubscribeRequest {
-        channel: "ch".into(),
-        qos: Qos::AtLeastOnce,
-        since: None,
-    };
+    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::AtLeastOnce, since: None };
     let (mut s, _) = live(Encoding::Binary, vec![(sub, start(0, 1, Qos::AtLeastOnce))]);
     let now = Instant(10);
     for o in 1..=10 {
@@ -408,24 +284,11 @@ fn inflight_window_bounds_deliveries_and_acks_pull_more_from_the_store() {
     assert_eq!(s.inflight(), 4);
     assert!(d.messages < 4, "frames coalesce into fewer messages");
     // Compression was agreed: 2000-byte payloads go deflated.
-    assert!(d
-        .frames
-        .iter()
-        .all(|f| matches!(f, ServerFrame::Push(Push::Publication(p)) if p.payload.z)));
+    assert!(d.frames.iter().all(|f| matches!(f, ServerFrame::Push(Push::Publication(p)) if p.payload.z)));
     // Acks only move forward, and never past what was sent.
-    let ack = |o| {
-        ClientFrame::Ack(vec![AckItem {
-            channel: "ch".into(),
-            epoch: "e".into(),
-            offset: o,
-        }])
-    };
+    let ack = |o| ClientFrame::Ack(vec![AckItem { channel: "ch".into(), epoch: "e".into(), offset: o }]);
     let d = send(&mut s, now, &[ack(2)]);
-    assert!(d.events.contains(&ServerEvent::Acked {
-        channel: "ch".into(),
-        epoch: "e".into(),
-        offset: 2
-    }));
+    assert!(d.events.contains(&ServerEvent::Acked { channel: "ch".into(), epoch: "e".into(), offset: 2 }));
     let fetch = d.events.iter().find_map(|e| match e {
         ServerEvent::Fetch { from, limit, .. } => Some((*from, *limit)),
         _ => None,
@@ -440,61 +303,29 @@ fn inflight_window_bounds_deliveries_and_acks_pull_more_from_the_store() {
     let d = drain(&mut s, now);
     assert_eq!(pushed_offsets(&d), vec![5, 6]);
     // 7..=10 are known to exist and the window is full: no fetch yet.
-    assert!(!d
-        .events
-        .iter()
-        .any(|e| matches!(e, ServerEvent::Fetch { .. })));
+    assert!(!d.events.iter().any(|e| matches!(e, ServerEvent::Fetch { .. })));
     let d = send(&mut s, now, &[ack(99)]);
-    assert!(d.events.contains(&ServerEvent::Acked {
-        channel: "ch".into(),
-        epoch: "e".into(),
-        offset: 6
-    }));
+    assert!(d.events.contains(&ServerEvent::Acked { channel: "ch".into(), epoch: "e".into(), offset: 6 }));
     assert_eq!(s.inflight(), 0);
-    assert!(d.events.iter().any(|e| matches!(
-        e,
-        ServerEvent::Fetch {
-            from: 7,
-            limit: 4,
-            ..
-        }
-    )));
+    assert!(d.events.iter().any(|e| matches!(e, ServerEvent::Fetch { from: 7, limit: 4, .. })));
     // The store lost the position: reconnect and recover with a gap.
     s.fetch_done(now, "ch", FetchEnd::Lost);
-    assert_eq!(
-        drain(&mut s, now).close,
-        Some(CloseCode::InsufficientState as u16)
-    );
+    assert_eq!(drain(&mut s, now).close, Some(CloseCode::InsufficientState as u16));
 }
 
 #[test]
 fn unacknowledged_deliveries_are_redelivered_then_the_consumer_is_dropped() {
-    let sub = SubscribeRequest {
-        channel: "ch".into(),
-        qos: Qos::ExactlyOnce,
-        since: None,
-    };
+    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::ExactlyOnce, since: None };
     // Pings far apart: this is about acks, not heartbeats.
-    let c = ServerConfig {
-        ping_interval: Duration::from_secs(1000),
-        ..cfg()
-    };
-    let (mut s, _) = live_with(
-        c,
-        Encoding::Json,
-        vec![(sub, start(0, 1, Qos::ExactlyOnce))],
-    );
+    let c = ServerConfig { ping_interval: Duration::from_secs(1000), ..cfg() };
+    let (mut s, _) = live_with(c, Encoding::Json, vec![(sub, start(0, 1, Qos::ExactlyOnce))]);
     s.deliver(Instant(0), &publication("ch", 1));
     assert_eq!(pushed_offsets(&drain(&mut s, Instant(0))), vec![1]);
     s.handle_timeout(Instant(29_999));
     assert!(pushed_offsets(&drain(&mut s, Instant(29_999))).is_empty());
     s.handle_timeout(Instant(30_000));
     let d = drain(&mut s, Instant(30_000));
-    assert_eq!(
-        pushed_offsets(&d),
-        vec![1],
-        "redelivered after the ack timeout"
-    );
+    assert_eq!(pushed_offsets(&d), vec![1], "redelivered after the ack timeout");
     assert_eq!(d.timeout, Some(Instant(60_000)));
     s.handle_timeout(Instant(60_000));
     assert_eq!(pushed_offsets(&drain(&mut s, Instant(60_000))), vec![1]);
@@ -506,11 +337,7 @@ fn unacknowledged_deliveries_are_redelivered_then_the_consumer_is_dropped() {
 
 #[test]
 fn qos0_subscriptions_skip_gaps_and_need_no_acks() {
-    let sub = SubscribeRequest {
-        channel: "ch".into(),
-        qos: Qos::AtMostOnce,
-        since: None,
-    };
+    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::AtMostOnce, since: None };
     let (mut s, _) = live(Encoding::Binary, vec![(sub, start(0, 1, Qos::AtMostOnce))]);
     for o in [1, 2, 5, 3, 6] {
         s.deliver(Instant(0), &publication("ch", o));
@@ -527,11 +354,7 @@ fn slow_reader_is_disconnected_instead_of_growing_memory() {
     c.inflight_window = 10_000;
     let t0 = Instant(0);
     let mut s = ServerSession::new(c, Encoding::Binary, t0);
-    let sub = SubscribeRequest {
-        channel: "ch".into(),
-        qos: Qos::AtMostOnce,
-        since: None,
-    };
+    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::AtMostOnce, since: None };
     send(&mut s, t0, &[req(1, connect_cmd(vec![sub]))]);
     let accept = Accept {
         client: ClientInfo::default(),
@@ -544,10 +367,7 @@ fn slow_reader_is_disconnected_instead_of_growing_memory() {
     let mut rng = ferry_core::rng::Rng::new(7);
     let mut big = |o| {
         SharedPublication::new(Publication {
-            payload: Payload {
-                z: false,
-                data: Bytes((0..4000).map(|_| rng.next_u64() as u8).collect()),
-            },
+            payload: Payload { z: false, data: Bytes((0..4000).map(|_| rng.next_u64() as u8).collect()) },
             ..publication("ch", o).publication().clone()
         })
     };
@@ -569,77 +389,35 @@ fn subscribe_limits_and_duplicates() {
     s.accept(
         t0,
         1,
-        Accept {
-            client: ClientInfo::default(),
-            expires_in: Some(Duration::from_secs(5)),
-            subs: vec![],
-            time_ms: 0,
-        },
+        Accept { client: ClientInfo::default(), expires_in: Some(Duration::from_secs(5)), subs: vec![], time_ms: 0 },
     );
     drain(&mut s, t0);
-    let sub = |ch: &str| {
-        Command::Subscribe(SubscribeRequest {
-            channel: ch.into(),
-            qos: Qos::AtLeastOnce,
-            since: None,
-        })
-    };
-    let d = send(
-        &mut s,
-        t0,
-        &[req(2, sub("a")), req(3, sub("a")), req(4, sub("b"))],
-    );
-    assert!(matches!(
-        &d.events[..],
-        [ServerEvent::Subscribe { req: 2, .. }]
-    ));
+    let sub =
+        |ch: &str| Command::Subscribe(SubscribeRequest { channel: ch.into(), qos: Qos::AtLeastOnce, since: None });
+    let d = send(&mut s, t0, &[req(2, sub("a")), req(3, sub("a")), req(4, sub("b"))]);
+    assert!(matches!(&d.events[..], [ServerEvent::Subscribe { req: 2, .. }]));
     let errs: Vec<(u32, u16)> = d
         .frames
         .iter()
         .filter_map(|f| match f {
-            ServerFrame::Reply {
-                id,
-                outcome: Outcome::Error(e),
-            } => Some((*id, e.code)),
+            ServerFrame::Reply { id, outcome: Outcome::Error(e) } => Some((*id, e.code)),
             _ => None,
         })
         .collect();
-    assert_eq!(
-        errs,
-        vec![
-            (3, ErrorCode::AlreadySubscribed as u16),
-            (4, ErrorCode::LimitExceeded as u16)
-        ]
-    );
+    assert_eq!(errs, vec![(3, ErrorCode::AlreadySubscribed as u16), (4, ErrorCode::LimitExceeded as u16)]);
     s.subscribe_ok(t0, 2, start(7, 8, Qos::AtLeastOnce));
     let d = drain(&mut s, t0);
     assert!(
         matches!(&d.frames[..], [ServerFrame::Reply { id: 2, outcome: Outcome::Ok(ReplyBody::Subscribed(x)) }] if x.top == 7 && x.from == 8)
     );
     // The token expires: close 3005 unless refreshed.
-    send(
-        &mut s,
-        Instant(1000),
-        &[req(
-            5,
-            Command::Refresh {
-                token: "new".into(),
-            },
-        )],
-    );
+    send(&mut s, Instant(1000), &[req(5, Command::Refresh { token: "new".into() })]);
     s.refresh_ok(Instant(1000), 5, Some(Duration::from_secs(10)));
     drain(&mut s, Instant(1000));
     s.handle_timeout(Instant(5_000));
-    assert_eq!(
-        drain(&mut s, Instant(5_000)).close,
-        None,
-        "refreshed in time"
-    );
+    assert_eq!(drain(&mut s, Instant(5_000)).close, None, "refreshed in time");
     s.handle_timeout(Instant(11_000));
-    assert_eq!(
-        drain(&mut s, Instant(11_000)).close,
-        Some(CloseCode::TokenExpired as u16)
-    );
+    assert_eq!(drain(&mut s, Instant(11_000)).close, Some(CloseCode::TokenExpired as u16));
 }
 
 #[test]
@@ -659,54 +437,17 @@ fn duplicated_connect_frame_is_ignored_but_a_second_connect_is_not() {
 fn unsubscribe_answers_not_subscribed_and_cancels_a_pending_subscribe() {
     let (mut s, _) = live(Encoding::Binary, vec![]);
     let t = Instant(1);
-    let d = send(
-        &mut s,
-        t,
-        &[req(
-            2,
-            Command::Unsubscribe {
-                channel: "none".into(),
-            },
-        )],
-    );
+    let d = send(&mut s, t, &[req(2, Command::Unsubscribe { channel: "none".into() })]);
     assert!(
         matches!(&d.frames[..], [ServerFrame::Reply { id: 2, outcome: Outcome::Error(e) }] if e.code == ErrorCode::NotSubscribed as u16)
     );
-    let sub = Command::Subscribe(SubscribeRequest {
-        channel: "a".into(),
-        qos: Qos::AtLeastOnce,
-        since: None,
-    });
+    let sub = Command::Subscribe(SubscribeRequest { channel: "a".into(), qos: Qos::AtLeastOnce, since: None });
     send(&mut s, t, &[req(3, sub)]);
-    let d = send(
-        &mut s,
-        t,
-        &[req(
-            4,
-            Command::Unsubscribe {
-                channel: "a".into(),
-            },
-        )],
-    );
-    let ids: Vec<u32> = d
-        .frames
-        .iter()
-        .filter_map(|f| {
-            if let ServerFrame::Reply { id, .. } = f {
-                Some(*id)
-            } else {
-                None
-            }
-        })
-        .collect();
-    assert_eq!(
-        ids,
-        vec![3, 4],
-        "the pending subscribe is answered, then the unsubscribe"
-    );
-    assert!(d.events.contains(&ServerEvent::Unsubscribed {
-        channel: "a".into()
-    }));
+    let d = send(&mut s, t, &[req(4, Command::Unsubscribe { channel: "a".into() })]);
+    let ids: Vec<u32> =
+        d.frames.iter().filter_map(|f| if let ServerFrame::Reply { id, .. } = f { Some(*id) } else { None }).collect();
+    assert_eq!(ids, vec![3, 4], "the pending subscribe is answered, then the unsubscribe");
+    assert!(d.events.contains(&ServerEvent::Unsubscribed { channel: "a".into() }));
     // The host's late verdict changes nothing.
     s.subscribe_ok(t, 3, start(0, 1, Qos::AtLeastOnce));
     assert!(drain(&mut s, t).frames.is_empty());

@@ -16,26 +16,13 @@ use sim::{Faults, Sim};
 
 #[derive(Clone, Debug)]
 enum Action {
-    Publish {
-        client: usize,
-        channel: usize,
-        qos: Qos,
-        size: usize,
-    },
+    Publish { client: usize, channel: usize, qos: Qos, size: usize },
     CutRandom,
     CutAll,
-    Partition {
-        ms: u64,
-    },
-    Restart {
-        client: usize,
-    },
-    NetworkChanged {
-        client: usize,
-    },
-    Wait {
-        ms: u64,
-    },
+    Partition { ms: u64 },
+    Restart { client: usize },
+    NetworkChanged { client: usize },
+    Wait { ms: u64 },
 }
 
 #[derive(Clone, Debug)]
@@ -52,29 +39,19 @@ struct Plan {
 const CHANNELS: [&str; 3] = ["room:a", "room:b", "im:c"];
 
 fn qos() -> impl Strategy<Value = Qos> {
-    prop_oneof![
-        Just(Qos::AtMostOnce),
-        Just(Qos::AtLeastOnce),
-        Just(Qos::ExactlyOnce)
-    ]
+    prop_oneof![Just(Qos::AtMostOnce), Just(Qos::AtLeastOnce), Just(Qos::ExactlyOnce)]
 }
 
 fn faults() -> impl Strategy<Value = Faults> {
-    (
-        1u64..30,
-        0u64..300,
-        0.0f64..0.08,
-        0.0f64..0.05,
-        any::<bool>(),
-        0.0f64..0.15,
-    )
-        .prop_map(|(lo, spread, loss, dup, reorder, cut)| Faults {
+    (1u64..30, 0u64..300, 0.0f64..0.08, 0.0f64..0.05, any::<bool>(), 0.0f64..0.15).prop_map(
+        |(lo, spread, loss, dup, reorder, cut)| Faults {
             latency: (lo, lo + spread),
             loss,
             dup,
             reorder,
             cut_per_sec: cut,
-        })
+        },
+    )
 }
 
 fn action(publishers: usize, clients: usize) -> impl Strategy<Value = Action> {
@@ -91,29 +68,25 @@ fn action(publishers: usize, clients: usize) -> impl Strategy<Value = Action> {
 }
 
 fn plan() -> impl Strategy<Value = Plan> {
-    (1usize..=3, proptest::collection::vec(qos(), 1..=3)).prop_flat_map(
-        |(publishers, subscribers)| {
-            let clients = publishers + subscribers.len();
-            (
-                any::<u64>(),
-                faults(),
-                any::<bool>(),
-                Just(publishers),
-                Just(subscribers),
-                proptest::collection::vec((0u64..400, action(publishers, clients)), 1..120),
-            )
-                .prop_map(|(seed, faults, json, publishers, subscribers, actions)| {
-                    Plan {
-                        seed,
-                        faults,
-                        json,
-                        publishers,
-                        subscribers,
-                        actions,
-                    }
-                })
-        },
-    )
+    (1usize..=3, proptest::collection::vec(qos(), 1..=3)).prop_flat_map(|(publishers, subscribers)| {
+        let clients = publishers + subscribers.len();
+        (
+            any::<u64>(),
+            faults(),
+            any::<bool>(),
+            Just(publishers),
+            Just(subscribers),
+            proptest::collection::vec((0u64..400, action(publishers, clients)), 1..120),
+        )
+            .prop_map(|(seed, faults, json, publishers, subscribers, actions)| Plan {
+                seed,
+                faults,
+                json,
+                publishers,
+                subscribers,
+                actions,
+            })
+    })
 }
 
 #[derive(Default, Debug)]
@@ -166,18 +139,15 @@ fn run_plan(plan: &Plan) -> Result<(), TestCaseError> {
     // Subscriptions are in place before anything is published, so every
     // QoS 1/2 subscriber must end up with each whole stream.
     let all_subscribed = s.run_until_cond(120_000, |s| {
-        subs.iter().all(|(c, _)| {
-            s.clients[*c].session.is_connected() && s.clients[*c].session.position("im:c").is_some()
-        })
+        subs.iter()
+            .all(|(c, _)| s.clients[*c].session.is_connected() && s.clients[*c].session.position("im:c").is_some())
     });
     // Under heavy faults the first subscribe may take long; heal if needed.
     if !all_subscribed {
         s.faults = Faults::none();
         s.partition_until = s.now;
         prop_assert!(
-            s.run_until_cond(60_000, |s| subs
-                .iter()
-                .all(|(c, _)| s.clients[*c].session.position("im:c").is_some())),
+            s.run_until_cond(60_000, |s| subs.iter().all(|(c, _)| s.clients[*c].session.position("im:c").is_some())),
             "subscriptions never established: {}",
             s.describe()
         );
@@ -190,12 +160,7 @@ fn run_plan(plan: &Plan) -> Result<(), TestCaseError> {
         s.run_for(*gap);
         check_bounds(&s)?;
         match a {
-            Action::Publish {
-                client,
-                channel,
-                qos,
-                size,
-            } => {
+            Action::Publish { client, channel, qos, size } => {
                 let data = vec![(*size % 251) as u8; *size];
                 if s.publish(*client, CHANNELS[*channel], *qos, data).is_ok() {
                     publishes += 1;
@@ -222,17 +187,12 @@ fn run_plan(plan: &Plan) -> Result<(), TestCaseError> {
         s.clients.iter().all(|c| c.session.outbox_len() == 0)
             && subs.iter().all(|(c, q)| {
                 *q == Qos::AtMostOnce
-                    || CHANNELS.iter().all(|ch| {
-                        s.clients[*c].received.get(*ch).map_or(0, Vec::len) >= s.hub.ids(ch).len()
-                    })
+                    || CHANNELS
+                        .iter()
+                        .all(|ch| s.clients[*c].received.get(*ch).map_or(0, Vec::len) >= s.hub.ids(ch).len())
             })
     });
-    prop_assert!(
-        quiet,
-        "did not settle after healing: {}\n{}",
-        s.describe(),
-        state_dump(&s)
-    );
+    prop_assert!(quiet, "did not settle after healing: {}\n{}", s.describe(), state_dump(&s));
     check_bounds(&s)?;
     check_invariants(&s, &subs)?;
 
@@ -265,10 +225,7 @@ fn state_dump(s: &Sim) -> String {
             c.device,
             c.session.state(),
             c.session.outbox_len(),
-            c.received
-                .iter()
-                .map(|(k, v)| (k.clone(), v.len()))
-                .collect::<Vec<_>>()
+            c.received.iter().map(|(k, v)| (k.clone(), v.len())).collect::<Vec<_>>()
         );
     }
     for ch in CHANNELS {
@@ -287,20 +244,13 @@ fn check_bounds(s: &Sim) -> Result<(), TestCaseError> {
         prop_assert!(c.session.max_dedup_window() <= cfg.dedup_window);
     }
     let window = s.server_cfg.inflight_window;
-    prop_assert!(
-        s.max_server_inflight() <= window,
-        "server in-flight window exceeded"
-    );
+    prop_assert!(s.max_server_inflight() <= window, "server in-flight window exceeded");
     Ok(())
 }
 
 fn check_invariants(s: &Sim, subs: &[(usize, Qos)]) -> Result<(), TestCaseError> {
     let d = s.describe();
-    prop_assert!(
-        s.hub.ack_regressions.is_empty(),
-        "acks moved backwards: {:?} {d}",
-        s.hub.ack_regressions
-    );
+    prop_assert!(s.hub.ack_regressions.is_empty(), "acks moved backwards: {:?} {d}", s.hub.ack_regressions);
     // Every message id is stored at most once (QoS 1/2 retries deduplicated,
     // QoS 2 exactly once), and every accepted QoS 1/2 publish is stored.
     let mut stored: BTreeMap<String, usize> = BTreeMap::new();
@@ -323,14 +273,8 @@ fn check_invariants(s: &Sim, subs: &[(usize, Qos)]) -> Result<(), TestCaseError>
                 c.device,
                 c.failed.get(id)
             );
-            prop_assert!(
-                stored.contains_key(id),
-                "acknowledged-or-pending publish {id} to {ch} lost; {d}"
-            );
-            prop_assert!(
-                c.acked.contains_key(id),
-                "publish {id} never acknowledged; {d}"
-            );
+            prop_assert!(stored.contains_key(id), "acknowledged-or-pending publish {id} to {ch} lost; {d}");
+            prop_assert!(c.acked.contains_key(id), "publish {id} never acknowledged; {d}");
         }
     }
     // The durable-state change events are complete: a snapshot built only
@@ -340,42 +284,26 @@ fn check_invariants(s: &Sim, subs: &[(usize, Qos)]) -> Result<(), TestCaseError>
         let mut direct = c.session.snapshot();
         from_changes.subs.sort_by(|a, b| a.channel.cmp(&b.channel));
         direct.subs.sort_by(|a, b| a.channel.cmp(&b.channel));
-        prop_assert_eq!(
-            &from_changes,
-            &direct,
-            "{} snapshot drifted; {}",
-            c.device,
-            d
-        );
+        prop_assert_eq!(&from_changes, &direct, "{} snapshot drifted; {}", c.device, d);
         let json = serde_json::to_string(&direct).expect("snapshot serialises");
-        let back: ferry_core::client::Snapshot =
-            serde_json::from_str(&json).expect("snapshot parses");
+        let back: ferry_core::client::Snapshot = serde_json::from_str(&json).expect("snapshot parses");
         prop_assert_eq!(back, direct);
     }
     for (c, q) in subs {
         for ch in CHANNELS {
             let stream = s.hub.ids(ch);
-            let got: Vec<String> = s.clients[*c]
-                .received
-                .get(ch)
-                .map(|v| v.iter().map(|r| r.2.clone()).collect())
-                .unwrap_or_default();
+            let got: Vec<String> =
+                s.clients[*c].received.get(ch).map(|v| v.iter().map(|r| r.2.clone()).collect()).unwrap_or_default();
             let mut seen = HashSet::new();
             for id in &got {
-                prop_assert!(
-                    seen.insert(id.clone()),
-                    "client {c} saw {id} twice on {ch}; {d}"
-                );
+                prop_assert!(seen.insert(id.clone()), "client {c} saw {id} twice on {ch}; {d}");
             }
             match q {
                 Qos::AtMostOnce => {
                     // A subsequence of the stream, in order.
                     let mut it = stream.iter();
                     for id in &got {
-                        prop_assert!(
-                            it.any(|x| x == id),
-                            "client {c} QoS 0 order broken on {ch}; {d}"
-                        );
+                        prop_assert!(it.any(|x| x == id), "client {c} QoS 0 order broken on {ch}; {d}");
                     }
                 }
                 _ => prop_assert_eq!(&got, &stream, "client {} ({:?}) on {}: {}", c, q, ch, d),
@@ -387,25 +315,18 @@ fn check_invariants(s: &Sim, subs: &[(usize, Qos)]) -> Result<(), TestCaseError>
 
 #[test]
 fn chaos_nothing_lost_nothing_repeated_order_kept() {
-    let cases = std::env::var("FERRY_PROP_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(512);
+    let cases = std::env::var("FERRY_PROP_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512);
     // A fixed generator seed keeps the verdict deterministic; set
     // FERRY_PROP_SEED to explore other sequences.
-    let seed = std::env::var("FERRY_PROP_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x0F3E_22A7);
+    let seed = std::env::var("FERRY_PROP_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x0F3E_22A7);
     let mut runner = TestRunner::new(Config {
         cases,
         failure_persistence: None,
         rng_seed: RngSeed::Fixed(seed),
         ..Config::default()
     });
-    let result = runner.run(&plan(), |p| {
-        run_plan(&p).map_err(|e| TestCaseError::fail(format!("seed {}: {e}", p.seed)))
-    });
+    let result =
+        runner.run(&plan(), |p| run_plan(&p).map_err(|e| TestCaseError::fail(format!("seed {}: {e}", p.seed))));
     if let Some(m) = MIX.lock().unwrap().as_ref() {
         println!("chaos property: generator seed {seed}, {cases} cases requested; fault mix and work done: {m:#?}");
     }

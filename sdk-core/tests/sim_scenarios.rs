@@ -14,25 +14,11 @@ fn connected(s: &Sim, c: usize) -> bool {
 }
 
 fn states(s: &Sim, c: usize) -> Vec<ConnectionState> {
-    s.clients[c]
-        .events
-        .iter()
-        .filter_map(|e| {
-            if let Event::State(st) = e {
-                Some(st.clone())
-            } else {
-                None
-            }
-        })
-        .collect()
+    s.clients[c].events.iter().filter_map(|e| if let Event::State(st) = e { Some(st.clone()) } else { None }).collect()
 }
 
 fn received_ids(s: &Sim, c: usize, ch: &str) -> Vec<String> {
-    s.clients[c]
-        .received
-        .get(ch)
-        .map(|v| v.iter().map(|r| r.2.clone()).collect())
-        .unwrap_or_default()
+    s.clients[c].received.get(ch).map(|v| v.iter().map(|r| r.2.clone()).collect()).unwrap_or_default()
 }
 
 #[test]
@@ -45,20 +31,12 @@ fn publish_and_receive_all_qos() {
     s.connect(p);
     s.connect(r);
     s.subscribe(r, "room:1", Qos::ExactlyOnce);
-    assert!(
-        s.run_until_cond(5_000, |s| connected(s, 0) && connected(s, 1)),
-        "{}",
-        s.describe()
-    );
+    assert!(s.run_until_cond(5_000, |s| connected(s, 0) && connected(s, 1)), "{}", s.describe());
     s.run_for(200);
-    for (i, q) in [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, q) in [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce].into_iter().enumerate() {
         s.publish(p, "room:1", q, vec![i as u8; 200]).unwrap();
     }
-    assert!(s.run_until_cond(5_000, |s| s.clients[0].acked.len() == 3
-        && received_ids(s, 1, "room:1").len() == 3));
+    assert!(s.run_until_cond(5_000, |s| s.clients[0].acked.len() == 3 && received_ids(s, 1, "room:1").len() == 3));
     assert_eq!(received_ids(&s, 1, "room:1"), s.hub.ids("room:1"));
     assert_eq!(s.clients[p].session.outbox_len(), 0);
     // The QoS 2 entry was released on the server.
@@ -94,21 +72,14 @@ fn heartbeat_death_detected_within_interval_plus_grace() {
     assert!(s.hub.subscribers.values().all(|v| v.is_empty()));
     // Heal: the client reconnects by itself.
     s.partition_until = s.now;
-    assert!(
-        s.run_until_cond(10_000, |s| connected(s, 0)),
-        "{}",
-        s.describe()
-    );
+    assert!(s.run_until_cond(10_000, |s| connected(s, 0)), "{}", s.describe());
 }
 
 #[test]
 fn backoff_delays_stay_within_bounds_and_reset_after_success() {
     let mut s = Sim::new(3, Faults::none());
     let cfg = s.client_config("c");
-    let (min, max) = (
-        cfg.backoff_min.as_millis() as u64,
-        cfg.backoff_max.as_millis() as u64,
-    );
+    let (min, max) = (cfg.backoff_min.as_millis() as u64, cfg.backoff_max.as_millis() as u64);
     let c = s.add_client(cfg);
     s.partition(120_000);
     s.connect(c);
@@ -127,10 +98,7 @@ fn backoff_delays_stay_within_bounds_and_reset_after_success() {
     for (i, (attempt, d)) in delays.iter().enumerate() {
         assert_eq!(*attempt as usize, i);
         let ceiling = (min << (attempt + 1).min(40)).min(max);
-        assert!(
-            *d >= min && *d <= ceiling,
-            "attempt {attempt}: {d} not in [{min}, {ceiling}]"
-        );
+        assert!(*d >= min && *d <= ceiling, "attempt {attempt}: {d} not in [{min}, {ceiling}]");
     }
     // Late attempts hit the ceiling range, and jitter spreads them.
     let late: Vec<u64> = delays.iter().skip(5).map(|d| d.1).collect();
@@ -173,11 +141,7 @@ fn network_change_reconnects_at_once() {
     // While live, a network change moves to a new connection at once.
     let before = s.clients[c].session.stats().connects;
     s.network_changed(c, true);
-    assert!(
-        s.run_until_cond(1_000, |s| s.clients[0].session.stats().connects
-            == before + 1
-            && connected(s, 0))
-    );
+    assert!(s.run_until_cond(1_000, |s| s.clients[0].session.stats().connects == before + 1 && connected(s, 0)));
 }
 
 #[test]
@@ -191,33 +155,18 @@ fn outbox_full_and_expired_errors() {
     s.partition(60_000);
     s.connect(c);
     // QoS 0 while disconnected fails fast by default.
-    assert_eq!(
-        s.publish(c, "a", Qos::AtMostOnce, vec![1]),
-        Err(PublishError::NotConnected)
-    );
+    assert_eq!(s.publish(c, "a", Qos::AtMostOnce, vec![1]), Err(PublishError::NotConnected));
     let a = s.publish(c, "a", Qos::AtLeastOnce, vec![1; 10]).unwrap();
     s.publish(c, "a", Qos::ExactlyOnce, vec![2; 10]).unwrap();
     // Byte bound.
-    assert_eq!(
-        s.publish(c, "a", Qos::AtLeastOnce, vec![3; 990]),
-        Err(PublishError::OutboxFull)
-    );
+    assert_eq!(s.publish(c, "a", Qos::AtLeastOnce, vec![3; 990]), Err(PublishError::OutboxFull));
     s.publish(c, "a", Qos::AtLeastOnce, vec![3; 10]).unwrap();
     // Count bound.
-    assert_eq!(
-        s.publish(c, "a", Qos::AtLeastOnce, vec![4]),
-        Err(PublishError::OutboxFull)
-    );
+    assert_eq!(s.publish(c, "a", Qos::AtLeastOnce, vec![4]), Err(PublishError::OutboxFull));
     // Too large for any message.
-    assert!(matches!(
-        s.publish(c, "a", Qos::AtLeastOnce, vec![0; 70_000]),
-        Err(PublishError::TooLarge { .. })
-    ));
+    assert!(matches!(s.publish(c, "a", Qos::AtLeastOnce, vec![0; 70_000]), Err(PublishError::TooLarge { .. })));
     s.run_for(10_500);
-    assert_eq!(
-        s.clients[c].failed.get(&a).map(String::as_str),
-        Some("expired before the server acknowledged it")
-    );
+    assert_eq!(s.clients[c].failed.get(&a).map(String::as_str), Some("expired before the server acknowledged it"));
     assert_eq!(s.clients[c].failed.len(), 3);
     assert_eq!(s.clients[c].session.outbox_len(), 0);
     assert!(s.clients[c].snapshot.outbox.is_empty());
@@ -228,11 +177,7 @@ fn outbox_full_and_expired_errors() {
     s.connect(q);
     s.publish(q, "a", Qos::AtMostOnce, vec![9]).unwrap();
     s.partition_until = s.now;
-    assert!(
-        s.run_until_cond(20_000, |s| s.clients[1].acked.len() == 1),
-        "{}",
-        s.describe()
-    );
+    assert!(s.run_until_cond(20_000, |s| s.clients[1].acked.len() == 1), "{}", s.describe());
 }
 
 #[test]
@@ -250,8 +195,7 @@ fn restore_from_snapshot_after_app_restart() {
         s.publish(p, "im:7", Qos::ExactlyOnce, vec![i]).unwrap();
     }
     assert!(
-        s.run_until_cond(5_000, |s| received_ids(s, 1, "im:7").len() == 20
-            && s.clients[0].session.outbox_len() == 0)
+        s.run_until_cond(5_000, |s| received_ids(s, 1, "im:7").len() == 20 && s.clients[0].session.outbox_len() == 0)
     );
     // The subscriber's app dies; meanwhile the publisher's network goes and it
     // queues more, and then its app dies too.
@@ -272,19 +216,14 @@ fn restore_from_snapshot_after_app_restart() {
     }
     s.network_changed(r, true);
     assert!(
-        s.run_until_cond(30_000, |s| received_ids(s, 1, "im:7").len() >= 60
-            && s.clients[0].session.outbox_len() == 0),
+        s.run_until_cond(30_000, |s| received_ids(s, 1, "im:7").len() >= 60 && s.clients[0].session.outbox_len() == 0),
         "{}",
         s.describe()
     );
     s.run_for(2_000);
     let ids = s.hub.ids("im:7");
     assert_eq!(ids.len(), 60, "each publish stored exactly once");
-    assert_eq!(
-        received_ids(&s, r, "im:7"),
-        ids,
-        "delivered once, in order, across the restart"
-    );
+    assert_eq!(received_ids(&s, r, "im:7"), ids, "delivered once, in order, across the restart");
 }
 
 #[test]
@@ -301,16 +240,8 @@ fn token_refresh_without_reconnect_and_expiry_close() {
     s.connect(c);
     assert!(s.run_until_cond(5_000, |s| connected(s, 0)));
     s.run_for(180_000);
-    assert!(
-        s.clients[c].token_requests >= 3,
-        "requests: {}",
-        s.clients[c].token_requests
-    );
-    assert_eq!(
-        s.clients[c].session.stats().connects,
-        1,
-        "refresh must not reconnect"
-    );
+    assert!(s.clients[c].token_requests >= 3, "requests: {}", s.clients[c].token_requests);
+    assert_eq!(s.clients[c].session.stats().connects, 1, "refresh must not reconnect");
     // Without refresh support, the server closes with 3005 at expiry and the
     // client stops (no token to come back with).
     let mut cfg = s.client_config("d");
@@ -320,10 +251,7 @@ fn token_refresh_without_reconnect_and_expiry_close() {
     s.run_for(61_000);
     assert_eq!(
         s.clients[d].session.state(),
-        ConnectionState::Closed {
-            code: CloseCode::TokenExpired as u16,
-            reason: "token expired".into()
-        }
+        ConnectionState::Closed { code: CloseCode::TokenExpired as u16, reason: "token expired".into() }
     );
     // With refresh support but a late token: close 3005, ask, reconnect.
     let mut cfg = s.client_config("e");
@@ -348,14 +276,8 @@ fn terminal_close_codes_stop_reconnecting() {
     let c = s.add_client(cfg);
     s.connect(c);
     s.run_for(60_000);
-    assert!(matches!(
-        s.clients[c].session.state(),
-        ConnectionState::Closed { code: 3500, .. }
-    ));
-    let attempts = states(&s, c)
-        .iter()
-        .filter(|st| **st == ConnectionState::Connecting)
-        .count();
+    assert!(matches!(s.clients[c].session.state(), ConnectionState::Closed { code: 3500, .. }));
+    let attempts = states(&s, c).iter().filter(|st| **st == ConnectionState::Connecting).count();
     assert_eq!(attempts, 1);
     // A reconnect-allowed close does come back.
     let cfg = s.client_config("d");
@@ -385,39 +307,20 @@ fn recovery_gap_reported_when_history_trimmed_or_reset() {
     s.trim_stream("news", 5);
     s.network_changed(r, true);
     assert!(s.run_until_cond(10_000, |s| received_ids(s, 0, "news").len() == 6));
-    let gap = s.clients[r].events.iter().find_map(|e| {
-        if let Event::Gap { reason, .. } = e {
-            Some(*reason)
-        } else {
-            None
-        }
-    });
+    let gap =
+        s.clients[r].events.iter().find_map(|e| if let Event::Gap { reason, .. } = e { Some(*reason) } else { None });
     assert_eq!(gap, Some(GapReason::NotRetained));
-    assert_eq!(
-        received_ids(&s, r, "news"),
-        vec!["m1", "m6", "m7", "m8", "m9", "m10"]
-    );
+    assert_eq!(received_ids(&s, r, "news"), vec!["m1", "m6", "m7", "m8", "m9", "m10"]);
     // Epoch reset while live: the server closes 3004, the client comes back
     // and reports the epoch change.
     s.clients[r].events.clear();
     s.reset_stream("news");
     s.backend_publish("news", "n1", vec![1]);
-    assert!(s.run_until_cond(10_000, |s| received_ids(s, 0, "news")
-        .last()
-        .map(String::as_str)
-        == Some("n1")));
+    assert!(s.run_until_cond(10_000, |s| received_ids(s, 0, "news").last().map(String::as_str) == Some("n1")));
     s.backend_publish("news", "n2", vec![2]);
-    assert!(s.run_until_cond(10_000, |s| received_ids(s, 0, "news")
-        .last()
-        .map(String::as_str)
-        == Some("n2")));
-    let gap = s.clients[r].events.iter().find_map(|e| {
-        if let Event::Gap { reason, .. } = e {
-            Some(*reason)
-        } else {
-            None
-        }
-    });
+    assert!(s.run_until_cond(10_000, |s| received_ids(s, 0, "news").last().map(String::as_str) == Some("n2")));
+    let gap =
+        s.clients[r].events.iter().find_map(|e| if let Event::Gap { reason, .. } = e { Some(*reason) } else { None });
     assert_eq!(gap, Some(GapReason::EpochChanged));
 }
 
@@ -438,9 +341,6 @@ fn qos0_and_persisted_message_ids_never_collide() {
     assert!(s.run_until_cond(5_000, |s| connected(s, 0)));
     let c = s.publish(p, "ch", Qos::AtMostOnce, vec![3]).unwrap();
     let d = s.publish(p, "ch", Qos::ExactlyOnce, vec![4]).unwrap();
-    assert!(
-        s.run_until_cond(5_000, |s| s.clients[0].session.outbox_len() == 0
-            && s.hub.ids("ch").len() == 4)
-    );
+    assert!(s.run_until_cond(5_000, |s| s.clients[0].session.outbox_len() == 0 && s.hub.ids("ch").len() == 4));
     assert_eq!(s.hub.ids("ch"), vec![a, b, c, d]);
 }

@@ -17,9 +17,7 @@ pub fn namespace_of(channel: &str) -> &str {
 
 /// The owner of a personal channel.
 pub fn personal_owner(channel: &str) -> Option<&str> {
-    channel
-        .strip_prefix(PERSONAL_PREFIX)
-        .filter(|u| !u.is_empty())
+    channel.strip_prefix(PERSONAL_PREFIX).filter(|u| !u.is_empty())
 }
 
 /// The personal channel of a user.
@@ -29,9 +27,7 @@ pub fn personal_channel(user: &str) -> String {
 
 /// Check a channel name: 1-255 bytes of printable ASCII without spaces.
 pub fn validate(channel: &str) -> Result<(), ErrorReply> {
-    let ok = !channel.is_empty()
-        && channel.len() <= MAX_CHANNEL_LEN
-        && channel.bytes().all(|b| b.is_ascii_graphic());
+    let ok = !channel.is_empty() && channel.len() <= MAX_CHANNEL_LEN && channel.bytes().all(|b| b.is_ascii_graphic());
     if ok {
         Ok(())
     } else {

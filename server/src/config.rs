@@ -145,35 +145,14 @@ impl Config {
     /// Reject settings that cannot work.
     pub fn check(&self) -> anyhow::Result<()> {
         let l = &self.limits;
-        anyhow::ensure!(
-            l.max_message_size >= 1024,
-            "limits.max_message_size must be at least 1024"
-        );
-        anyhow::ensure!(
-            l.max_frame_size >= 1024,
-            "limits.max_frame_size must be at least 1024"
-        );
-        anyhow::ensure!(
-            l.ping_interval_ms > 0,
-            "limits.ping_interval_ms must be positive"
-        );
-        anyhow::ensure!(
-            l.pong_timeout_ms > 0,
-            "limits.pong_timeout_ms must be positive"
-        );
-        anyhow::ensure!(
-            l.inflight_window > 0,
-            "limits.inflight_window must be positive"
-        );
+        anyhow::ensure!(l.max_message_size >= 1024, "limits.max_message_size must be at least 1024");
+        anyhow::ensure!(l.max_frame_size >= 1024, "limits.max_frame_size must be at least 1024");
+        anyhow::ensure!(l.ping_interval_ms > 0, "limits.ping_interval_ms must be positive");
+        anyhow::ensure!(l.pong_timeout_ms > 0, "limits.pong_timeout_ms must be positive");
+        anyhow::ensure!(l.inflight_window > 0, "limits.inflight_window must be positive");
         for (name, ns) in &self.namespaces {
-            anyhow::ensure!(
-                ns.max_qos <= 2,
-                "namespaces.{name}.max_qos must be 0, 1 or 2"
-            );
-            anyhow::ensure!(
-                ns.history_size > 0,
-                "namespaces.{name}.history_size must be positive"
-            );
+            anyhow::ensure!(ns.max_qos <= 2, "namespaces.{name}.max_qos must be 0, 1 or 2");
+            anyhow::ensure!(ns.history_size > 0, "namespaces.{name}.history_size must be positive");
         }
         Ok(())
     }

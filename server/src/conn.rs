@@ -55,9 +55,7 @@ impl Conn {
         let hub = self.hub.clone();
         let tx = self.ctl_tx.clone();
         tokio::spawn(async move {
-            let (pubs, end) = hub
-                .fetch(&channel, &epoch, from, limit, FETCH_CHUNK_BYTES)
-                .await;
+            let (pubs, end) = hub.fetch(&channel, &epoch, from, limit, FETCH_CHUNK_BYTES).await;
             let _ = tx.send(ConnMsg::Fetched { channel, pubs, end });
         });
     }
@@ -69,12 +67,7 @@ impl Conn {
 /// reading never blocks this loop: timers (pong deadline, token expiry)
 /// keep firing, and bytes waiting for the writer count against the
 /// per-connection send-queue limit.
-pub async fn serve(
-    hub: Arc<Hub>,
-    ws: WebSocket,
-    enc: Encoding,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
+pub async fn serve(hub: Arc<Hub>, ws: WebSocket, enc: Encoding, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let origin = tokio::time::Instant::now();
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
     let (data_tx, mut data_rx) = mpsc::channel(hub.config().limits.fanout_queue.max(1));
@@ -104,10 +97,7 @@ pub async fn serve(
         while let Some(m) = out_rx.recv().await {
             let len = message_len(&m);
             let close = matches!(m, Message::Close(_));
-            let ok = matches!(
-                tokio::time::timeout(WRITE_TIMEOUT, sink.send(m)).await,
-                Ok(Ok(()))
-            );
+            let ok = matches!(tokio::time::timeout(WRITE_TIMEOUT, sink.send(m)).await, Ok(Ok(())));
             writer_queued.fetch_sub(len, Ordering::Relaxed);
             writer_drained.notify_one();
             if !ok || close {
@@ -133,8 +123,7 @@ pub async fn serve(
                     };
                     let len = message_len(&msg);
                     if queued.fetch_add(len, Ordering::Relaxed) + len > max_queued {
-                        c.session
-                            .disconnect(now, CloseCode::SlowConsumer, "send queue full");
+                        c.session.disconnect(now, CloseCode::SlowConsumer, "send queue full");
                     }
                     if out_tx.send(msg).is_err() {
                         c.session.handle_closed(now);
@@ -143,10 +132,7 @@ pub async fn serve(
                 ServerOutput::Event(e) => c.on_event(e),
                 ServerOutput::Close { code, reason } => {
                     let reason: String = reason.chars().take(100).collect();
-                    let frame = CloseFrame {
-                        code,
-                        reason: Utf8Bytes::from(reason),
-                    };
+                    let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
                     let _ = out_tx.send(Message::Close(Some(frame)));
                 }
                 ServerOutput::Timeout(t) => {
@@ -209,10 +195,7 @@ pub async fn serve(
             ServerOutput::Timeout(_) => break,
             ServerOutput::Transmit(_) => {}
             ServerOutput::Close { code, reason } => {
-                let frame = CloseFrame {
-                    code,
-                    reason: Utf8Bytes::from(reason),
-                };
+                let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
                 let _ = out_tx.send(Message::Close(Some(frame)));
             }
         }
@@ -257,13 +240,7 @@ impl Conn {
                 self.hub.unsubscribe(self.id, &channel);
                 self.channels.retain(|c| *c != channel);
             }
-            ServerEvent::Publish {
-                req,
-                channel,
-                message_id,
-                qos,
-                data,
-            } => {
+            ServerEvent::Publish { req, channel, message_id, qos, data } => {
                 let Some(h) = self.handle.clone() else { return };
                 if let Err(err) = channel::validate(&channel) {
                     return self.session.reply_error(now, req, err);
@@ -273,18 +250,11 @@ impl Conn {
                     return self.session.reply_error(
                         now,
                         req,
-                        ErrorReply::with_message(
-                            ErrorCode::PermissionDenied,
-                            "clients may not publish here",
-                        ),
+                        ErrorReply::with_message(ErrorCode::PermissionDenied, "clients may not publish here"),
                     );
                 }
                 if qos > ns.max_qos() {
-                    return self.session.reply_error(
-                        now,
-                        req,
-                        ErrorReply::new(ErrorCode::QosNotAllowed),
-                    );
+                    return self.session.reply_error(now, req, ErrorReply::new(ErrorCode::QosNotAllowed));
                 }
                 self.hub.publish(
                     channel,
@@ -302,21 +272,12 @@ impl Conn {
                 let _ = token;
                 self.session.refresh_ok(now, req, None);
             }
-            ServerEvent::Acked {
-                channel,
-                epoch,
-                offset,
-            } => {
+            ServerEvent::Acked { channel, epoch, offset } => {
                 if let Some(h) = &self.handle {
                     self.hub.ack(h, &channel, epoch, offset);
                 }
             }
-            ServerEvent::Fetch {
-                channel,
-                epoch,
-                from,
-                limit,
-            } => {
+            ServerEvent::Fetch { channel, epoch, from, limit } => {
                 // Served when the socket has room: catch-up is paced by
                 // how fast this peer reads, never dumped into memory.
                 self.fetches.push_back((channel, epoch, from, limit));
@@ -329,20 +290,12 @@ impl Conn {
 
     fn on_connect(&mut self, now: Instant, req: u32, connect: Connect) {
         let cfg = self.hub.config();
-        let user = if cfg.insecure_token_is_user {
-            connect.token.clone()
-        } else {
-            String::new()
-        };
+        let user = if cfg.insecure_token_is_user { connect.token.clone() } else { String::new() };
         if user.is_empty() && !cfg.allow_anonymous {
             let err = ErrorReply::with_message(ErrorCode::Unauthorized, "anonymous access is off");
             return self.session.reject(now, req, err, CloseCode::Unauthorized);
         }
-        let info = ClientInfo {
-            client: format!("{:x}", self.id),
-            user,
-            info: None,
-        };
+        let info = ClientInfo { client: format!("{:x}", self.id), user, info: None };
         let handle = ConnHandle {
             id: self.id,
             info: info.clone(),
@@ -360,16 +313,7 @@ impl Conn {
         }
         self.hub.user_up(&info.user);
         self.handle = Some(handle);
-        self.session.accept(
-            now,
-            req,
-            Accept {
-                client: info,
-                expires_in: None,
-                subs,
-                time_ms: now_ms(),
-            },
-        );
+        self.session.accept(now, req, Accept { client: info, expires_in: None, subs, time_ms: now_ms() });
     }
 
     fn on_call(&mut self, req: u32, cmd: Command) {
@@ -384,18 +328,13 @@ impl Conn {
             }
             Command::Presence { channel } => {
                 // The client protocol returns the first page; the backend API pages further.
-                let r = hub
-                    .presence(&channel, None, 1000)
-                    .map(|clients| ReplyBody::Presence { clients });
+                let r = hub.presence(&channel, None, 1000).map(|clients| ReplyBody::Presence { clients });
                 self.answer(req, r);
             }
             Command::PresenceStats { channel } => {
                 let r = hub
                     .presence_stats(&channel)
-                    .map(|s| ReplyBody::PresenceStats {
-                        clients: s.clients,
-                        users: s.users,
-                    });
+                    .map(|s| ReplyBody::PresenceStats { clients: s.clients, users: s.users });
                 self.answer(req, r);
             }
             _ => self.answer(req, Err(ErrorReply::new(ErrorCode::MethodNotFound))),
@@ -414,9 +353,7 @@ impl Conn {
         let now = self.now();
         match m {
             ConnMsg::Published { req, result } => match result {
-                Ok(s) => self
-                    .session
-                    .publish_ok(now, req, s.epoch, s.offset, s.duplicate),
+                Ok(s) => self.session.publish_ok(now, req, s.epoch, s.offset, s.duplicate),
                 Err(e) => self.session.reply_error(now, req, e),
             },
             ConnMsg::Fetched { channel, pubs, end } => {

@@ -167,10 +167,7 @@ pub struct Hub {
 
 /// Wall clock, Unix ms.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// A fresh epoch: distinct from every earlier one with overwhelming
@@ -186,21 +183,10 @@ fn new_epoch() -> String {
 
 impl Hub {
     /// Start the hub over a store; spawns the sequencer thread.
-    pub fn start(
-        cfg: Arc<Config>,
-        store: Arc<dyn Store>,
-    ) -> Result<Arc<Hub>, crate::store::StoreError> {
+    pub fn start(cfg: Arc<Config>, store: Arc<dyn Store>) -> Result<Arc<Hub>, crate::store::StoreError> {
         let mut state = State::default();
         for (ch, header) in store.headers()? {
-            state.channels.insert(
-                ch,
-                Chan {
-                    header,
-                    persisted: true,
-                    hot: VecDeque::new(),
-                    subs: BTreeMap::new(),
-                },
-            );
+            state.channels.insert(ch, Chan { header, persisted: true, hot: VecDeque::new(), subs: BTreeMap::new() });
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let hub = Arc::new(Hub {
@@ -246,14 +232,7 @@ impl Hub {
         publisher: Option<ClientInfo>,
         reply: ReplyTo,
     ) {
-        let req = SeqReq::Publish {
-            channel,
-            message_id,
-            qos,
-            data,
-            publisher,
-            reply,
-        };
+        let req = SeqReq::Publish { channel, message_id, qos, data, publisher, reply };
         if let Err(std::sync::mpsc::SendError(SeqReq::Publish { reply, .. })) = self.seq.send(req) {
             reply.send(Err(ErrorReply::new(ErrorCode::Unavailable)));
         }
@@ -268,16 +247,8 @@ impl Hub {
         data: Vec<u8>,
     ) -> Result<Stored, ErrorReply> {
         let (tx, rx) = oneshot::channel();
-        self.publish(
-            channel.into(),
-            message_id.into(),
-            qos,
-            data,
-            None,
-            ReplyTo::Once(tx),
-        );
-        rx.await
-            .unwrap_or_else(|_| Err(ErrorReply::new(ErrorCode::Unavailable)))
+        self.publish(channel.into(), message_id.into(), qos, data, None, ReplyTo::Once(tx));
+        rx.await.unwrap_or_else(|_| Err(ErrorReply::new(ErrorCode::Unavailable)))
     }
 
     /// QoS 2 release: the dedup entry may go.
@@ -295,11 +266,7 @@ impl Hub {
     }
 
     /// Register a subscriber and say where its delivery starts.
-    pub fn subscribe(
-        self: &Arc<Self>,
-        conn: &ConnHandle,
-        req: &SubscribeRequest,
-    ) -> Result<StreamStart, ErrorReply> {
+    pub fn subscribe(self: &Arc<Self>, conn: &ConnHandle, req: &SubscribeRequest) -> Result<StreamStart, ErrorReply> {
         channel::validate(&req.channel)?;
         let ns = self.cfg.namespace(&req.channel);
         if let Some(owner) = channel::personal_owner(&req.channel) {
@@ -326,36 +293,21 @@ impl Hub {
             None => None,
         };
         let mut st = self.lock();
-        let chan = st
-            .channels
-            .entry(req.channel.clone())
-            .or_insert_with(|| Chan {
-                header: StreamHeader {
-                    epoch: new_epoch(),
-                    first: 1,
-                    top: 0,
-                },
-                persisted: false,
-                hot: VecDeque::new(),
-                subs: BTreeMap::new(),
-            });
+        let chan = st.channels.entry(req.channel.clone()).or_insert_with(|| Chan {
+            header: StreamHeader { epoch: new_epoch(), first: 1, top: 0 },
+            persisted: false,
+            hot: VecDeque::new(),
+            subs: BTreeMap::new(),
+        });
         let h = &chan.header;
         let (from, recovered) = match &since {
             None => (h.top + 1, true),
-            Some(p) if p.epoch == h.epoch && p.offset <= h.top && p.offset + 1 >= h.first => {
-                (p.offset + 1, true)
-            }
+            Some(p) if p.epoch == h.epoch && p.offset <= h.top && p.offset + 1 >= h.first => (p.offset + 1, true),
             // Nothing was ever trimmed and the client had seen nothing: no gap.
             Some(p) if p.offset == 0 && h.first == 1 => (1, true),
             Some(_) => (h.first, false),
         };
-        let start = StreamStart {
-            qos,
-            epoch: h.epoch.clone(),
-            top: h.top,
-            from,
-            recovered,
-        };
+        let start = StreamStart { qos, epoch: h.epoch.clone(), top: h.top, from, recovered };
         chan.subs.insert(conn.id, conn.clone());
         drop(st);
         let change = self.presence.join(&req.channel, conn.id, &conn.info);
@@ -364,9 +316,7 @@ impl Hub {
             // A durable subscription starts here: if the device goes away
             // before acking anything, it still resumes from this point.
             let key = cursor_key(&conn.info.user, &conn.device, &req.channel);
-            let _ = self
-                .seq
-                .send(SeqReq::Cursor(key, start.epoch.clone(), from - 1));
+            let _ = self.seq.send(SeqReq::Cursor(key, start.epoch.clone(), from - 1));
         }
         Ok(start)
     }
@@ -398,13 +348,7 @@ impl Hub {
             Change::None => {}
             Change::Join(info) => {
                 if self.cfg.namespace(channel).join_leave {
-                    self.broadcast(
-                        channel,
-                        Push::Join {
-                            channel: channel.into(),
-                            info,
-                        },
-                    );
+                    self.broadcast(channel, Push::Join { channel: channel.into(), info });
                 }
             }
             Change::LeavePending { user, generation } => {
@@ -415,13 +359,7 @@ impl Hub {
                     tokio::time::sleep(grace).await;
                     if let Some(info) = hub.presence.settle_leave(&channel, &user, generation) {
                         if hub.cfg.namespace(&channel).join_leave {
-                            hub.broadcast(
-                                &channel,
-                                Push::Leave {
-                                    channel: channel.clone(),
-                                    info,
-                                },
-                            );
+                            hub.broadcast(&channel, Push::Leave { channel: channel.clone(), info });
                         }
                     }
                 };
@@ -478,10 +416,7 @@ impl Hub {
             if c.header.epoch != epoch || from < c.header.first {
                 return (vec![], FetchEnd::Lost);
             }
-            if c.hot
-                .front()
-                .is_some_and(|p| p.publication().offset <= from)
-            {
+            if c.hot.front().is_some_and(|p| p.publication().offset <= from) {
                 let mut out = Vec::new();
                 let mut bytes = 0;
                 for p in c.hot.iter().filter(|p| p.publication().offset >= from) {
@@ -496,16 +431,11 @@ impl Hub {
         }
         let hub = self.clone();
         let ch = channel.to_string();
-        let read =
-            tokio::task::spawn_blocking(move || hub.store.range(&ch, from, limit, max_bytes)).await;
+        let read = tokio::task::spawn_blocking(move || hub.store.range(&ch, from, limit, max_bytes)).await;
         match read {
             Ok(Ok(pubs)) => {
                 // Records of another epoch are leftovers of a reset stream.
-                let pubs = pubs
-                    .into_iter()
-                    .filter(|p| p.epoch == epoch)
-                    .map(SharedPublication::new)
-                    .collect();
+                let pubs = pubs.into_iter().filter(|p| p.epoch == epoch).map(SharedPublication::new).collect();
                 (pubs, FetchEnd::Done)
             }
             _ => (vec![], FetchEnd::Lost),
@@ -517,25 +447,12 @@ impl Hub {
     pub async fn history(self: &Arc<Self>, h: &HistoryRequest) -> Result<ReplyBody, ErrorReply> {
         const MAX_BYTES: usize = 1 << 20;
         channel::validate(&h.channel)?;
-        let header = self
-            .lock()
-            .channels
-            .get(&h.channel)
-            .map(|c| c.header.clone());
+        let header = self.lock().channels.get(&h.channel).map(|c| c.header.clone());
         let Some(header) = header else {
-            let top = StreamPosition {
-                epoch: String::new(),
-                offset: 0,
-            };
-            return Ok(ReplyBody::History {
-                publications: vec![],
-                top,
-            });
+            let top = StreamPosition { epoch: String::new(), offset: 0 };
+            return Ok(ReplyBody::History { publications: vec![], top });
         };
-        let top = StreamPosition {
-            epoch: header.epoch.clone(),
-            offset: header.top,
-        };
+        let top = StreamPosition { epoch: header.epoch.clone(), offset: header.top };
         let limit = (h.limit as usize).min(1000);
         let mut lo = header.first;
         let mut hi = header.top;
@@ -549,10 +466,7 @@ impl Hub {
             }
         }
         if limit == 0 || lo > hi {
-            return Ok(ReplyBody::History {
-                publications: vec![],
-                top,
-            });
+            return Ok(ReplyBody::History { publications: vec![], top });
         }
         // Offset-only queries read just the page; time bounds scan the range.
         let (start, count) = match (by_time, h.reverse) {
@@ -563,11 +477,10 @@ impl Hub {
         let hub = self.clone();
         let ch = h.channel.clone();
         let max_bytes = if by_time { usize::MAX } else { MAX_BYTES };
-        let pubs =
-            tokio::task::spawn_blocking(move || hub.store.range(&ch, start, count, max_bytes))
-                .await
-                .map_err(|_| ErrorReply::new(ErrorCode::Internal))?
-                .map_err(|_| ErrorReply::new(ErrorCode::Unavailable))?;
+        let pubs = tokio::task::spawn_blocking(move || hub.store.range(&ch, start, count, max_bytes))
+            .await
+            .map_err(|_| ErrorReply::new(ErrorCode::Internal))?
+            .map_err(|_| ErrorReply::new(ErrorCode::Unavailable))?;
         let in_time = |p: &Publication| {
             let after = match &h.since {
                 Some(HistoryBound::TimeMs(t)) => p.time_ms >= *t,
@@ -579,27 +492,17 @@ impl Hub {
             };
             after && before
         };
-        let mut pubs: Vec<Publication> = pubs
-            .into_iter()
-            .filter(|p| p.epoch == header.epoch && p.offset <= hi && in_time(p))
-            .collect();
+        let mut pubs: Vec<Publication> =
+            pubs.into_iter().filter(|p| p.epoch == header.epoch && p.offset <= hi && in_time(p)).collect();
         if h.reverse {
             pubs.reverse();
         }
         pubs.truncate(limit);
-        Ok(ReplyBody::History {
-            publications: pubs,
-            top,
-        })
+        Ok(ReplyBody::History { publications: pubs, top })
     }
 
     /// Presence of a channel, paginated by client id.
-    pub fn presence(
-        &self,
-        channel: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<ClientInfo>, ErrorReply> {
+    pub fn presence(&self, channel: &str, after: Option<&str>, limit: usize) -> Result<Vec<ClientInfo>, ErrorReply> {
         if !self.cfg.namespace(channel).presence {
             return Err(ErrorReply::new(ErrorCode::NotAvailable));
         }
@@ -621,11 +524,7 @@ impl Hub {
         replies: Vec<(ReplyTo, Result<Stored, ErrorReply>)>,
         hot_trim: &HashMap<String, u64>,
     ) {
-        let result = if batch.is_empty() {
-            Ok(())
-        } else {
-            self.store.commit(&batch)
-        };
+        let result = if batch.is_empty() { Ok(()) } else { self.store.commit(&batch) };
         if let Err(e) = result {
             tracing::error!("store commit failed: {e}");
             for (r, _) in replies {
@@ -634,9 +533,7 @@ impl Hub {
             return;
         }
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .stored
-            .fetch_add(batch.appends.len() as u64, Ordering::Relaxed);
+        self.stats.stored.fetch_add(batch.appends.len() as u64, Ordering::Relaxed);
         let mut kicks = Vec::new();
         {
             let mut st = self.lock();
@@ -650,11 +547,7 @@ impl Hub {
                 c.header = h.clone();
                 c.persisted = true;
                 if let Some(first) = hot_trim.get(ch) {
-                    while c
-                        .hot
-                        .front()
-                        .is_some_and(|p| p.publication().offset < *first)
-                    {
+                    while c.hot.front().is_some_and(|p| p.publication().offset < *first) {
                         c.hot.pop_front();
                     }
                 }
@@ -677,10 +570,7 @@ impl Hub {
         }
         for h in kicks {
             self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
-            let _ = h.ctl.send(ConnMsg::Kick(
-                CloseCode::SlowConsumer,
-                "fan-out queue full".into(),
-            ));
+            let _ = h.ctl.send(ConnMsg::Kick(CloseCode::SlowConsumer, "fan-out queue full".into()));
         }
         for (r, res) in replies {
             r.send(res);
@@ -766,35 +656,15 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
         }
         for r in reqs {
             match r {
-                SeqReq::Publish {
-                    channel,
-                    message_id,
-                    qos,
-                    data,
-                    publisher,
-                    reply,
-                } => {
+                SeqReq::Publish { channel, message_id, qos, data, publisher, reply } => {
                     if let Some(s) = fresh.get(&message_id) {
-                        replies.push((
-                            reply,
-                            Ok(Stored {
-                                duplicate: true,
-                                ..s.clone()
-                            }),
-                        ));
+                        replies.push((reply, Ok(Stored { duplicate: true, ..s.clone() })));
                         continue;
                     }
                     match hub.store.dedup(&message_id) {
                         Ok(Some(e)) if e.expires_ms > now => {
                             hub.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                            replies.push((
-                                reply,
-                                Ok(Stored {
-                                    epoch: e.epoch,
-                                    offset: e.offset,
-                                    duplicate: true,
-                                }),
-                            ));
+                            replies.push((reply, Ok(Stored { epoch: e.epoch, offset: e.offset, duplicate: true })));
                             continue;
                         }
                         Ok(_) => {}
@@ -805,14 +675,11 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
                     }
                     let h = headers.entry(channel.clone()).or_insert_with(|| {
                         let st = hub.lock();
-                        st.channels
-                            .get(&channel)
-                            .map(|c| c.header.clone())
-                            .unwrap_or_else(|| StreamHeader {
-                                epoch: new_epoch(),
-                                first: 1,
-                                top: 0,
-                            })
+                        st.channels.get(&channel).map(|c| c.header.clone()).unwrap_or_else(|| StreamHeader {
+                            epoch: new_epoch(),
+                            first: 1,
+                            top: 0,
+                        })
                     });
                     h.top += 1;
                     let keep = hub.cfg.namespace(&channel).history_size as u64;
@@ -821,16 +688,8 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
                         batch.trims.push((channel.clone(), h.first));
                         hot_trim.insert(channel.clone(), h.first);
                     }
-                    let stored = Stored {
-                        epoch: h.epoch.clone(),
-                        offset: h.top,
-                        duplicate: false,
-                    };
-                    let hold = if qos == Qos::ExactlyOnce {
-                        QOS2_HOLD_MS
-                    } else {
-                        DEDUP_WINDOW_MS
-                    };
+                    let stored = Stored { epoch: h.epoch.clone(), offset: h.top, duplicate: false };
+                    let hold = if qos == Qos::ExactlyOnce { QOS2_HOLD_MS } else { DEDUP_WINDOW_MS };
                     batch.dedup_put.push((
                         message_id.clone(),
                         DedupEntry {
@@ -848,10 +707,7 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
                         qos,
                         publisher,
                         time_ms: now,
-                        payload: Payload {
-                            z: false,
-                            data: Bytes(data),
-                        },
+                        payload: Payload { z: false, data: Bytes(data) },
                     });
                     fresh.insert(message_id, stored.clone());
                     replies.push((reply, Ok(stored)));

@@ -55,10 +55,7 @@ pub async fn run(
     let store = RedbStore::open(&cfg.data_dir)?;
     let hub = Hub::start(Arc::new(cfg), Arc::new(store))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let app = router(AppState {
-        hub,
-        shutdown: stop_rx,
-    });
+    let app = router(AppState { hub, shutdown: stop_rx });
     // Small frames (acks, pings, replies) must not wait for Nagle.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
@@ -73,10 +70,7 @@ pub async fn run(
 }
 
 fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/ws", get(ws_handler))
-        .with_state(state)
+    Router::new().route("/healthz", get(|| async { "ok\n" })).route("/ws", get(ws_handler)).with_state(state)
 }
 
 async fn ws_handler(State(st): State<AppState>, ws: WebSocketUpgrade) -> Response {
@@ -85,10 +79,7 @@ async fn ws_handler(State(st): State<AppState>, ws: WebSocketUpgrade) -> Respons
         .protocols([SUBPROTOCOL_BINARY, SUBPROTOCOL_JSON])
         .max_message_size(limits.max_message_size)
         .max_frame_size(limits.max_frame_size);
-    let enc = ws
-        .selected_protocol()
-        .and_then(|p| p.to_str().ok())
-        .and_then(Encoding::from_subprotocol);
+    let enc = ws.selected_protocol().and_then(|p| p.to_str().ok()).and_then(Encoding::from_subprotocol);
     let Some(enc) = enc else {
         return (
             StatusCode::BAD_REQUEST,

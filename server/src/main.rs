@@ -32,23 +32,14 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().cmd {
-        Cmd::Serve {
-            config,
-            listen,
-            data_dir,
-        } => {
+        Cmd::Serve { config, listen, data_dir } => {
             let mut cfg = match &config {
                 Some(path) => {
-                    let text = std::fs::read_to_string(path)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                    Config::from_toml(&text)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    Config::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
                 }
                 None => Config::default(),
             };
@@ -66,20 +57,13 @@ async fn main() -> anyhow::Result<()> {
             // Write errors are ignored: a closed stdout must not stop a server.
             use std::io::Write;
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(
-                out,
-                "ferry listening on ws://{addr}/ws (health: http://{addr}/healthz)"
-            );
+            let _ = writeln!(out, "ferry listening on ws://{addr}/ws (health: http://{addr}/healthz)");
             let _ = writeln!(
                 out,
                 "data: {} | anonymous access: {} | dev auth (token = user id): {}",
                 cfg.data_dir.display(),
                 if cfg.allow_anonymous { "on" } else { "off" },
-                if cfg.insecure_token_is_user {
-                    "on"
-                } else {
-                    "off"
-                },
+                if cfg.insecure_token_is_user { "on" } else { "off" },
             );
             let _ = out.flush();
             drop(out);
@@ -94,8 +78,7 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             s.recv().await;
         }
     };

@@ -137,10 +137,7 @@ impl Presence for MemoryPresence {
         }
         u.leaving = true;
         u.generation += 1;
-        Change::LeavePending {
-            user: key,
-            generation: u.generation,
-        }
+        Change::LeavePending { user: key, generation: u.generation }
     }
 
     fn settle_leave(&self, channel: &str, user: &str, generation: u64) -> Option<ClientInfo> {
@@ -165,10 +162,7 @@ impl Presence for MemoryPresence {
         };
         let mut v: Vec<ClientInfo> = ch.conns.values().cloned().collect();
         v.sort_by(|a, b| a.client.cmp(&b.client));
-        v.into_iter()
-            .filter(|c| after.is_none_or(|a| c.client.as_str() > a))
-            .take(limit)
-            .collect()
+        v.into_iter().filter(|c| after.is_none_or(|a| c.client.as_str() > a)).take(limit).collect()
     }
 
     fn stats(&self, channel: &str) -> Stats {
@@ -177,10 +171,7 @@ impl Presence for MemoryPresence {
             return Stats::default();
         };
         let users = ch.users.values().filter(|u| u.conns > 0).count();
-        Stats {
-            clients: ch.conns.len() as u32,
-            users: users as u32,
-        }
+        Stats { clients: ch.conns.len() as u32, users: users as u32 }
     }
 
     fn user_up(&self, user: &str) {
@@ -201,11 +192,7 @@ impl Presence for MemoryPresence {
 
     fn online(&self, users: &[String]) -> Vec<String> {
         let st = self.lock();
-        users
-            .iter()
-            .filter(|u| st.online.contains_key(*u))
-            .cloned()
-            .collect()
+        users.iter().filter(|u| st.online.contains_key(*u)).cloned().collect()
     }
 }
 
@@ -214,46 +201,22 @@ mod tests {
     use super::*;
 
     fn info(client: &str, user: &str) -> ClientInfo {
-        ClientInfo {
-            client: client.into(),
-            user: user.into(),
-            info: None,
-        }
+        ClientInfo { client: client.into(), user: user.into(), info: None }
     }
 
     #[test]
     fn join_leave_with_grace() {
         let p = MemoryPresence::default();
-        assert_eq!(
-            p.join("c", 1, &info("a", "u1")),
-            Change::Join(info("a", "u1"))
-        );
-        assert_eq!(
-            p.join("c", 2, &info("b", "u1")),
-            Change::None,
-            "second connection of the same user"
-        );
-        assert_eq!(
-            p.stats("c"),
-            Stats {
-                clients: 2,
-                users: 1
-            }
-        );
+        assert_eq!(p.join("c", 1, &info("a", "u1")), Change::Join(info("a", "u1")));
+        assert_eq!(p.join("c", 2, &info("b", "u1")), Change::None, "second connection of the same user");
+        assert_eq!(p.stats("c"), Stats { clients: 2, users: 1 });
         assert_eq!(p.leave("c", 1), Change::None);
-        let Change::LeavePending { user, generation } = p.leave("c", 2) else {
-            panic!()
-        };
+        let Change::LeavePending { user, generation } = p.leave("c", 2) else { panic!() };
         // Quick reconnect: no leave, no second join.
         assert_eq!(p.join("c", 3, &info("c", "u1")), Change::None);
         assert_eq!(p.settle_leave("c", &user, generation), None);
-        let Change::LeavePending { user, generation } = p.leave("c", 3) else {
-            panic!()
-        };
-        assert_eq!(
-            p.settle_leave("c", &user, generation),
-            Some(info("c", "u1"))
-        );
+        let Change::LeavePending { user, generation } = p.leave("c", 3) else { panic!() };
+        assert_eq!(p.settle_leave("c", &user, generation), Some(info("c", "u1")));
         assert_eq!(p.stats("c"), Stats::default());
         // Anonymous connections are users of their own.
         p.join("c", 4, &info("x", ""));

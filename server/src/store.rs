@@ -115,13 +115,7 @@ pub trait Store: Send + Sync + 'static {
     /// Publications of `channel` with offsets `from..`, ascending: at most
     /// `limit` of them, and no more once `max_bytes` of payload are read
     /// (always at least one).
-    fn range(
-        &self,
-        channel: &str,
-        from: u64,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Publication>, StoreError>;
+    fn range(&self, channel: &str, from: u64, limit: usize, max_bytes: usize) -> Result<Vec<Publication>, StoreError>;
     /// A dedup entry.
     fn dedup(&self, message_id: &str) -> Result<Option<DedupEntry>, StoreError>;
     /// An offline cursor.
@@ -149,8 +143,7 @@ fn dec<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, StoreError> {
 impl RedbStore {
     /// Open (or create) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Engine(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Engine(format!("{}: {e}", dir.display())))?;
         let db = Database::create(dir.join("ferry.redb"))?;
         let txn = db.begin_write()?;
         for t in [STREAMS, DEDUP, CURSORS] {
@@ -213,13 +206,7 @@ impl Store for RedbStore {
         Ok(())
     }
 
-    fn range(
-        &self,
-        channel: &str,
-        from: u64,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Publication>, StoreError> {
+    fn range(&self, channel: &str, from: u64, limit: usize, max_bytes: usize) -> Result<Vec<Publication>, StoreError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(PUBS)?;
         let mut out = Vec::new();
@@ -240,10 +227,7 @@ impl Store for RedbStore {
                 qos: Qos::from_u8(r.qos).unwrap_or(Qos::AtMostOnce),
                 publisher: r.publisher,
                 time_ms: r.time_ms,
-                payload: Payload {
-                    z: false,
-                    data: r.payload.into(),
-                },
+                payload: Payload { z: false, data: r.payload.into() },
             });
         }
         Ok(out)

@@ -17,9 +17,7 @@ const T: Duration = Duration::from_secs(20);
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
@@ -42,26 +40,17 @@ async fn send_json(ws: &mut Ws, frames: &[ClientFrame]) {
     for f in frames {
         codec::encode_into(Encoding::Json, f, &mut msg);
     }
-    ws.send(Message::Text(String::from_utf8(msg).unwrap().into()))
-        .await
-        .unwrap();
+    ws.send(Message::Text(String::from_utf8(msg).unwrap().into())).await.unwrap();
 }
 
 /// Next server frames that are not pings.
 async fn recv_json(ws: &mut Ws) -> Vec<ServerFrame> {
     loop {
-        let m = tokio::time::timeout(T, ws.next())
-            .await
-            .expect("server answered")
-            .expect("open")
-            .expect("ok");
+        let m = tokio::time::timeout(T, ws.next()).await.expect("server answered").expect("open").expect("ok");
         match m {
             Message::Text(t) => {
                 let frames = codec::decode_server(Encoding::Json, t.as_bytes(), 1 << 20).unwrap();
-                let frames: Vec<_> = frames
-                    .into_iter()
-                    .filter(|f| *f != ServerFrame::Push(Push::Ping))
-                    .collect();
+                let frames: Vec<_> = frames.into_iter().filter(|f| *f != ServerFrame::Push(Push::Ping)).collect();
                 if !frames.is_empty() {
                     return frames;
                 }
@@ -79,10 +68,7 @@ fn connect_frame(id: u32, token: &str) -> ClientFrame {
             version: PROTOCOL_VERSION,
             token: token.into(),
             device_id: "raw".into(),
-            client: ClientVersion {
-                name: "raw".into(),
-                version: "0".into(),
-            },
+            client: ClientVersion { name: "raw".into(), version: "0".into() },
             subs: vec![],
             compression: true,
         }),
@@ -96,10 +82,7 @@ fn publish_frame(id: u32, ch: &str, mid: &str, qos: Qos, data: &[u8]) -> ClientF
             channel: ch.into(),
             message_id: mid.into(),
             qos,
-            payload: Payload {
-                z: false,
-                data: Bytes(data.to_vec()),
-            },
+            payload: Payload { z: false, data: Bytes(data.to_vec()) },
         },
     }
 }
@@ -110,16 +93,7 @@ async fn plain_json_websocket_speaks_ferry_and_duplicates_are_stored_once() {
     let mut ws = raw_ws(&srv.url(), Encoding::Json).await;
     send_json(&mut ws, &[connect_frame(1, "alice")]).await;
     let f = recv_json(&mut ws).await;
-    assert!(
-        matches!(
-            &f[0],
-            ServerFrame::Reply {
-                id: 1,
-                outcome: Outcome::Ok(ReplyBody::Connected(_))
-            }
-        ),
-        "{f:?}"
-    );
+    assert!(matches!(&f[0], ServerFrame::Reply { id: 1, outcome: Outcome::Ok(ReplyBody::Connected(_)) }), "{f:?}");
     // The same message id three times, across two frames.
     send_json(
         &mut ws,
@@ -132,43 +106,19 @@ async fn plain_json_websocket_speaks_ferry_and_duplicates_are_stored_once() {
     let mut replies = Vec::new();
     while replies.len() < 2 {
         for f in recv_json(&mut ws).await {
-            if let ServerFrame::Reply {
-                id,
-                outcome:
-                    Outcome::Ok(ReplyBody::Published {
-                        offset, duplicate, ..
-                    }),
-            } = f
-            {
+            if let ServerFrame::Reply { id, outcome: Outcome::Ok(ReplyBody::Published { offset, duplicate, .. }) } = f {
                 replies.push((id, offset, duplicate));
             }
         }
     }
     replies.sort();
     assert_eq!(replies, vec![(2, 1, false), (3, 1, true)]);
-    send_json(
-        &mut ws,
-        &[publish_frame(
-            4,
-            "chat:1",
-            "m-1",
-            Qos::ExactlyOnce,
-            b"hello",
-        )],
-    )
-    .await;
+    send_json(&mut ws, &[publish_frame(4, "chat:1", "m-1", Qos::ExactlyOnce, b"hello")]).await;
     let f = recv_json(&mut ws).await;
     assert!(
         matches!(
             &f[0],
-            ServerFrame::Reply {
-                id: 4,
-                outcome: Outcome::Ok(ReplyBody::Published {
-                    offset: 1,
-                    duplicate: true,
-                    ..
-                })
-            }
+            ServerFrame::Reply { id: 4, outcome: Outcome::Ok(ReplyBody::Published { offset: 1, duplicate: true, .. }) }
         ),
         "{f:?}"
     );
@@ -186,10 +136,7 @@ async fn plain_json_websocket_speaks_ferry_and_duplicates_are_stored_once() {
     send_json(&mut ws, &[h]).await;
     let f = recv_json(&mut ws).await;
     match &f[0] {
-        ServerFrame::Reply {
-            id: 5,
-            outcome: Outcome::Ok(ReplyBody::History { publications, top }),
-        } => {
+        ServerFrame::Reply { id: 5, outcome: Outcome::Ok(ReplyBody::History { publications, top }) } => {
             assert_eq!(publications.len(), 1);
             assert_eq!(publications[0].payload.data.0, b"hello");
             assert_eq!(top.offset, 1);
@@ -203,16 +150,9 @@ async fn fan_out_to_many_subscribers_in_order() {
     let srv = TestServer::start(test_config()).await;
     let mut clients = Vec::new();
     for i in 0..20 {
-        let enc = if i % 2 == 0 {
-            Encoding::Binary
-        } else {
-            Encoding::Json
-        };
+        let enc = if i % 2 == 0 { Encoding::Binary } else { Encoding::Json };
         let qos = [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce][i % 3];
-        let mut c = TestClient::new(
-            &srv.url(),
-            TestClient::config(&format!("sub{i}"), &format!("user{i}"), enc),
-        );
+        let mut c = TestClient::new(&srv.url(), TestClient::config(&format!("sub{i}"), &format!("user{i}"), enc));
         c.subscribe("room:fan", qos).await;
         c.connect().await;
         assert!(c.connected().await);
@@ -220,30 +160,19 @@ async fn fan_out_to_many_subscribers_in_order() {
     }
     // Everyone's subscription is live before anything is published.
     assert!(
-        run_all(&mut clients, T, |cs| cs.iter().all(|c| c
-            .events
+        run_all(&mut clients, T, |cs| cs
             .iter()
-            .any(|e| matches!(
-                e,
-                ferry_core::client::Event::Subscribed { .. }
-            ))))
+            .all(|c| c.events.iter().any(|e| matches!(e, ferry_core::client::Event::Subscribed { .. }))))
         .await
     );
-    let mut publisher = TestClient::new(
-        &srv.url(),
-        TestClient::config("pub", "boss", Encoding::Binary),
-    );
+    let mut publisher = TestClient::new(&srv.url(), TestClient::config("pub", "boss", Encoding::Binary));
     publisher.connect().await;
     assert!(publisher.connected().await);
     const N: usize = 300;
     let mut ids = Vec::new();
     for i in 0..N {
         // Mixed sizes: some above the compression threshold.
-        let data = if i % 10 == 0 {
-            vec![b'z'; 4000]
-        } else {
-            format!("msg {i}").into_bytes()
-        };
+        let data = if i % 10 == 0 { vec![b'z'; 4000] } else { format!("msg {i}").into_bytes() };
         ids.push(publisher.publish("room:fan", data, Qos::AtLeastOnce).await);
     }
     clients.push(publisher);
@@ -251,21 +180,10 @@ async fn fan_out_to_many_subscribers_in_order() {
         cs[20].session.outbox_len() == 0 && cs[..20].iter().all(|c| c.ids("room:fan").len() == N)
     })
     .await;
-    let counts: Vec<usize> = clients[..20]
-        .iter()
-        .map(|c| c.ids("room:fan").len())
-        .collect();
-    assert!(
-        ok,
-        "received counts {counts:?}, publisher outbox {}",
-        clients[20].session.outbox_len()
-    );
+    let counts: Vec<usize> = clients[..20].iter().map(|c| c.ids("room:fan").len()).collect();
+    assert!(ok, "received counts {counts:?}, publisher outbox {}", clients[20].session.outbox_len());
     for c in &clients[..20] {
-        assert_eq!(
-            c.ids("room:fan"),
-            ids,
-            "every subscriber sees the same order"
-        );
+        assert_eq!(c.ids("room:fan"), ids, "every subscriber sees the same order");
         assert_eq!(c.offsets("room:fan"), (1..=N as u64).collect::<Vec<_>>());
         let big = &c.received["room:fan"][0].2;
         assert_eq!(big, &vec![b'z'; 4000], "compressed payloads arrive intact");
@@ -299,27 +217,11 @@ async fn qos1_publish_is_acknowledged_after_commit_and_survives_restart() {
         }))
         .await
         .unwrap();
-    let ReplyBody::History { publications, top } = h else {
-        panic!()
-    };
-    assert_eq!(
-        top,
-        StreamPosition {
-            epoch: epoch.clone(),
-            offset: 50
-        }
-    );
-    assert_eq!(
-        publications
-            .iter()
-            .map(|p| p.message_id.clone())
-            .collect::<Vec<_>>(),
-        ids
-    );
+    let ReplyBody::History { publications, top } = h else { panic!() };
+    assert_eq!(top, StreamPosition { epoch: epoch.clone(), offset: 50 });
+    assert_eq!(publications.iter().map(|p| p.message_id.clone()).collect::<Vec<_>>(), ids);
     // Offsets continue in the same epoch.
-    let id = q
-        .publish("news:a", b"next".to_vec(), Qos::AtLeastOnce)
-        .await;
+    let id = q.publish("news:a", b"next".to_vec(), Qos::AtLeastOnce).await;
     assert!(q.run_until(T, |c| c.acked.contains_key(&id)).await);
     assert_eq!(q.acked[&id], StreamPosition { epoch, offset: 51 });
 }
@@ -342,9 +244,7 @@ async fn limits_give_documented_codes() {
         }
         Message::Binary(msg.into())
     };
-    ws.send(send_bin(vec![connect_frame(1, "x")]))
-        .await
-        .unwrap();
+    ws.send(send_bin(vec![connect_frame(1, "x")])).await.unwrap();
     let _ = ws.next().await;
     let bomb_frame = ClientFrame::Request {
         id: 2,
@@ -352,21 +252,15 @@ async fn limits_give_documented_codes() {
             channel: "c:1".into(),
             message_id: "b".into(),
             qos: Qos::AtLeastOnce,
-            payload: Payload {
-                z: true,
-                data: Bytes(bomb),
-            },
+            payload: Payload { z: true, data: Bytes(bomb) },
         },
     };
     ws.send(send_bin(vec![bomb_frame])).await.unwrap();
     let reply = loop {
-        let Some(Ok(Message::Binary(b))) = ws.next().await else {
-            panic!("closed")
-        };
+        let Some(Ok(Message::Binary(b))) = ws.next().await else { panic!("closed") };
         let frames = codec::decode_server(Encoding::Binary, &b, 1 << 20).unwrap();
-        if let Some(ServerFrame::Reply { id: 2, outcome }) = frames
-            .into_iter()
-            .find(|f| matches!(f, ServerFrame::Reply { .. }))
+        if let Some(ServerFrame::Reply { id: 2, outcome }) =
+            frames.into_iter().find(|f| matches!(f, ServerFrame::Reply { .. }))
         {
             break outcome;
         }
@@ -376,9 +270,7 @@ async fn limits_give_documented_codes() {
         "{reply:?}"
     );
     // An oversized message closes with 3502.
-    ws.send(Message::Binary(vec![0u8; 10_000].into()))
-        .await
-        .unwrap();
+    ws.send(Message::Binary(vec![0u8; 10_000].into())).await.unwrap();
     let code = loop {
         match ws.next().await {
             Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
@@ -389,9 +281,7 @@ async fn limits_give_documented_codes() {
     assert_eq!(code, Some(CloseCode::MessageTooLarge as u16));
     // Garbage closes with 3501.
     let mut ws = raw_ws(&srv.url(), Encoding::Json).await;
-    ws.send(Message::Text("{\"nonsense\":1}".into()))
-        .await
-        .unwrap();
+    ws.send(Message::Text("{\"nonsense\":1}".into())).await.unwrap();
     let code = loop {
         match ws.next().await {
             Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),

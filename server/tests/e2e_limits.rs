@@ -25,74 +25,37 @@ async fn slow_consumer_is_disconnected_and_recovers_without_loss() {
     let mut cfg = test_config();
     cfg.limits.max_queued_bytes = 256 * 1024;
     let srv = TestServer::start(cfg).await;
-    let mut slow = TestClient::new(
-        &srv.url(),
-        TestClient::config("slow", "s", Encoding::Binary),
-    );
+    let mut slow = TestClient::new(&srv.url(), TestClient::config("slow", "s", Encoding::Binary));
     slow.subscribe("feed:x", Qos::AtLeastOnce).await;
     slow.connect().await;
-    assert!(
-        slow.run_until(T, |c| c
-            .events
-            .iter()
-            .any(|e| matches!(e, Event::Subscribed { .. })))
-            .await
-    );
+    assert!(slow.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Subscribed { .. }))).await);
     // The app freezes: it stops reading its socket.
     slow.paused = true;
     let mut publisher = TestClient::new(&srv.url(), TestClient::config("p", "p", Encoding::Binary));
     publisher.connect().await;
     let mut ids = Vec::new();
     for i in 0..400 {
-        ids.push(
-            publisher
-                .publish("feed:x", noise(i, 30_000), Qos::AtLeastOnce)
-                .await,
-        );
+        ids.push(publisher.publish("feed:x", noise(i, 30_000), Qos::AtLeastOnce).await);
         publisher.run_for(Duration::from_millis(1)).await;
     }
-    assert!(
-        publisher
-            .run_until(T, |c| c.session.outbox_len() == 0)
-            .await
-    );
+    assert!(publisher.run_until(T, |c| c.session.outbox_len() == 0).await);
     // It thaws, finds itself dropped as a slow consumer, reconnects and
     // recovers everything, in order, once.
     slow.paused = false;
     let thaw = std::time::Instant::now();
-    slow.run_until(T, |c| {
-        c.events
-            .iter()
-            .any(|e| matches!(e, Event::Disconnected { .. }))
-    })
-    .await;
-    eprintln!(
-        "thaw -> disconnected: {:?}, received {}",
-        thaw.elapsed(),
-        slow.ids("feed:x").len()
-    );
+    slow.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Disconnected { .. }))).await;
+    eprintln!("thaw -> disconnected: {:?}, received {}", thaw.elapsed(), slow.ids("feed:x").len());
     assert!(
-        slow.run_until(Duration::from_secs(60), |c| c.ids("feed:x").len()
-            == ids.len())
-            .await,
+        slow.run_until(Duration::from_secs(60), |c| c.ids("feed:x").len() == ids.len()).await,
         "got {}; events {:?}",
         slow.ids("feed:x").len(),
-        slow.events
-            .iter()
-            .filter(|e| !matches!(e, Event::Publication(_)))
-            .collect::<Vec<_>>()
+        slow.events.iter().filter(|e| !matches!(e, Event::Publication(_))).collect::<Vec<_>>()
     );
     eprintln!("thaw -> complete: {:?}", thaw.elapsed());
     let codes: Vec<u16> = slow
         .events
         .iter()
-        .filter_map(|e| {
-            if let Event::Disconnected { code, .. } = e {
-                Some(*code)
-            } else {
-                None
-            }
-        })
+        .filter_map(|e| if let Event::Disconnected { code, .. } = e { Some(*code) } else { None })
         .collect();
     eprintln!("disconnects: {codes:?}");
     assert_eq!(slow.ids("feed:x"), ids);
@@ -102,10 +65,7 @@ async fn slow_consumer_is_disconnected_and_recovers_without_loss() {
     assert!(
         dropped,
         "the server dropped the frozen connection: {:?}",
-        slow.events
-            .iter()
-            .filter(|e| matches!(e, Event::Disconnected { .. }))
-            .collect::<Vec<_>>()
+        slow.events.iter().filter(|e| matches!(e, Event::Disconnected { .. })).collect::<Vec<_>>()
     );
 }
 
@@ -122,46 +82,22 @@ async fn history_by_offset_and_by_time() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let hist = |since, until, limit, reverse| {
-        Command::History(HistoryRequest {
-            channel: "log:1".into(),
-            since,
-            until,
-            limit,
-            reverse,
-        })
+        Command::History(HistoryRequest { channel: "log:1".into(), since, until, limit, reverse })
     };
     let get = |r: ReplyBody| match r {
         ReplyBody::History { publications, top } => (publications, top),
         other => panic!("{other:?}"),
     };
-    let (p, top) = get(c
-        .call(hist(
-            Some(HistoryBound::Offset(3)),
-            Some(HistoryBound::Offset(6)),
-            100,
-            false,
-        ))
-        .await
-        .unwrap());
+    let (p, top) =
+        get(c.call(hist(Some(HistoryBound::Offset(3)), Some(HistoryBound::Offset(6)), 100, false)).await.unwrap());
     assert_eq!(p.iter().map(|p| p.offset).collect::<Vec<_>>(), [3, 4, 5, 6]);
     assert_eq!(top.offset, 10);
     let (p, _) = get(c.call(hist(None, None, 3, true)).await.unwrap());
-    assert_eq!(
-        p.iter().map(|p| p.offset).collect::<Vec<_>>(),
-        [10, 9, 8],
-        "newest first"
-    );
+    assert_eq!(p.iter().map(|p| p.offset).collect::<Vec<_>>(), [10, 9, 8], "newest first");
     let (all, _) = get(c.call(hist(None, None, 100, false)).await.unwrap());
     let (t3, t7) = (all[2].time_ms, all[6].time_ms);
-    let (p, _) = get(c
-        .call(hist(
-            Some(HistoryBound::TimeMs(t3)),
-            Some(HistoryBound::TimeMs(t7)),
-            100,
-            false,
-        ))
-        .await
-        .unwrap());
+    let (p, _) =
+        get(c.call(hist(Some(HistoryBound::TimeMs(t3)), Some(HistoryBound::TimeMs(t7)), 100, false)).await.unwrap());
     assert_eq!(p.first().map(|p| p.offset), Some(3));
     assert_eq!(p.last().map(|p| p.offset), Some(7));
     assert!(p.iter().all(|p| p.time_ms >= t3 && p.time_ms <= t7));
@@ -175,12 +111,7 @@ async fn namespace_rules_and_subscription_limits() {
     cfg.limits.max_subscriptions = 3;
     cfg.namespaces.insert(
         "feed".into(),
-        Namespace {
-            client_publish: false,
-            max_qos: 1,
-            presence: false,
-            ..Namespace::default()
-        },
+        Namespace { client_publish: false, max_qos: 1, presence: false, ..Namespace::default() },
     );
     let srv = TestServer::start(cfg).await;
     let mut c = TestClient::new(&srv.url(), TestClient::config("n", "n", Encoding::Binary));
@@ -188,33 +119,30 @@ async fn namespace_rules_and_subscription_limits() {
     assert!(c.connected().await);
     // Backend-only namespace: clients may not publish.
     let now = c.now();
-    let id = c
-        .session
-        .publish(now, "feed:a", b"x".to_vec(), Qos::AtLeastOnce)
-        .unwrap();
+    let id = c.session.publish(now, "feed:a", b"x".to_vec(), Qos::AtLeastOnce).unwrap();
     assert!(
-        c.run_until(T, |c| c.events.iter().any(
-            |e| matches!(e, Event::PublishFailed { message_id, .. } if *message_id == id)
-        ))
-        .await
+        c.run_until(T, |c| c
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::PublishFailed { message_id, .. } if *message_id == id)))
+            .await
     );
     let err = c.events.iter().find_map(|e| match e {
-        Event::PublishFailed {
-            error: ferry_core::client::PublishError::Rejected(r),
-            ..
-        } => Some(r.code),
+        Event::PublishFailed { error: ferry_core::client::PublishError::Rejected(r), .. } => Some(r.code),
         _ => None,
     });
     assert_eq!(err, Some(ErrorCode::PermissionDenied as u16));
     // QoS is capped at the namespace maximum.
     c.subscribe("feed:a", Qos::ExactlyOnce).await;
-    assert!(c.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Subscribed { channel, qos: Qos::AtLeastOnce, .. } if channel == "feed:a"))).await);
+    assert!(
+        c.run_until(T, |c| c
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Subscribed { channel, qos: Qos::AtLeastOnce, .. } if channel == "feed:a")))
+            .await
+    );
     // Presence off for the namespace.
-    let r = c
-        .call(Command::PresenceStats {
-            channel: "feed:a".into(),
-        })
-        .await;
+    let r = c.call(Command::PresenceStats { channel: "feed:a".into() }).await;
     assert!(r.unwrap_err().contains("108"), "presence is off");
     // Bad channel names and the subscription limit.
     c.subscribe("bad name", Qos::AtMostOnce).await;
@@ -227,15 +155,8 @@ async fn namespace_rules_and_subscription_limits() {
             _ => None,
         })
     };
-    assert!(
-        c.run_until(T, |c| failed(c, "a:3").is_some()
-            && failed(c, "bad name").is_some())
-            .await
-    );
-    assert_eq!(
-        failed(&c, "bad name"),
-        Some(ErrorCode::UnknownChannel as u16)
-    );
+    assert!(c.run_until(T, |c| failed(c, "a:3").is_some() && failed(c, "bad name").is_some()).await);
+    assert_eq!(failed(&c, "bad name"), Some(ErrorCode::UnknownChannel as u16));
     assert_eq!(failed(&c, "a:3"), Some(ErrorCode::LimitExceeded as u16));
 }
 
@@ -260,13 +181,7 @@ async fn handshake_deadline_closes_idle_sockets() {
 #[tokio::test]
 async fn history_expires_by_age() {
     let mut cfg = test_config();
-    cfg.namespaces.insert(
-        "tmp".into(),
-        Namespace {
-            history_ttl_secs: 1,
-            ..Namespace::default()
-        },
-    );
+    cfg.namespaces.insert("tmp".into(), Namespace { history_ttl_secs: 1, ..Namespace::default() });
     let srv = TestServer::start(cfg).await;
     let mut c = TestClient::new(&srv.url(), TestClient::config("t", "t", Encoding::Binary));
     c.connect().await;
@@ -280,13 +195,7 @@ async fn history_expires_by_age() {
         other => panic!("{other:?}"),
     };
     let hist = |ch: &str| {
-        Command::History(HistoryRequest {
-            channel: ch.into(),
-            since: None,
-            until: None,
-            limit: 10,
-            reverse: false,
-        })
+        Command::History(HistoryRequest { channel: ch.into(), since: None, until: None, limit: 10, reverse: false })
     };
     assert_eq!(count(c.call(hist("tmp:x")).await.unwrap()), (3, 3));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -296,48 +205,26 @@ async fn history_expires_by_age() {
             assert_eq!(top, 3, "offsets are kept when history expires");
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "history never expired"
-        );
+        assert!(std::time::Instant::now() < deadline, "history never expired");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(
-        count(c.call(hist("keep:x")).await.unwrap()),
-        (3, 3),
-        "other namespaces keep theirs"
-    );
+    assert_eq!(count(c.call(hist("keep:x")).await.unwrap()), (3, 3), "other namespaces keep theirs");
     // A device that saw only the first message comes back: a gap is reported.
     let h = c.call(hist("tmp:x")).await.unwrap();
-    let ReplyBody::History { top, .. } = h else {
-        panic!()
-    };
+    let ReplyBody::History { top, .. } = h else { panic!() };
     let snapshot = ferry_core::client::Snapshot {
         subs: vec![ferry_core::client::SubRecord {
             channel: "tmp:x".into(),
             qos: Qos::AtLeastOnce,
-            position: Some(StreamPosition {
-                epoch: top.epoch.clone(),
-                offset: 1,
-            }),
+            position: Some(StreamPosition { epoch: top.epoch.clone(), offset: 1 }),
             seen: vec![],
         }],
         seen_cap: 1024,
         ..Default::default()
     };
-    let mut back = TestClient::restore(
-        &srv.url(),
-        TestClient::config("late", "", Encoding::Json),
-        snapshot,
-    );
+    let mut back = TestClient::restore(&srv.url(), TestClient::config("late", "", Encoding::Json), snapshot);
     back.connect().await;
-    assert!(
-        back.run_until(T, |c| c
-            .events
-            .iter()
-            .any(|e| matches!(e, Event::Gap { .. })))
-            .await
-    );
+    assert!(back.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Gap { .. }))).await);
     let gap = back.events.iter().find_map(|e| match e {
         Event::Gap { reason, to, .. } => Some((*reason, to.offset)),
         _ => None,

@@ -16,27 +16,15 @@ use tokio_tungstenite::tungstenite::Message;
 const T: Duration = Duration::from_secs(20);
 
 fn joins(c: &TestClient, user: &str) -> usize {
-    c.events
-        .iter()
-        .filter(|e| matches!(e, Event::Join { info, .. } if info.user == user))
-        .count()
+    c.events.iter().filter(|e| matches!(e, Event::Join { info, .. } if info.user == user)).count()
 }
 
 fn leaves(c: &TestClient, user: &str) -> usize {
-    c.events
-        .iter()
-        .filter(|e| matches!(e, Event::Leave { info, .. } if info.user == user))
-        .count()
+    c.events.iter().filter(|e| matches!(e, Event::Leave { info, .. } if info.user == user)).count()
 }
 
 async fn stats(c: &mut TestClient) -> (u32, u32) {
-    match c
-        .call(Command::PresenceStats {
-            channel: "room:p".into(),
-        })
-        .await
-        .unwrap()
-    {
+    match c.call(Command::PresenceStats { channel: "room:p".into() }).await.unwrap() {
         ReplyBody::PresenceStats { clients, users } => (clients, users),
         other => panic!("{other:?}"),
     }
@@ -48,53 +36,25 @@ async fn join_leave_with_grace_and_silent_connection_eviction() {
     cfg.presence_grace_ms = 400;
     cfg.limits.ping_interval_ms = 300;
     cfg.limits.pong_timeout_ms = 300;
-    cfg.namespaces.insert(
-        "room".into(),
-        Namespace {
-            join_leave: true,
-            ..Namespace::default()
-        },
-    );
+    cfg.namespaces.insert("room".into(), Namespace { join_leave: true, ..Namespace::default() });
     let srv = TestServer::start(cfg).await;
-    let mut a = TestClient::new(
-        &srv.url(),
-        TestClient::config("a", "alice", Encoding::Binary),
-    );
+    let mut a = TestClient::new(&srv.url(), TestClient::config("a", "alice", Encoding::Binary));
     a.subscribe("room:p", Qos::AtMostOnce).await;
     a.connect().await;
-    assert!(
-        a.run_until(T, |c| c
-            .events
-            .iter()
-            .any(|e| matches!(e, Event::Subscribed { .. })))
-            .await
-    );
+    assert!(a.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Subscribed { .. }))).await);
 
     // Bob joins with two connections: one join.
     let mut b1 = TestClient::new(&srv.url(), TestClient::config("b1", "bob", Encoding::Json));
-    let mut b2 = TestClient::new(
-        &srv.url(),
-        TestClient::config("b2", "bob", Encoding::Binary),
-    );
+    let mut b2 = TestClient::new(&srv.url(), TestClient::config("b2", "bob", Encoding::Binary));
     for b in [&mut b1, &mut b2] {
         b.subscribe("room:p", Qos::AtLeastOnce).await;
         b.connect().await;
     }
     let mut cs = vec![a, b1, b2];
-    assert!(
-        run_all(&mut cs, T, |cs| joins(&cs[0], "bob") == 1
-            && cs[2].session.is_connected())
-        .await
-    );
+    assert!(run_all(&mut cs, T, |cs| joins(&cs[0], "bob") == 1 && cs[2].session.is_connected()).await);
     let [mut a, mut b1, mut b2]: [TestClient; 3] = cs.try_into().ok().unwrap();
     assert_eq!(stats(&mut a).await, (3, 2));
-    let list = match a
-        .call(Command::Presence {
-            channel: "room:p".into(),
-        })
-        .await
-        .unwrap()
-    {
+    let list = match a.call(Command::Presence { channel: "room:p".into() }).await.unwrap() {
         ReplyBody::Presence { clients } => clients,
         other => panic!("{other:?}"),
     };
@@ -128,19 +88,12 @@ async fn join_leave_with_grace_and_silent_connection_eviction() {
             token: "carol".into(),
             device_id: "c".into(),
             client: ClientVersion::default(),
-            subs: vec![SubscribeRequest {
-                channel: "room:p".into(),
-                qos: Qos::AtMostOnce,
-                since: None,
-            }],
+            subs: vec![SubscribeRequest { channel: "room:p".into(), qos: Qos::AtMostOnce, since: None }],
             compression: false,
         }),
     };
     let msg = codec::encode(Encoding::Json, &connect);
-    carol
-        .send(Message::Text(String::from_utf8(msg).unwrap().into()))
-        .await
-        .unwrap();
+    carol.send(Message::Text(String::from_utf8(msg).unwrap().into())).await.unwrap();
     // Bob keeps answering pings; Carol does not.
     let mut cs = vec![a, b1];
     assert!(run_all(&mut cs, T, |cs| joins(&cs[0], "carol") == 1).await);
@@ -148,10 +101,7 @@ async fn join_leave_with_grace_and_silent_connection_eviction() {
     assert!(run_all(&mut cs, T, |cs| leaves(&cs[0], "carol") == 1).await);
     let took = silent_since.elapsed();
     // Ping interval + pong timeout + grace, with slack for a busy machine.
-    assert!(
-        took < Duration::from_millis(300 + 300 + 400 + 1500),
-        "evicted after {took:?}"
-    );
+    assert!(took < Duration::from_millis(300 + 300 + 400 + 1500), "evicted after {took:?}");
     let [mut a, mut b1]: [TestClient; 2] = cs.try_into().ok().unwrap();
     assert_eq!(leaves(&a, "bob"), 0);
     b1.run_for(Duration::from_millis(10)).await;

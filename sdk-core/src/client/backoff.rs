@@ -17,11 +17,7 @@ impl Backoff {
     /// Delays between `min` and `max`.
     pub fn new(min: Duration, max: Duration) -> Self {
         let min_ms = ms(min).max(1);
-        Backoff {
-            min_ms,
-            max_ms: ms(max).max(min_ms),
-            attempt: 0,
-        }
+        Backoff { min_ms, max_ms: ms(max).max(min_ms), attempt: 0 }
     }
     /// Attempts since the last success.
     pub fn attempt(&self) -> u32 {
@@ -29,9 +25,7 @@ impl Backoff {
     }
     /// The ceiling for attempt `n`: `min(max, min * 2^(n+1))`.
     pub fn ceiling(&self, n: u32) -> u64 {
-        let factor = 1u64
-            .checked_shl(n.saturating_add(1).min(62))
-            .unwrap_or(u64::MAX);
+        let factor = 1u64.checked_shl(n.saturating_add(1).min(62)).unwrap_or(u64::MAX);
         self.min_ms.saturating_mul(factor).min(self.max_ms)
     }
     /// Next delay in milliseconds, uniform in `[min, ceiling(attempt)]`.

@@ -87,13 +87,7 @@ impl Inbox {
     }
 
     /// Take one arriving publication.
-    pub fn arrive(
-        &mut self,
-        p: Publication,
-        qos: Qos,
-        buffer_cap: usize,
-        seen_cap: usize,
-    ) -> Arrival {
+    pub fn arrive(&mut self, p: Publication, qos: Qos, buffer_cap: usize, seen_cap: usize) -> Arrival {
         if p.epoch != self.epoch {
             return Arrival::WrongEpoch;
         }

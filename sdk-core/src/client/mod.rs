@@ -103,10 +103,7 @@ impl ClientConfig {
             device_id: device_id.into(),
             token: String::new(),
             refreshable: false,
-            client: ClientVersion {
-                name: "ferry-core".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-            },
+            client: ClientVersion { name: "ferry-core".into(), version: env!("CARGO_PKG_VERSION").into() },
             encoding: Encoding::Binary,
             compression: true,
             backoff_min: Duration::from_millis(500),
@@ -569,15 +566,9 @@ impl ClientSession {
             State::WaitingToken => ConnectionState::WaitingToken,
             State::Connecting { .. } | State::Handshaking { .. } => ConnectionState::Connecting,
             State::Live(_) => ConnectionState::Connected,
-            State::Backoff { attempt, delay_ms } => ConnectionState::Backoff {
-                attempt: *attempt,
-                delay_ms: *delay_ms,
-            },
+            State::Backoff { attempt, delay_ms } => ConnectionState::Backoff { attempt: *attempt, delay_ms: *delay_ms },
             State::Offline => ConnectionState::Offline,
-            State::Closed { code, reason } => ConnectionState::Closed {
-                code: *code,
-                reason: reason.clone(),
-            },
+            State::Closed { code, reason } => ConnectionState::Closed { code: *code, reason: reason.clone() },
         }
     }
 
@@ -608,20 +599,12 @@ impl ClientSession {
 
     /// Largest reorder buffer among subscriptions.
     pub fn max_reorder_buffered(&self) -> usize {
-        self.subs
-            .values()
-            .map(|s| s.inbox.buffered())
-            .max()
-            .unwrap_or(0)
+        self.subs.values().map(|s| s.inbox.buffered()).max().unwrap_or(0)
     }
 
     /// Largest dedup window among subscriptions.
     pub fn max_dedup_window(&self) -> usize {
-        self.subs
-            .values()
-            .map(|s| s.inbox.seen.len())
-            .max()
-            .unwrap_or(0)
+        self.subs.values().map(|s| s.inbox.seen.len()).max().unwrap_or(0)
     }
 
     /// Last surfaced position of a subscription.
@@ -708,10 +691,7 @@ impl ClientSession {
         self.token_pending = false;
         if terminal {
             self.drop_transport(now, CloseCode::Unauthorized as u16, "no token".into());
-            self.set_state(State::Closed {
-                code: CloseCode::Unauthorized as u16,
-                reason: "no token".into(),
-            });
+            self.set_state(State::Closed { code: CloseCode::Unauthorized as u16, reason: "no token".into() });
         } else if matches!(self.state, State::WaitingToken) {
             self.schedule_reconnect(now);
         }
@@ -732,24 +712,14 @@ impl ClientSession {
                 s.qos = qos;
                 s.phase = SubPhase::Wanted;
                 if let (true, Some(conn)) = (was_on_server, live_conn) {
-                    self.request(
-                        now,
-                        conn,
-                        Pending::Unsubscribe,
-                        Command::Unsubscribe {
-                            channel: channel.into(),
-                        },
-                    );
+                    self.request(now, conn, Pending::Unsubscribe, Command::Unsubscribe { channel: channel.into() });
                 }
             }
             None => {
                 self.subs.insert(channel.to_string(), Sub::new(qos));
             }
         }
-        self.emit(Event::Persist(Change::Subscribe {
-            channel: channel.into(),
-            qos,
-        }));
+        self.emit(Event::Persist(Change::Subscribe { channel: channel.into(), qos }));
         if let Some(conn) = live_conn {
             self.send_subscribe(now, conn, channel);
         }
@@ -760,39 +730,21 @@ impl ClientSession {
         if self.subs.remove(channel).is_none() {
             return;
         }
-        self.emit(Event::Persist(Change::Unsubscribe {
-            channel: channel.into(),
-        }));
+        self.emit(Event::Persist(Change::Unsubscribe { channel: channel.into() }));
         if let State::Live(live) = &self.state {
             let conn = live.conn;
-            self.request(
-                now,
-                conn,
-                Pending::Unsubscribe,
-                Command::Unsubscribe {
-                    channel: channel.into(),
-                },
-            );
+            self.request(now, conn, Pending::Unsubscribe, Command::Unsubscribe { channel: channel.into() });
         }
     }
 
     /// Publish; returns the message id that later events name.
-    pub fn publish(
-        &mut self,
-        now: Instant,
-        channel: &str,
-        data: Vec<u8>,
-        qos: Qos,
-    ) -> Result<String, PublishError> {
+    pub fn publish(&mut self, now: Instant, channel: &str, data: Vec<u8>, qos: Qos) -> Result<String, PublishError> {
         if let State::Closed { .. } = self.state {
             return Err(PublishError::Closed);
         }
         let limit = self.max_payload();
         if data.len() > limit {
-            return Err(PublishError::TooLarge {
-                size: data.len(),
-                limit,
-            });
+            return Err(PublishError::TooLarge { size: data.len(), limit });
         }
         let live = self.is_connected();
         if qos == Qos::AtMostOnce && !live && self.cfg.qos0_offline == Qos0Offline::Fail {
@@ -802,15 +754,9 @@ impl ClientSession {
         // durable write, and can never collide with a persisted id.
         let message_id = if qos == Qos::AtMostOnce {
             self.volatile_seq += 1;
-            format!(
-                "{}:{:016x}:v{}",
-                self.cfg.device_id, self.volatile_nonce, self.volatile_seq
-            )
+            format!("{}:{:016x}:v{}", self.cfg.device_id, self.volatile_nonce, self.volatile_seq)
         } else {
-            format!(
-                "{}:{:016x}:{}",
-                self.cfg.device_id, self.nonce, self.next_seq
-            )
+            format!("{}:{:016x}:{}", self.cfg.device_id, self.nonce, self.next_seq)
         };
         let rec = OutboxRecord {
             message_id: message_id.clone(),
@@ -820,19 +766,12 @@ impl ClientSession {
             expires_at: now.plus(self.cfg.message_ttl),
             stored: None,
         };
-        if !self.outbox.fits(
-            &rec,
-            self.cfg.outbox_max_messages,
-            self.cfg.outbox_max_bytes,
-        ) {
+        if !self.outbox.fits(&rec, self.cfg.outbox_max_messages, self.cfg.outbox_max_bytes) {
             return Err(PublishError::OutboxFull);
         }
         if qos != Qos::AtMostOnce {
             self.next_seq += 1;
-            self.emit(Event::Persist(Change::OutboxAdd {
-                record: rec.clone(),
-                next_seq: self.next_seq,
-            }));
+            self.emit(Event::Persist(Change::OutboxAdd { record: rec.clone(), next_seq: self.next_seq }));
         }
         self.outbox.push(rec);
         self.pump_outbox(now);
@@ -860,9 +799,7 @@ impl ClientSession {
         match input {
             Input::TransportOpened { conn } => self.on_open(now, conn),
             Input::TransportMessage { conn, data } => self.on_message(now, conn, data),
-            Input::TransportClosed { conn, code, reason } => {
-                self.on_closed(now, conn, code, reason)
-            }
+            Input::TransportClosed { conn, code, reason } => self.on_closed(now, conn, code, reason),
             Input::Timeout => self.on_timeout(now),
             Input::NetworkChanged { online } => self.on_network(now, online),
         }
@@ -882,16 +819,11 @@ impl ClientSession {
                 let mut frames = 1;
                 while let Some(Queued::Frame(c, next)) = self.queue.front() {
                     let sep = usize::from(self.cfg.encoding == Encoding::Json);
-                    if *c != conn
-                        || data.len() + sep + next.len() > max
-                        || frames == codec::MAX_FRAMES_PER_MESSAGE
-                    {
+                    if *c != conn || data.len() + sep + next.len() > max || frames == codec::MAX_FRAMES_PER_MESSAGE {
                         break;
                     }
                     frames += 1;
-                    let Some(Queued::Frame(_, next)) = self.queue.pop_front() else {
-                        unreachable!()
-                    };
+                    let Some(Queued::Frame(_, next)) = self.queue.pop_front() else { unreachable!() };
                     codec::join_into(self.cfg.encoding, &next, &mut data);
                 }
                 Output::Transmit { conn, data }
@@ -940,8 +872,7 @@ impl ClientSession {
         let conn = self.next_conn;
         self.next_conn += 1;
         self.queue.push_back(Queued::Out(Output::Open { conn }));
-        self.timers
-            .set(Timer::Connect as usize, now.plus(self.cfg.connect_timeout));
+        self.timers.set(Timer::Connect as usize, now.plus(self.cfg.connect_timeout));
         self.set_state(State::Connecting { conn });
     }
 
@@ -955,11 +886,7 @@ impl ClientSession {
             .map(|(ch, s)| SubscribeRequest {
                 channel: ch.clone(),
                 qos: s.qos,
-                since: if s.qos == Qos::AtMostOnce {
-                    None
-                } else {
-                    s.position.clone()
-                },
+                since: if s.qos == Qos::AtMostOnce { None } else { s.position.clone() },
             })
             .collect();
         for s in self.subs.values_mut() {
@@ -993,24 +920,13 @@ impl ClientSession {
     }
 
     /// Common path once a transport is gone. `we_closed` asks the host to close it.
-    fn after_close(
-        &mut self,
-        now: Instant,
-        code: u16,
-        reason: String,
-        reconnect: bool,
-        we_closed: bool,
-    ) {
+    fn after_close(&mut self, now: Instant, code: u16, reason: String, reconnect: bool, we_closed: bool) {
         if we_closed {
             self.drop_transport(now, code, reason.clone());
         } else {
             self.cleanup_connection(now);
         }
-        self.emit(Event::Disconnected {
-            code,
-            reason: reason.clone(),
-            reconnect,
-        });
+        self.emit(Event::Disconnected { code, reason: reason.clone(), reconnect });
         if !reconnect {
             self.set_state(State::Closed { code, reason });
             return;
@@ -1029,19 +945,14 @@ impl ClientSession {
     fn schedule_reconnect(&mut self, now: Instant) {
         let attempt = self.backoff.attempt();
         let delay = self.backoff.next_delay(&mut self.rng);
-        self.timers
-            .set(Timer::Reconnect as usize, now.add_ms(delay));
-        self.set_state(State::Backoff {
-            attempt,
-            delay_ms: delay,
-        });
+        self.timers.set(Timer::Reconnect as usize, now.add_ms(delay));
+        self.set_state(State::Backoff { attempt, delay_ms: delay });
     }
 
     /// Tell the host to close the current transport (if any) and forget it.
     fn drop_transport(&mut self, now: Instant, code: u16, reason: String) {
         if let Some(conn) = self.current_conn() {
-            self.queue
-                .push_back(Queued::Out(Output::Close { conn, code, reason }));
+            self.queue.push_back(Queued::Out(Output::Close { conn, code, reason }));
         }
         self.cleanup_connection(now);
     }
@@ -1049,33 +960,16 @@ impl ClientSession {
     /// Per-connection state goes; durable state stays.
     fn cleanup_connection(&mut self, now: Instant) {
         let old = self.current_conn();
-        self.queue
-            .retain(|q| !matches!(q, Queued::Frame(c, _) if Some(*c) == old));
-        for t in [
-            Timer::Connect,
-            Timer::PingDeadline,
-            Timer::Request,
-            Timer::Refresh,
-        ] {
+        self.queue.retain(|q| !matches!(q, Queued::Frame(c, _) if Some(*c) == old));
+        for t in [Timer::Connect, Timer::PingDeadline, Timer::Request, Timer::Refresh] {
             self.timers.clear(t as usize);
         }
         let pending = std::mem::take(&mut self.pending);
-        let mut calls: Vec<u64> = pending
-            .values()
-            .filter_map(|(p, _)| {
-                if let Pending::Call(id) = p {
-                    Some(*id)
-                } else {
-                    None
-                }
-            })
-            .collect();
+        let mut calls: Vec<u64> =
+            pending.values().filter_map(|(p, _)| if let Pending::Call(id) = p { Some(*id) } else { None }).collect();
         calls.sort_unstable();
         for call in calls {
-            self.emit(Event::CallResult {
-                call,
-                result: Err(CallError::ConnectionLost),
-            });
+            self.emit(Event::CallResult { call, result: Err(CallError::ConnectionLost) });
         }
         // QoS 0 publishes on the wire are not retried.
         let mut i = 0;
@@ -1098,15 +992,9 @@ impl ClientSession {
             s.early.clear();
             s.ack_due = false;
         }
-        if matches!(
-            self.state,
-            State::Connecting { .. } | State::Handshaking { .. } | State::Live(_)
-        ) {
+        if matches!(self.state, State::Connecting { .. } | State::Handshaking { .. } | State::Live(_)) {
             // Transitional: the caller moves on to Backoff, Closed or Idle.
-            self.state = State::Backoff {
-                attempt: self.backoff.attempt(),
-                delay_ms: 0,
-            };
+            self.state = State::Backoff { attempt: self.backoff.attempt(), delay_ms: 0 };
         }
         self.arm_outbox_timers(now);
     }
@@ -1135,16 +1023,11 @@ impl ClientSession {
     }
 
     fn on_timeout(&mut self, now: Instant) {
-        if self.timers.take_due(Timer::Reconnect as usize, now)
-            && matches!(self.state, State::Backoff { .. })
-        {
+        if self.timers.take_due(Timer::Reconnect as usize, now) && matches!(self.state, State::Backoff { .. }) {
             self.start_attempt(now);
         }
         if self.timers.take_due(Timer::Connect as usize, now)
-            && matches!(
-                self.state,
-                State::Connecting { .. } | State::Handshaking { .. }
-            )
+            && matches!(self.state, State::Connecting { .. } | State::Handshaking { .. })
         {
             let code = CloseCode::HandshakeTimeout as u16;
             self.after_close(now, code, "connect timeout".into(), true, true);
@@ -1184,9 +1067,7 @@ impl ClientSession {
                     self.pending.remove(&req);
                 }
                 if e.rec.qos != Qos::AtMostOnce {
-                    self.emit(Event::Persist(Change::OutboxRemove {
-                        message_id: e.rec.message_id.clone(),
-                    }));
+                    self.emit(Event::Persist(Change::OutboxRemove { message_id: e.rec.message_id.clone() }));
                 }
                 self.emit(Event::PublishFailed {
                     message_id: e.rec.message_id,
@@ -1201,13 +1082,8 @@ impl ClientSession {
     }
 
     fn arm_outbox_timers(&mut self, now: Instant) {
-        self.timers
-            .set_opt(Timer::Expiry as usize, self.outbox.next_expiry());
-        let retry = if self.is_connected() {
-            self.outbox.next_retry(now)
-        } else {
-            None
-        };
+        self.timers.set_opt(Timer::Expiry as usize, self.outbox.next_expiry());
+        let retry = if self.is_connected() { self.outbox.next_retry(now) } else { None };
         self.timers.set_opt(Timer::Retry as usize, retry);
     }
 
@@ -1219,8 +1095,7 @@ impl ClientSession {
     // ---- internals: frames ---------------------------------------------
 
     fn send(&mut self, conn: ConnId, frame: &ClientFrame) {
-        self.queue
-            .push_back(Queued::Frame(conn, codec::encode(self.cfg.encoding, frame)));
+        self.queue.push_back(Queued::Frame(conn, codec::encode(self.cfg.encoding, frame)));
     }
 
     fn request(&mut self, now: Instant, conn: ConnId, p: Pending, cmd: Command) -> u32 {
@@ -1240,11 +1115,7 @@ impl ClientSession {
         if self.current_conn() != Some(conn) {
             return;
         }
-        let frames = match codec::decode_server(
-            self.cfg.encoding,
-            data,
-            self.max_message_size().max(1 << 20),
-        ) {
+        let frames = match codec::decode_server(self.cfg.encoding, data, self.max_message_size().max(1 << 20)) {
             Ok(f) => f,
             Err(e) => {
                 // A peer that sends garbage cannot be trusted with our state.
@@ -1271,9 +1142,7 @@ impl ClientSession {
         };
         self.arm_request_timer();
         match (p, outcome) {
-            (Pending::Connect, Outcome::Ok(ReplyBody::Connected(c))) => {
-                self.on_connected(now, conn, c)
-            }
+            (Pending::Connect, Outcome::Ok(ReplyBody::Connected(c))) => self.on_connected(now, conn, c),
             (Pending::Connect, Outcome::Error(e)) => {
                 let code = match ErrorCode::from_u16(e.code) {
                     Some(ErrorCode::TokenExpired) => CloseCode::TokenExpired as u16,
@@ -1283,31 +1152,13 @@ impl ClientSession {
                 let reconnect = CloseCode::reconnects(code);
                 self.after_close(now, code, e.message, reconnect, true);
             }
-            (Pending::Subscribe(ch), Outcome::Ok(ReplyBody::Subscribed(s))) if s.channel == ch => {
-                self.on_subscribed(s)
-            }
+            (Pending::Subscribe(ch), Outcome::Ok(ReplyBody::Subscribed(s))) if s.channel == ch => self.on_subscribed(s),
             (Pending::Subscribe(ch), Outcome::Error(e)) => self.on_subscribe_error(now, ch, e),
-            (
-                Pending::Publish(mid),
-                Outcome::Ok(ReplyBody::Published {
-                    epoch,
-                    offset,
-                    duplicate,
-                }),
-            ) => self.on_published(
-                now,
-                conn,
-                &mid,
-                StoredAt {
-                    epoch,
-                    offset,
-                    duplicate,
-                },
-            ),
-            (Pending::Publish(mid), Outcome::Error(e)) => self.on_publish_error(now, &mid, e),
-            (Pending::Release(mid), Outcome::Ok(ReplyBody::Released)) => {
-                self.on_released(now, &mid)
+            (Pending::Publish(mid), Outcome::Ok(ReplyBody::Published { epoch, offset, duplicate })) => {
+                self.on_published(now, conn, &mid, StoredAt { epoch, offset, duplicate })
             }
+            (Pending::Publish(mid), Outcome::Error(e)) => self.on_publish_error(now, &mid, e),
+            (Pending::Release(mid), Outcome::Ok(ReplyBody::Released)) => self.on_released(now, &mid),
             (Pending::Release(mid), Outcome::Error(_)) => {
                 // Releasing is idempotent: an error means the server no longer
                 // knows the id, which is the state we wanted.
@@ -1317,22 +1168,15 @@ impl ClientSession {
                 self.arm_refresh(now, expires_in_ms)
             }
             (Pending::Refresh, Outcome::Error(e)) => {
-                self.emit(Event::Error(format!(
-                    "token refresh refused: {}",
-                    e.message
-                )));
+                self.emit(Event::Error(format!("token refresh refused: {}", e.message)));
                 if !e.temporary {
                     self.token_pending = true;
                 }
             }
-            (Pending::Call(call), Outcome::Ok(body)) => self.emit(Event::CallResult {
-                call,
-                result: Ok(body),
-            }),
-            (Pending::Call(call), Outcome::Error(e)) => self.emit(Event::CallResult {
-                call,
-                result: Err(CallError::Server(e)),
-            }),
+            (Pending::Call(call), Outcome::Ok(body)) => self.emit(Event::CallResult { call, result: Ok(body) }),
+            (Pending::Call(call), Outcome::Error(e)) => {
+                self.emit(Event::CallResult { call, result: Err(CallError::Server(e)) })
+            }
             (Pending::Unsubscribe, _) => {}
             (p, o) => self.emit(Event::Error(format!("unexpected reply {o:?} to {p:?}"))),
         }
@@ -1345,15 +1189,10 @@ impl ClientSession {
         let live = Live {
             conn,
             ping_wait,
-            compress_min: if self.cfg.compression {
-                c.compress_min
-            } else {
-                None
-            },
+            compress_min: if self.cfg.compression { c.compress_min } else { None },
             max_message_size: (c.max_message_size as usize).max(1024),
         };
-        self.timers
-            .set(Timer::PingDeadline as usize, now.add_ms(ping_wait));
+        self.timers.set(Timer::PingDeadline as usize, now.add_ms(ping_wait));
         self.backoff.reset();
         self.stats.connects += 1;
         self.set_state(State::Live(live));
@@ -1362,18 +1201,12 @@ impl ClientSession {
         for r in c.subs {
             match r {
                 SubscribeResult::Ok(s) => self.on_subscribed(s),
-                SubscribeResult::Error { channel, error } => {
-                    self.on_subscribe_error(now, channel, error)
-                }
+                SubscribeResult::Error { channel, error } => self.on_subscribe_error(now, channel, error),
             }
         }
         // Subscriptions the server did not answer for (or added meanwhile).
         for ch in wanted {
-            if self
-                .subs
-                .get(&ch)
-                .is_some_and(|s| s.phase != SubPhase::Active)
-            {
+            if self.subs.get(&ch).is_some_and(|s| s.phase != SubPhase::Active) {
                 self.send_subscribe(now, conn, &ch);
             }
         }
@@ -1384,8 +1217,7 @@ impl ClientSession {
         match expires_in_ms {
             Some(t) if self.cfg.refreshable => {
                 let margin = ms(self.cfg.refresh_margin).min(t / 2);
-                self.timers
-                    .set(Timer::Refresh as usize, now.add_ms(t - margin));
+                self.timers.set(Timer::Refresh as usize, now.add_ms(t - margin));
             }
             _ => self.timers.clear(Timer::Refresh as usize),
         }
@@ -1399,22 +1231,9 @@ impl ClientSession {
             return;
         }
         s.phase = SubPhase::Pending;
-        let since = if s.qos == Qos::AtMostOnce {
-            None
-        } else {
-            s.position.clone()
-        };
-        let req = SubscribeRequest {
-            channel: ch.into(),
-            qos: s.qos,
-            since,
-        };
-        self.request(
-            now,
-            conn,
-            Pending::Subscribe(ch.into()),
-            Command::Subscribe(req),
-        );
+        let since = if s.qos == Qos::AtMostOnce { None } else { s.position.clone() };
+        let req = SubscribeRequest { channel: ch.into(), qos: s.qos, since };
+        self.request(now, conn, Pending::Subscribe(ch.into()), Command::Subscribe(req));
     }
 
     fn on_subscribed(&mut self, r: Subscribed) {
@@ -1432,10 +1251,7 @@ impl ClientSession {
             Some(p) if p.epoch == r.epoch => r.from.max(p.offset.saturating_add(1)),
             _ => r.from,
         };
-        let resumed = StreamPosition {
-            epoch: r.epoch.clone(),
-            offset: from.saturating_sub(1),
-        };
+        let resumed = StreamPosition { epoch: r.epoch.clone(), offset: from.saturating_sub(1) };
         let gap = match &sub.position {
             Some(p) if p.epoch != r.epoch => Some(GapReason::EpochChanged),
             Some(_) if !r.recovered => Some(GapReason::NotRetained),
@@ -1455,19 +1271,9 @@ impl ClientSession {
             }));
         }
         if let Some(reason) = gap {
-            self.emit(Event::Gap {
-                channel: r.channel.clone(),
-                from: old,
-                to: resumed.clone(),
-                reason,
-            });
+            self.emit(Event::Gap { channel: r.channel.clone(), from: old, to: resumed.clone(), reason });
         }
-        self.emit(Event::Subscribed {
-            channel: r.channel.clone(),
-            qos,
-            position: resumed,
-            recovered: gap.is_none(),
-        });
+        self.emit(Event::Subscribed { channel: r.channel.clone(), qos, position: resumed, recovered: gap.is_none() });
         for p in early {
             self.arrive(&r.channel, p, cap, seen_cap);
         }
@@ -1480,14 +1286,7 @@ impl ClientSession {
             if let (Some(s), State::Live(l)) = (self.subs.get_mut(&channel), &self.state) {
                 let conn = l.conn;
                 s.phase = SubPhase::Wanted;
-                self.request(
-                    now,
-                    conn,
-                    Pending::Unsubscribe,
-                    Command::Unsubscribe {
-                        channel: channel.clone(),
-                    },
-                );
+                self.request(now, conn, Pending::Unsubscribe, Command::Unsubscribe { channel: channel.clone() });
                 self.send_subscribe(now, conn, &channel);
             }
             return;
@@ -1502,9 +1301,7 @@ impl ClientSession {
             return;
         }
         if self.subs.remove(&channel).is_some() {
-            self.emit(Event::Persist(Change::Unsubscribe {
-                channel: channel.clone(),
-            }));
+            self.emit(Event::Persist(Change::Unsubscribe { channel: channel.clone() }));
         }
         self.emit(Event::SubscribeFailed { channel, error });
     }
@@ -1514,8 +1311,7 @@ impl ClientSession {
             Push::Ping => {
                 if let State::Live(l) = &self.state {
                     let wait = l.ping_wait;
-                    self.timers
-                        .set(Timer::PingDeadline as usize, now.add_ms(wait));
+                    self.timers.set(Timer::PingDeadline as usize, now.add_ms(wait));
                     self.send(conn, &ClientFrame::Pong);
                 }
             }
@@ -1533,32 +1329,18 @@ impl ClientSession {
                     self.emit(Event::Leave { channel, info })
                 }
             }
-            Push::Unsubscribed {
-                channel,
-                code,
-                reason,
-            } => {
+            Push::Unsubscribed { channel, code, reason } => {
                 if CloseCode::reconnects(code) {
                     if let Some(s) = self.subs.get_mut(&channel) {
                         s.phase = SubPhase::Wanted;
                         self.send_subscribe(now, conn, &channel);
                     }
                 } else if self.subs.remove(&channel).is_some() {
-                    self.emit(Event::Persist(Change::Unsubscribe {
-                        channel: channel.clone(),
-                    }));
-                    self.emit(Event::Unsubscribed {
-                        channel,
-                        code,
-                        reason,
-                    });
+                    self.emit(Event::Persist(Change::Unsubscribe { channel: channel.clone() }));
+                    self.emit(Event::Unsubscribed { channel, code, reason });
                 }
             }
-            Push::Disconnect {
-                code,
-                reason,
-                reconnect,
-            } => {
+            Push::Disconnect { code, reason, reconnect } => {
                 self.announced = Some((code, reason, reconnect && CloseCode::reconnects(code)));
             }
         }
@@ -1588,10 +1370,7 @@ impl ClientSession {
             // A payload that cannot be inflated still takes its place in the
             // stream (reported, not surfaced), so it cannot stall delivery.
             if let Ok(d) = compress::unpack(&p.payload, limit) {
-                p.payload = Payload {
-                    z: false,
-                    data: Bytes(d),
-                };
+                p.payload = Payload { z: false, data: Bytes(d) };
             }
         }
         let before = sub.inbox.next;
@@ -1606,10 +1385,7 @@ impl ClientSession {
         match arrival {
             Arrival::Deliver(run) => {
                 let ids: Vec<String> = run.iter().map(|p| p.message_id.clone()).collect();
-                sub.position = Some(StreamPosition {
-                    epoch: epoch.clone(),
-                    offset: delivered,
-                });
+                sub.position = Some(StreamPosition { epoch: epoch.clone(), offset: delivered });
                 for p in run {
                     if p.payload.z {
                         self.emit(Event::Error(format!(
@@ -1622,26 +1398,17 @@ impl ClientSession {
                 }
                 self.emit(Event::Persist(Change::Position {
                     channel: ch.into(),
-                    position: StreamPosition {
-                        epoch,
-                        offset: delivered,
-                    },
+                    position: StreamPosition { epoch, offset: delivered },
                     surfaced: ids,
                 }));
             }
             Arrival::Duplicate => {
                 self.stats.duplicates += 1;
                 if moved {
-                    sub.position = Some(StreamPosition {
-                        epoch: epoch.clone(),
-                        offset: delivered,
-                    });
+                    sub.position = Some(StreamPosition { epoch: epoch.clone(), offset: delivered });
                     self.emit(Event::Persist(Change::Position {
                         channel: ch.into(),
-                        position: StreamPosition {
-                            epoch,
-                            offset: delivered,
-                        },
+                        position: StreamPosition { epoch, offset: delivered },
                         surfaced: vec![],
                     }));
                 }
@@ -1667,11 +1434,7 @@ impl ClientSession {
             s.ack_due = false;
             let d = s.inbox.delivered();
             if d > 0 {
-                items.push(AckItem {
-                    channel: ch.clone(),
-                    epoch: s.inbox.epoch.clone(),
-                    offset: d,
-                });
+                items.push(AckItem { channel: ch.clone(), epoch: s.inbox.epoch.clone(), offset: d });
             }
         }
         if !items.is_empty() {
@@ -1687,10 +1450,7 @@ impl ClientSession {
             State::Live(l) => (l.conn, l.compress_min),
             _ => return,
         };
-        let mut budget = self
-            .cfg
-            .max_in_flight
-            .saturating_sub(self.outbox.in_flight());
+        let mut budget = self.cfg.max_in_flight.saturating_sub(self.outbox.in_flight());
         let mut sends = Vec::new();
         for (i, e) in self.outbox.entries.iter().enumerate() {
             if budget == 0 {
@@ -1706,9 +1466,7 @@ impl ClientSession {
             let (p, cmd) = match &e.rec.stored {
                 Some(_) => (
                     Pending::Release(e.rec.message_id.clone()),
-                    Command::Release {
-                        message_id: e.rec.message_id.clone(),
-                    },
+                    Command::Release { message_id: e.rec.message_id.clone() },
                 ),
                 None => (
                     Pending::Publish(e.rec.message_id.clone()),
@@ -1738,32 +1496,19 @@ impl ClientSession {
             // release it, so a late retry can never be stored twice.
             e.rec.stored = Some(at.clone());
             let message_id = e.rec.message_id.clone();
-            self.emit(Event::Persist(Change::OutboxStored {
-                message_id: message_id.clone(),
-                stored: at,
-            }));
-            let req = self.request(
-                now,
-                conn,
-                Pending::Release(message_id.clone()),
-                Command::Release { message_id },
-            );
+            self.emit(Event::Persist(Change::OutboxStored { message_id: message_id.clone(), stored: at }));
+            let req = self.request(now, conn, Pending::Release(message_id.clone()), Command::Release { message_id });
             self.outbox.entries[i].wire = Wire::Sent(req);
             return;
         }
         let e = self.outbox.remove(i).expect("index valid");
         if e.rec.qos != Qos::AtMostOnce {
-            self.emit(Event::Persist(Change::OutboxRemove {
-                message_id: e.rec.message_id.clone(),
-            }));
+            self.emit(Event::Persist(Change::OutboxRemove { message_id: e.rec.message_id.clone() }));
         }
         self.emit(Event::PublishAcked {
             message_id: e.rec.message_id,
             channel: e.rec.channel,
-            position: StreamPosition {
-                epoch: at.epoch,
-                offset: at.offset,
-            },
+            position: StreamPosition { epoch: at.epoch, offset: at.offset },
             duplicate: at.duplicate,
         });
         self.pump_outbox(now);
@@ -1775,21 +1520,12 @@ impl ClientSession {
             return;
         };
         let e = self.outbox.remove(i).expect("index valid");
-        self.emit(Event::Persist(Change::OutboxRemove {
-            message_id: e.rec.message_id.clone(),
-        }));
-        let at = e.rec.stored.unwrap_or(StoredAt {
-            epoch: String::new(),
-            offset: 0,
-            duplicate: false,
-        });
+        self.emit(Event::Persist(Change::OutboxRemove { message_id: e.rec.message_id.clone() }));
+        let at = e.rec.stored.unwrap_or(StoredAt { epoch: String::new(), offset: 0, duplicate: false });
         self.emit(Event::PublishAcked {
             message_id: e.rec.message_id,
             channel: e.rec.channel,
-            position: StreamPosition {
-                epoch: at.epoch,
-                offset: at.offset,
-            },
+            position: StreamPosition { epoch: at.epoch, offset: at.offset },
             duplicate: at.duplicate,
         });
         self.pump_outbox(now);
@@ -1809,9 +1545,7 @@ impl ClientSession {
         }
         let e = self.outbox.remove(i).expect("index valid");
         if e.rec.qos != Qos::AtMostOnce {
-            self.emit(Event::Persist(Change::OutboxRemove {
-                message_id: e.rec.message_id.clone(),
-            }));
+            self.emit(Event::Persist(Change::OutboxRemove { message_id: e.rec.message_id.clone() }));
         }
         self.emit(Event::PublishFailed {
             message_id: e.rec.message_id,

@@ -81,16 +81,10 @@ impl Outbox {
     }
     pub fn push(&mut self, rec: OutboxRecord) {
         self.bytes += cost(&rec);
-        self.entries.push_back(Entry {
-            rec,
-            wire: Wire::Idle,
-            not_before: Instant(0),
-        });
+        self.entries.push_back(Entry { rec, wire: Wire::Idle, not_before: Instant(0) });
     }
     pub fn position(&self, message_id: &str) -> Option<usize> {
-        self.entries
-            .iter()
-            .position(|e| e.rec.message_id == message_id)
+        self.entries.iter().position(|e| e.rec.message_id == message_id)
     }
     pub fn remove(&mut self, i: usize) -> Option<Entry> {
         let e = self.entries.remove(i)?;
@@ -109,18 +103,10 @@ impl Outbox {
     }
     /// Earliest expiry among entries not yet known stored.
     pub fn next_expiry(&self) -> Option<Instant> {
-        self.entries
-            .iter()
-            .filter(|e| e.rec.stored.is_none())
-            .map(|e| e.rec.expires_at)
-            .min()
+        self.entries.iter().filter(|e| e.rec.stored.is_none()).map(|e| e.rec.expires_at).min()
     }
     /// Earliest retry instant among idle entries held back.
     pub fn next_retry(&self, now: Instant) -> Option<Instant> {
-        self.entries
-            .iter()
-            .filter(|e| e.wire == Wire::Idle && e.not_before > now)
-            .map(|e| e.not_before)
-            .min()
+        self.entries.iter().filter(|e| e.wire == Wire::Idle && e.not_before > now).map(|e| e.not_before).min()
     }
 }

@@ -109,26 +109,15 @@ impl Snapshot {
                     r.stored = Some(stored.clone());
                 }
             }
-            Change::OutboxRemove { message_id } => {
-                self.outbox.retain(|r| &r.message_id != message_id)
-            }
-            Change::Subscribe { channel, qos } => {
-                match self.subs.iter_mut().find(|s| &s.channel == channel) {
-                    Some(s) => s.qos = *qos,
-                    None => self.subs.push(SubRecord {
-                        channel: channel.clone(),
-                        qos: *qos,
-                        position: None,
-                        seen: Vec::new(),
-                    }),
+            Change::OutboxRemove { message_id } => self.outbox.retain(|r| &r.message_id != message_id),
+            Change::Subscribe { channel, qos } => match self.subs.iter_mut().find(|s| &s.channel == channel) {
+                Some(s) => s.qos = *qos,
+                None => {
+                    self.subs.push(SubRecord { channel: channel.clone(), qos: *qos, position: None, seen: Vec::new() })
                 }
-            }
+            },
             Change::Unsubscribe { channel } => self.subs.retain(|s| &s.channel != channel),
-            Change::Position {
-                channel,
-                position,
-                surfaced,
-            } => {
+            Change::Position { channel, position, surfaced } => {
                 if let Some(s) = self.subs.iter_mut().find(|s| &s.channel == channel) {
                     s.position = Some(position.clone());
                     for id in surfaced {

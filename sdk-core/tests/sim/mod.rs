@@ -16,8 +16,7 @@ use ferry_core::codec::Encoding;
 use ferry_core::frame::*;
 use ferry_core::rng::Rng;
 use ferry_core::server::{
-    Accept, FetchEnd, ServerConfig, ServerEvent, ServerOutput, ServerSession, SharedPublication,
-    StreamStart,
+    Accept, FetchEnd, ServerConfig, ServerEvent, ServerOutput, ServerSession, SharedPublication, StreamStart,
 };
 use ferry_core::{CloseCode, ErrorCode, Instant};
 
@@ -39,13 +38,7 @@ pub struct Faults {
 impl Faults {
     /// A healthy network: latency only, FIFO, nothing lost.
     pub fn none() -> Self {
-        Faults {
-            latency: (1, 20),
-            loss: 0.0,
-            dup: 0.0,
-            reorder: false,
-            cut_per_sec: 0.0,
-        }
+        Faults { latency: (1, 20), loss: 0.0, dup: 0.0, reorder: false, cut_per_sec: 0.0 }
     }
 }
 
@@ -187,10 +180,7 @@ impl Sim {
             links: BTreeMap::new(),
             next_link: 1,
             clients: Vec::new(),
-            hub: Hub {
-                clock_ms: 1_700_000_000_000,
-                ..Hub::default()
-            },
+            hub: Hub { clock_ms: 1_700_000_000_000, ..Hub::default() },
             server_cfg: ServerConfig {
                 ping_interval: Duration::from_secs(5),
                 pong_timeout: Duration::from_secs(3),
@@ -224,10 +214,7 @@ impl Sim {
     pub fn add_client(&mut self, cfg: ClientConfig) -> usize {
         let seed = self.rng.next_u64();
         let session = ClientSession::new(cfg.clone(), seed);
-        let snapshot = Snapshot {
-            seen_cap: cfg.dedup_window,
-            ..Snapshot::default()
-        };
+        let snapshot = Snapshot { seen_cap: cfg.dedup_window, ..Snapshot::default() };
         self.clients.push(SimClient {
             device: cfg.device_id.clone(),
             cfg,
@@ -273,9 +260,7 @@ impl Sim {
         let now = self.now;
         let r = self.clients[c].session.publish(now, ch, data, qos);
         if let Ok(id) = &r {
-            self.clients[c]
-                .published
-                .insert(id.clone(), (ch.to_string(), qos));
+            self.clients[c].published.insert(id.clone(), (ch.to_string(), qos));
         }
         self.drain_client(c);
         r
@@ -283,9 +268,7 @@ impl Sim {
 
     pub fn network_changed(&mut self, c: usize, online: bool) {
         let now = self.now;
-        self.clients[c]
-            .session
-            .handle_input(now, Input::NetworkChanged { online });
+        self.clients[c].session.handle_input(now, Input::NetworkChanged { online });
         self.drain_client(c);
     }
 
@@ -312,12 +295,7 @@ impl Sim {
 
     /// Cut every live link.
     pub fn cut_all(&mut self) {
-        let ids: Vec<LinkId> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.up)
-            .map(|(id, _)| *id)
-            .collect();
+        let ids: Vec<LinkId> = self.links.iter().filter(|(_, l)| l.up).map(|(id, _)| *id).collect();
         for id in ids {
             self.cut_link(id, true);
         }
@@ -325,12 +303,7 @@ impl Sim {
 
     /// Cut one random live link.
     pub fn cut_random(&mut self) {
-        let ids: Vec<LinkId> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.up)
-            .map(|(id, _)| *id)
-            .collect();
+        let ids: Vec<LinkId> = self.links.iter().filter(|(_, l)| l.up).map(|(id, _)| *id).collect();
         if ids.is_empty() {
             return;
         }
@@ -354,14 +327,7 @@ impl Sim {
         self.cuts += 1;
         let lat = self.faults.latency.1;
         if tell_client {
-            self.schedule(
-                lat,
-                Packet::ClientSideClosed {
-                    link: id,
-                    code: None,
-                    reason: "connection reset".into(),
-                },
-            );
+            self.schedule(lat, Packet::ClientSideClosed { link: id, code: None, reason: "connection reset".into() });
         }
         self.schedule(lat, Packet::ServerSideClosed { link: id });
     }
@@ -372,8 +338,7 @@ impl Sim {
         let at = self.now.as_millis() + delay;
         self.seq += 1;
         self.packets.push(Some(p));
-        self.queue
-            .push(Reverse((at, self.seq, self.packets.len() - 1)));
+        self.queue.push(Reverse((at, self.seq, self.packets.len() - 1)));
     }
 
     fn latency(&mut self) -> u64 {
@@ -402,24 +367,14 @@ impl Sim {
             if !self.faults.reorder {
                 let now = self.now.as_millis();
                 let l = self.links.get_mut(&link).expect("link");
-                let last = if to_server {
-                    &mut l.last_to_server
-                } else {
-                    &mut l.last_to_client
-                };
+                let last = if to_server { &mut l.last_to_server } else { &mut l.last_to_client };
                 delay = delay.max(last.saturating_sub(now));
                 *last = now + delay;
             }
             let p = if to_server {
-                Packet::ToServer {
-                    link,
-                    data: data.clone(),
-                }
+                Packet::ToServer { link, data: data.clone() }
             } else {
-                Packet::ToClient {
-                    link,
-                    data: data.clone(),
-                }
+                Packet::ToClient { link, data: data.clone() }
             };
             self.schedule(delay, p);
         }
@@ -448,11 +403,7 @@ impl Sim {
                 break;
             }
             steps += 1;
-            assert!(
-                steps < 50_000_000,
-                "seed {}: simulation did not settle",
-                self.seed
-            );
+            assert!(steps < 50_000_000, "seed {}: simulation did not settle", self.seed);
             self.now = self.now.max(t);
             self.hub.clock_ms = 1_700_000_000_000 + self.now.as_millis();
             self.step();
@@ -483,12 +434,7 @@ impl Sim {
         // Random cuts, checked once per simulated second.
         if self.faults.cut_per_sec > 0.0 && now.as_millis() >= self.last_cut_check + 1000 {
             self.last_cut_check = now.as_millis();
-            let ids: Vec<LinkId> = self
-                .links
-                .iter()
-                .filter(|(_, l)| l.up)
-                .map(|(id, _)| *id)
-                .collect();
+            let ids: Vec<LinkId> = self.links.iter().filter(|(_, l)| l.up).map(|(id, _)| *id).collect();
             for id in ids {
                 if self.rng.chance(self.faults.cut_per_sec) {
                     self.cut_link(id, true);
@@ -510,12 +456,8 @@ impl Sim {
                 self.drain_client(c);
             }
         }
-        let due: Vec<LinkId> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.server_timeout.is_some_and(|t| t <= now))
-            .map(|(id, _)| *id)
-            .collect();
+        let due: Vec<LinkId> =
+            self.links.iter().filter(|(_, l)| l.server_timeout.is_some_and(|t| t <= now)).map(|(id, _)| *id).collect();
         for id in due {
             if let Some(s) = self.links.get_mut(&id).and_then(|l| l.server.as_mut()) {
                 s.handle_timeout(now);
@@ -549,9 +491,7 @@ impl Sim {
                 let _ = &mut s;
                 self.links.get_mut(&link).unwrap().server = Some(s);
                 self.drain_server(link);
-                self.clients[c]
-                    .session
-                    .handle_input(now, Input::TransportOpened { conn });
+                self.clients[c].session.handle_input(now, Input::TransportOpened { conn });
                 self.drain_client(c);
             }
             Packet::ToServer { link, data } => {
@@ -577,9 +517,7 @@ impl Sim {
                 if self.clients[c].generation != generation {
                     return;
                 }
-                self.clients[c]
-                    .session
-                    .handle_input(now, Input::TransportMessage { conn, data: &data });
+                self.clients[c].session.handle_input(now, Input::TransportMessage { conn, data: &data });
                 self.drain_client(c);
             }
             Packet::ClientSideClosed { link, code, reason } => {
@@ -588,9 +526,7 @@ impl Sim {
                 };
                 let (c, conn, generation) = (l.client, l.conn, l.generation);
                 if self.clients[c].generation == generation {
-                    self.clients[c]
-                        .session
-                        .handle_input(now, Input::TransportClosed { conn, code, reason });
+                    self.clients[c].session.handle_input(now, Input::TransportClosed { conn, code, reason });
                     self.drain_client(c);
                 }
                 self.gc_link(link);
@@ -626,11 +562,7 @@ impl Sim {
         let mut guard = 0;
         loop {
             guard += 1;
-            assert!(
-                guard < 1_000_000,
-                "seed {}: client output did not drain",
-                self.seed
-            );
+            assert!(guard < 1_000_000, "seed {}: client output did not drain", self.seed);
             let out = self.clients[c].session.poll_output(now);
             match out {
                 Output::Timeout(t) => {
@@ -700,16 +632,10 @@ impl Sim {
                 p.offset,
                 p.message_id.clone(),
             )),
-            Event::PublishAcked {
-                message_id,
-                position,
-                ..
-            } => {
+            Event::PublishAcked { message_id, position, .. } => {
                 cl.acked.insert(message_id.clone(), position.clone());
             }
-            Event::PublishFailed {
-                message_id, error, ..
-            } => {
+            Event::PublishFailed { message_id, error, .. } => {
                 cl.failed.insert(message_id.clone(), error.to_string());
             }
             Event::TokenRequested => {
@@ -732,11 +658,7 @@ impl Sim {
         let mut guard = 0;
         loop {
             guard += 1;
-            assert!(
-                guard < 1_000_000,
-                "seed {}: server output did not drain",
-                self.seed
-            );
+            assert!(guard < 1_000_000, "seed {}: server output did not drain", self.seed);
             let Some(l) = self.links.get_mut(&link) else {
                 return;
             };
@@ -757,14 +679,7 @@ impl Sim {
                         // Close travels behind the data already sent.
                         let lat = self.faults.latency.1;
                         let delay = l.last_to_client.saturating_sub(now.as_millis()).max(lat);
-                        self.schedule(
-                            delay,
-                            Packet::ClientSideClosed {
-                                link,
-                                code: Some(code),
-                                reason,
-                            },
-                        );
+                        self.schedule(delay, Packet::ClientSideClosed { link, code: Some(code), reason });
                     }
                 }
                 ServerOutput::Event(e) => self.on_server_event(link, e),
@@ -773,10 +688,7 @@ impl Sim {
     }
 
     fn server(&mut self, link: LinkId) -> &mut ServerSession {
-        self.links
-            .get_mut(&link)
-            .and_then(|l| l.server.as_mut())
-            .expect("server session")
+        self.links.get_mut(&link).and_then(|l| l.server.as_mut()).expect("server session")
     }
 
     fn stream_start(&mut self, req: &SubscribeRequest) -> StreamStart {
@@ -784,18 +696,10 @@ impl Sim {
         let top = st.top();
         let (from, recovered) = match &req.since {
             None => (top + 1, true),
-            Some(p) if p.epoch == st.epoch && p.offset + 1 >= st.first && p.offset <= top => {
-                (p.offset + 1, true)
-            }
+            Some(p) if p.epoch == st.epoch && p.offset + 1 >= st.first && p.offset <= top => (p.offset + 1, true),
             Some(_) => (st.first, false),
         };
-        StreamStart {
-            qos: req.qos,
-            epoch: st.epoch.clone(),
-            top,
-            from,
-            recovered,
-        }
+        StreamStart { qos: req.qos, epoch: st.epoch.clone(), top, from, recovered }
     }
 
     fn on_server_event(&mut self, link: LinkId, e: ServerEvent) {
@@ -804,60 +708,27 @@ impl Sim {
             ServerEvent::Connect { req, connect } => {
                 if connect.token == "bad" {
                     let err = ErrorReply::new(ErrorCode::Unauthorized);
-                    return self
-                        .server(link)
-                        .reject(now, req, err, CloseCode::Unauthorized);
+                    return self.server(link).reject(now, req, err, CloseCode::Unauthorized);
                 }
                 let expires_in = self.hub.token_ttl.get(&connect.token).copied();
                 if expires_in == Some(Duration::ZERO) {
                     let err = ErrorReply::new(ErrorCode::TokenExpired);
-                    return self
-                        .server(link)
-                        .reject(now, req, err, CloseCode::TokenExpired);
+                    return self.server(link).reject(now, req, err, CloseCode::TokenExpired);
                 }
-                let subs: Vec<_> = connect
-                    .subs
-                    .iter()
-                    .map(|s| Ok(self.stream_start(s)))
-                    .collect();
+                let subs: Vec<_> = connect.subs.iter().map(|s| Ok(self.stream_start(s))).collect();
                 for s in &connect.subs {
-                    self.hub
-                        .subscribers
-                        .entry(s.channel.clone())
-                        .or_default()
-                        .insert(link);
+                    self.hub.subscribers.entry(s.channel.clone()).or_default().insert(link);
                 }
-                let client = ClientInfo {
-                    client: format!("c{link}"),
-                    user: connect.device_id.clone(),
-                    info: None,
-                };
+                let client = ClientInfo { client: format!("c{link}"), user: connect.device_id.clone(), info: None };
                 let time_ms = self.hub.clock_ms;
-                self.server(link).accept(
-                    now,
-                    req,
-                    Accept {
-                        client,
-                        expires_in,
-                        subs,
-                        time_ms,
-                    },
-                );
+                self.server(link).accept(now, req, Accept { client, expires_in, subs, time_ms });
             }
             ServerEvent::Subscribe { req, sub } => {
                 if sub.channel.starts_with("forbidden") {
-                    return self.server(link).reply_error(
-                        now,
-                        req,
-                        ErrorReply::new(ErrorCode::PermissionDenied),
-                    );
+                    return self.server(link).reply_error(now, req, ErrorReply::new(ErrorCode::PermissionDenied));
                 }
                 let start = self.stream_start(&sub);
-                self.hub
-                    .subscribers
-                    .entry(sub.channel.clone())
-                    .or_default()
-                    .insert(link);
+                self.hub.subscribers.entry(sub.channel.clone()).or_default().insert(link);
                 self.server(link).subscribe_ok(now, req, start);
             }
             ServerEvent::Unsubscribed { channel } => {
@@ -865,13 +736,7 @@ impl Sim {
                     s.remove(&link);
                 }
             }
-            ServerEvent::Publish {
-                req,
-                channel,
-                message_id,
-                qos,
-                data,
-            } => {
+            ServerEvent::Publish { req, channel, message_id, qos, data } => {
                 if let Some((_, epoch, offset)) = self.hub.dedup.get(&message_id).cloned() {
                     return self.server(link).publish_ok(now, req, epoch, offset, true);
                 }
@@ -880,23 +745,11 @@ impl Sim {
                     "seed {}: released QoS 2 message {message_id} published again",
                     self.seed
                 );
-                let publisher = ClientInfo {
-                    client: format!("c{link}"),
-                    user: String::new(),
-                    info: None,
-                };
-                let shared = self
-                    .hub
-                    .append(&channel, &message_id, qos, data, Some(publisher));
-                let (epoch, offset) = (
-                    shared.publication().epoch.clone(),
-                    shared.publication().offset,
-                );
-                self.server(link)
-                    .publish_ok(now, req, epoch.clone(), offset, false);
-                self.hub
-                    .dedup
-                    .insert(message_id, (channel.clone(), epoch, offset));
+                let publisher = ClientInfo { client: format!("c{link}"), user: String::new(), info: None };
+                let shared = self.hub.append(&channel, &message_id, qos, data, Some(publisher));
+                let (epoch, offset) = (shared.publication().epoch.clone(), shared.publication().offset);
+                self.server(link).publish_ok(now, req, epoch.clone(), offset, false);
+                self.hub.dedup.insert(message_id, (channel.clone(), epoch, offset));
                 self.fan_out(&shared);
             }
             ServerEvent::Release { message_id } => {
@@ -908,79 +761,47 @@ impl Sim {
                 let body = match cmd {
                     Command::History(h) => {
                         let st = self.hub.stream(&h.channel);
-                        let mut pubs: Vec<Publication> =
-                            st.pubs.iter().map(|p| p.publication().clone()).collect();
+                        let mut pubs: Vec<Publication> = st.pubs.iter().map(|p| p.publication().clone()).collect();
                         if h.reverse {
                             pubs.reverse();
                         }
                         pubs.truncate(h.limit as usize);
                         ReplyBody::History {
                             publications: pubs,
-                            top: StreamPosition {
-                                epoch: st.epoch.clone(),
-                                offset: st.top(),
-                            },
+                            top: StreamPosition { epoch: st.epoch.clone(), offset: st.top() },
                         }
                     }
                     Command::Presence { channel } => {
-                        let links: Vec<LinkId> = self
-                            .hub
-                            .subscribers
-                            .get(&channel)
-                            .into_iter()
-                            .flatten()
-                            .copied()
-                            .collect();
+                        let links: Vec<LinkId> =
+                            self.hub.subscribers.get(&channel).into_iter().flatten().copied().collect();
                         let clients = links
                             .into_iter()
-                            .map(|l| ClientInfo {
-                                client: format!("c{l}"),
-                                user: String::new(),
-                                info: None,
-                            })
+                            .map(|l| ClientInfo { client: format!("c{l}"), user: String::new(), info: None })
                             .collect();
                         ReplyBody::Presence { clients }
                     }
-                    _ => ReplyBody::PresenceStats {
-                        clients: 0,
-                        users: 0,
-                    },
+                    _ => ReplyBody::PresenceStats { clients: 0, users: 0 },
                 };
                 self.server(link).reply(now, req, body);
             }
             ServerEvent::Refresh { req, token } => {
                 if token == "bad" {
-                    return self.server(link).reply_error(
-                        now,
-                        req,
-                        ErrorReply::new(ErrorCode::Unauthorized),
-                    );
+                    return self.server(link).reply_error(now, req, ErrorReply::new(ErrorCode::Unauthorized));
                 }
                 let ttl = self.hub.token_ttl.get(&token).copied();
                 self.server(link).refresh_ok(now, req, ttl);
             }
-            ServerEvent::Acked {
-                channel,
-                epoch,
-                offset,
-            } => {
+            ServerEvent::Acked { channel, epoch, offset } => {
                 let c = self.links[&link].client;
                 let key = (self.clients[c].device.clone(), channel.clone());
                 if let Some((e, o)) = self.hub.acks.get(&key) {
                     if *e == epoch && offset < *o {
-                        self.hub
-                            .ack_regressions
-                            .push(format!("{key:?}: {o} -> {offset}"));
+                        self.hub.ack_regressions.push(format!("{key:?}: {o} -> {offset}"));
                     }
                 }
                 self.hub.acks.insert(key, (epoch, offset));
             }
-            ServerEvent::Fetch {
-                channel,
-                epoch,
-                from,
-                limit,
-            } => {
+            ServerEvent::Fetch { channel, epoch, from, limit } => {
                 let st = self.hub.stream(&channel);
                 if st.epoch != epoch || from < st.first {
                     return self.server(link).fetch_done(now, &channel, FetchEnd::Lost);
@@ -1003,14 +824,7 @@ impl Sim {
     fn fan_out(&mut self, p: &Arc<SharedPublication>) {
         let now = self.now;
         let ch = p.publication().channel.clone();
-        let links: Vec<LinkId> = self
-            .hub
-            .subscribers
-            .get(&ch)
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
+        let links: Vec<LinkId> = self.hub.subscribers.get(&ch).into_iter().flatten().copied().collect();
         for l in links {
             if let Some(s) = self.links.get_mut(&l).and_then(|l| l.server.as_mut()) {
                 s.deliver(now, p);
@@ -1022,13 +836,8 @@ impl Sim {
     /// Server-side publish (a backend), bypassing any client.
     pub fn backend_publish(&mut self, ch: &str, id: &str, data: Vec<u8>) -> (String, u64) {
         let shared = self.hub.append(ch, id, Qos::AtLeastOnce, data, None);
-        let pos = (
-            shared.publication().epoch.clone(),
-            shared.publication().offset,
-        );
-        self.hub
-            .dedup
-            .insert(id.into(), (ch.into(), pos.0.clone(), pos.1));
+        let pos = (shared.publication().epoch.clone(), shared.publication().offset);
+        self.hub.dedup.insert(id.into(), (ch.into(), pos.0.clone(), pos.1));
         self.fan_out(&shared);
         pos
     }
@@ -1037,14 +846,7 @@ impl Sim {
     pub fn reset_stream(&mut self, ch: &str) {
         self.hub.epoch_counter += 1;
         let epoch = format!("e{}", self.hub.epoch_counter);
-        self.hub.streams.insert(
-            ch.into(),
-            Stream {
-                epoch,
-                first: 1,
-                pubs: Vec::new(),
-            },
-        );
+        self.hub.streams.insert(ch.into(), Stream { epoch, first: 1, pubs: Vec::new() });
     }
 
     /// Forget all but the newest `keep` publications of a stream.
@@ -1058,22 +860,12 @@ impl Sim {
     /// Redeliveries by all server sessions, past and present.
     pub fn redelivered_total(&self) -> u64 {
         self.redelivered_closed
-            + self
-                .links
-                .values()
-                .filter_map(|l| l.server.as_ref())
-                .map(|s| s.stats().redelivered)
-                .sum::<u64>()
+            + self.links.values().filter_map(|l| l.server.as_ref()).map(|s| s.stats().redelivered).sum::<u64>()
     }
 
     /// Largest in-flight window among live server sessions.
     pub fn max_server_inflight(&self) -> usize {
-        self.links
-            .values()
-            .filter_map(|l| l.server.as_ref())
-            .map(|s| s.inflight())
-            .max()
-            .unwrap_or(0)
+        self.links.values().filter_map(|l| l.server.as_ref()).map(|s| s.inflight()).max().unwrap_or(0)
     }
 
     /// Seconds of virtual time elapsed since start.
@@ -1100,14 +892,7 @@ impl Hub {
         if !self.streams.contains_key(ch) {
             self.epoch_counter += 1;
             let epoch = format!("e{}", self.epoch_counter);
-            self.streams.insert(
-                ch.into(),
-                Stream {
-                    epoch,
-                    first: 1,
-                    pubs: Vec::new(),
-                },
-            );
+            self.streams.insert(ch.into(), Stream { epoch, first: 1, pubs: Vec::new() });
         }
         self.streams.get_mut(ch).unwrap()
     }
@@ -1132,10 +917,7 @@ impl Hub {
             qos,
             publisher,
             time_ms,
-            payload: Payload {
-                z: false,
-                data: Bytes(data),
-            },
+            payload: Payload { z: false, data: Bytes(data) },
         });
         st.pubs.push(p.clone());
         p
@@ -1145,12 +927,7 @@ impl Hub {
     pub fn ids(&self, ch: &str) -> Vec<String> {
         self.streams
             .get(ch)
-            .map(|s| {
-                s.pubs
-                    .iter()
-                    .map(|p| p.publication().message_id.clone())
-                    .collect()
-            })
+            .map(|s| s.pubs.iter().map(|p| p.publication().message_id.clone()).collect())
             .unwrap_or_default()
     }
 }

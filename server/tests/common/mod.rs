@@ -70,12 +70,7 @@ impl TestServer {
         let task = tokio::spawn(ferry_server::run(listener, cfg, async move {
             let _ = rx.await;
         }));
-        TestServer {
-            addr,
-            dir,
-            stop: Some(tx),
-            task: Some(task),
-        }
+        TestServer { addr, dir, stop: Some(tx), task: Some(task) }
     }
 
     pub fn url(&self) -> String {
@@ -152,17 +147,9 @@ impl Drop for ServerProcess {
 /// Open a raw WebSocket with a subprotocol.
 pub async fn raw_ws(url: &str, enc: Encoding) -> Ws {
     let mut req = url.into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", enc.subprotocol().parse().unwrap());
-    let (ws, resp) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("connect");
-    assert_eq!(
-        resp.headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok()),
-        Some(enc.subprotocol())
-    );
+    req.headers_mut().insert("Sec-WebSocket-Protocol", enc.subprotocol().parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.expect("connect");
+    assert_eq!(resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()), Some(enc.subprotocol()));
     ws
 }
 
@@ -196,10 +183,7 @@ impl TestClient {
     pub fn new(url: &str, cfg: ClientConfig) -> Self {
         static SEED: AtomicU64 = AtomicU64::new(1);
         let enc = cfg.encoding;
-        let snapshot = Snapshot {
-            seen_cap: cfg.dedup_window,
-            ..Snapshot::default()
-        };
+        let snapshot = Snapshot { seen_cap: cfg.dedup_window, ..Snapshot::default() };
         let session = ClientSession::new(cfg, SEED.fetch_add(1, Ordering::Relaxed));
         Self::with_session(url, session, enc, snapshot)
     }
@@ -231,17 +215,11 @@ impl TestClient {
     }
 
     pub fn ids(&self, ch: &str) -> Vec<String> {
-        self.received
-            .get(ch)
-            .map(|v| v.iter().map(|r| r.1.clone()).collect())
-            .unwrap_or_default()
+        self.received.get(ch).map(|v| v.iter().map(|r| r.1.clone()).collect()).unwrap_or_default()
     }
 
     pub fn offsets(&self, ch: &str) -> Vec<u64> {
-        self.received
-            .get(ch)
-            .map(|v| v.iter().map(|r| r.0).collect())
-            .unwrap_or_default()
+        self.received.get(ch).map(|v| v.iter().map(|r| r.0).collect()).unwrap_or_default()
     }
 
     /// Process outputs of the session (opening sockets, writing, events).
@@ -255,31 +233,18 @@ impl TestClient {
                 }
                 Output::Open { conn } => {
                     let mut req = self.url.as_str().into_client_request().unwrap();
-                    req.headers_mut().insert(
-                        "Sec-WebSocket-Protocol",
-                        self.enc.subprotocol().parse().unwrap(),
-                    );
-                    match tokio::time::timeout(
-                        Duration::from_secs(5),
-                        tokio_tungstenite::connect_async(req),
-                    )
-                    .await
-                    {
+                    req.headers_mut().insert("Sec-WebSocket-Protocol", self.enc.subprotocol().parse().unwrap());
+                    match tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(req)).await {
                         Ok(Ok((ws, _))) => {
                             self.ws = Some((conn, ws));
                             let now = self.now();
-                            self.session
-                                .handle_input(now, Input::TransportOpened { conn });
+                            self.session.handle_input(now, Input::TransportOpened { conn });
                         }
                         _ => {
                             let now = self.now();
                             self.session.handle_input(
                                 now,
-                                Input::TransportClosed {
-                                    conn,
-                                    code: None,
-                                    reason: "connect failed".into(),
-                                },
+                                Input::TransportClosed { conn, code: None, reason: "connect failed".into() },
                             );
                         }
                     }
@@ -297,11 +262,7 @@ impl TestClient {
                                 self.ws = None;
                                 self.session.handle_input(
                                     now,
-                                    Input::TransportClosed {
-                                        conn,
-                                        code: None,
-                                        reason: "write failed".into(),
-                                    },
+                                    Input::TransportClosed { conn, code: None, reason: "write failed".into() },
                                 );
                             }
                         }
@@ -314,11 +275,7 @@ impl TestClient {
                                 code: code.into(),
                                 reason: reason.into(),
                             };
-                            let _ = tokio::time::timeout(
-                                Duration::from_millis(200),
-                                ws.close(Some(frame)),
-                            )
-                            .await;
+                            let _ = tokio::time::timeout(Duration::from_millis(200), ws.close(Some(frame))).await;
                         } else {
                             self.ws = Some((c, ws));
                         }
@@ -337,11 +294,7 @@ impl TestClient {
                 p.message_id.clone(),
                 p.payload.data.0.clone(),
             )),
-            Event::PublishAcked {
-                message_id,
-                position,
-                ..
-            } => {
+            Event::PublishAcked { message_id, position, .. } => {
                 self.acked.insert(message_id.clone(), position.clone());
             }
             _ => {}
@@ -352,11 +305,7 @@ impl TestClient {
     }
 
     /// Drive the session until `done` holds or `limit` passes; returns whether it held.
-    pub async fn run_until(
-        &mut self,
-        limit: Duration,
-        mut done: impl FnMut(&TestClient) -> bool,
-    ) -> bool {
+    pub async fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&TestClient) -> bool) -> bool {
         let end = tokio::time::Instant::now() + limit;
         self.drain().await;
         loop {
@@ -402,46 +351,26 @@ impl TestClient {
         };
         let now = self.now();
         match msg {
-            Some((conn, Some(Ok(Message::Binary(b))))) => self
-                .session
-                .handle_input(now, Input::TransportMessage { conn, data: &b }),
-            Some((conn, Some(Ok(Message::Text(t))))) => self.session.handle_input(
-                now,
-                Input::TransportMessage {
-                    conn,
-                    data: t.as_bytes(),
-                },
-            ),
+            Some((conn, Some(Ok(Message::Binary(b))))) => {
+                self.session.handle_input(now, Input::TransportMessage { conn, data: &b })
+            }
+            Some((conn, Some(Ok(Message::Text(t))))) => {
+                self.session.handle_input(now, Input::TransportMessage { conn, data: t.as_bytes() })
+            }
             Some((conn, Some(Ok(Message::Close(f))))) => {
                 self.ws = None;
-                let (code, reason) = f
-                    .map(|f| (Some(u16::from(f.code)), f.reason.to_string()))
-                    .unwrap_or((None, String::new()));
-                self.session
-                    .handle_input(now, Input::TransportClosed { conn, code, reason });
+                let (code, reason) =
+                    f.map(|f| (Some(u16::from(f.code)), f.reason.to_string())).unwrap_or((None, String::new()));
+                self.session.handle_input(now, Input::TransportClosed { conn, code, reason });
             }
             Some((_, Some(Ok(_)))) => {}
             Some((conn, Some(Err(e)))) => {
                 self.ws = None;
-                self.session.handle_input(
-                    now,
-                    Input::TransportClosed {
-                        conn,
-                        code: None,
-                        reason: e.to_string(),
-                    },
-                );
+                self.session.handle_input(now, Input::TransportClosed { conn, code: None, reason: e.to_string() });
             }
             Some((conn, None)) => {
                 self.ws = None;
-                self.session.handle_input(
-                    now,
-                    Input::TransportClosed {
-                        conn,
-                        code: None,
-                        reason: "eof".into(),
-                    },
-                );
+                self.session.handle_input(now, Input::TransportClosed { conn, code: None, reason: "eof".into() });
             }
             None => self.session.handle_input(now, Input::Timeout),
         }
@@ -461,10 +390,7 @@ impl TestClient {
 
     pub async fn publish(&mut self, ch: &str, data: Vec<u8>, qos: Qos) -> String {
         let now = self.now();
-        let id = self
-            .session
-            .publish(now, ch, data, qos)
-            .expect("publish accepted");
+        let id = self.session.publish(now, ch, data, qos).expect("publish accepted");
         self.drain().await;
         id
     }
@@ -474,17 +400,11 @@ impl TestClient {
         let call = self.session.call(now, cmd).map_err(|e| e.to_string())?;
         let mut result = None;
         self.run_until(Duration::from_secs(10), |c| {
-            c.events
-                .iter()
-                .any(|e| matches!(e, Event::CallResult { call: id, .. } if *id == call))
+            c.events.iter().any(|e| matches!(e, Event::CallResult { call: id, .. } if *id == call))
         })
         .await;
         for e in &self.events {
-            if let Event::CallResult {
-                call: id,
-                result: r,
-            } = e
-            {
+            if let Event::CallResult { call: id, result: r } = e {
                 if *id == call {
                     result = Some(r.clone().map_err(|e| e.to_string()));
                 }
@@ -494,15 +414,13 @@ impl TestClient {
     }
 
     pub async fn connected(&mut self) -> bool {
-        self.run_until(Duration::from_secs(10), |c| c.session.is_connected())
-            .await
+        self.run_until(Duration::from_secs(10), |c| c.session.is_connected()).await
     }
 
     /// Tell the session the network changed (it reconnects at once).
     pub async fn network_changed(&mut self) {
         let now = self.now();
-        self.session
-            .handle_input(now, Input::NetworkChanged { online: true });
+        self.session.handle_input(now, Input::NetworkChanged { online: true });
         self.drain().await;
     }
 
@@ -513,11 +431,7 @@ impl TestClient {
 }
 
 /// Drive several clients round-robin until `done` holds.
-pub async fn run_all(
-    clients: &mut [TestClient],
-    limit: Duration,
-    mut done: impl FnMut(&[TestClient]) -> bool,
-) -> bool {
+pub async fn run_all(clients: &mut [TestClient], limit: Duration, mut done: impl FnMut(&[TestClient]) -> bool) -> bool {
     let end = tokio::time::Instant::now() + limit;
     loop {
         if done(clients) {
