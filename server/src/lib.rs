@@ -42,7 +42,18 @@ use crate::store::RedbStore;
 struct AppState {
     hub: Arc<Hub>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    live: Arc<LiveConns>,
 }
+
+/// Counts connection tasks so shutdown can wait for their close frames.
+#[derive(Default)]
+struct LiveConns {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// How long shutdown waits for connections to say goodbye.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serve on `listener` until `shutdown` completes; then tell every client
 /// to reconnect elsewhere and return.
@@ -55,7 +66,8 @@ pub async fn run(
     let store = RedbStore::open(&cfg.data_dir)?;
     let hub = Hub::start(Arc::new(cfg), Arc::new(store))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let app = router(AppState { hub, shutdown: stop_rx });
+    let live = Arc::new(LiveConns::default());
+    let app = router(AppState { hub, shutdown: stop_rx, live: live.clone() });
     // Small frames (acks, pings, replies) must not wait for Nagle.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
@@ -66,6 +78,18 @@ pub async fn run(
             let _ = stop_tx.send(true);
         })
         .await?;
+    // Upgraded connections outlive `serve`: wait (bounded) until each has
+    // sent its close frame.
+    let wait = async {
+        loop {
+            let idle = live.idle.notified();
+            if live.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                break;
+            }
+            idle.await;
+        }
+    };
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, wait).await;
     Ok(())
 }
 
@@ -89,5 +113,11 @@ async fn ws_handler(State(st): State<AppState>, ws: WebSocketUpgrade) -> Respons
     };
     let hub = st.hub.clone();
     let shutdown = st.shutdown.clone();
-    ws.on_upgrade(move |socket| conn::serve(hub, socket, enc, shutdown))
+    let live = st.live.clone();
+    ws.on_upgrade(move |socket| async move {
+        live.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        conn::serve(hub, socket, enc, shutdown).await;
+        live.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        live.idle.notify_waiters();
+    })
 }

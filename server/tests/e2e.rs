@@ -297,3 +297,21 @@ fn miniz_bomb() -> Vec<u8> {
     let zeros = vec![0u8; 3 << 20];
     ferry_core::compress::pack(zeros, Some(1)).data.0
 }
+
+#[tokio::test]
+async fn shutdown_tells_clients_to_reconnect() {
+    let srv = TestServer::start(test_config()).await;
+    let mut c = TestClient::new(&srv.url(), TestClient::config("s", "s", Encoding::Json));
+    c.connect().await;
+    assert!(c.connected().await);
+    let stopping = tokio::spawn(srv.stop());
+    assert!(
+        c.run_until(T, |c| c.events.iter().any(|e| matches!(e, ferry_core::client::Event::Disconnected { .. }))).await
+    );
+    let d = c.events.iter().find_map(|e| match e {
+        ferry_core::client::Event::Disconnected { code, reconnect, .. } => Some((*code, *reconnect)),
+        _ => None,
+    });
+    assert_eq!(d, Some((CloseCode::Shutdown as u16, true)));
+    let _ = stopping.await;
+}
