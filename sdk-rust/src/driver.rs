@@ -1,0 +1,433 @@
+//! The task that drives one `ClientSession`: sockets, the timer, storage,
+//! and routing events to the app. No protocol rule lives here.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_core::client::{
+    CallError, ClientConfig, ClientSession, ConnId, ConnectionState, Event, Input, Output, Snapshot,
+};
+use ferry_core::frame::ReplyBody;
+use ferry_core::Instant;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::{Cmd, Error, PublishAck, Storage, SubscriptionEvent, TokenProvider};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A write that takes longer than this means the link is gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events held for a restored channel the app has not re-attached to yet.
+const ORPHAN_CAP: usize = 100_000;
+/// Messages read in one go before the session's outputs are drained.
+const READ_BATCH: usize = 64;
+
+type Subscribers = Vec<(u64, mpsc::UnboundedSender<SubscriptionEvent>)>;
+
+pub(crate) struct Driver {
+    url: String,
+    enc: ferry_core::codec::Encoding,
+    session: ClientSession,
+    storage: Arc<dyn Storage>,
+    snapshot: Snapshot,
+    dirty: bool,
+    token_provider: Option<TokenProvider>,
+    cmd: mpsc::WeakUnboundedSender<Cmd>,
+    state: watch::Sender<ConnectionState>,
+    origin: tokio::time::Instant,
+    ws: Option<(ConnId, Ws)>,
+    opened: mpsc::UnboundedSender<(ConnId, Result<Ws, String>)>,
+    opened_rx: mpsc::UnboundedReceiver<(ConnId, Result<Ws, String>)>,
+    subs: HashMap<String, Subscribers>,
+    orphans: HashMap<String, VecDeque<SubscriptionEvent>>,
+    publishes: HashMap<String, oneshot::Sender<Result<PublishAck, Error>>>,
+    calls: HashMap<u64, oneshot::Sender<Result<ReplyBody, Error>>>,
+    deadline: Option<Instant>,
+    closing: bool,
+}
+
+impl Driver {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        url: String,
+        cfg: ClientConfig,
+        seed: u64,
+        snapshot: Option<Snapshot>,
+        storage: Arc<dyn Storage>,
+        token_provider: Option<TokenProvider>,
+        cmd: mpsc::WeakUnboundedSender<Cmd>,
+        state: watch::Sender<ConnectionState>,
+    ) -> Self {
+        let origin = tokio::time::Instant::now();
+        let enc = cfg.encoding;
+        let now = Instant::from_millis(0);
+        let (session, snapshot) = match snapshot {
+            Some(s) => (ClientSession::restore(cfg, seed, &s, now), s),
+            None => {
+                let cap = cfg.dedup_window;
+                (ClientSession::new(cfg, seed), Snapshot { seen_cap: cap, ..Snapshot::default() })
+            }
+        };
+        let (opened, opened_rx) = mpsc::unbounded_channel();
+        Driver {
+            url,
+            enc,
+            session,
+            storage,
+            snapshot,
+            dirty: false,
+            token_provider,
+            cmd,
+            state,
+            origin,
+            ws: None,
+            opened,
+            opened_rx,
+            subs: HashMap::new(),
+            orphans: HashMap::new(),
+            publishes: HashMap::new(),
+            calls: HashMap::new(),
+            deadline: None,
+            closing: false,
+        }
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_millis(self.origin.elapsed().as_millis() as u64)
+    }
+
+    pub(crate) async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+        self.drain().await;
+        while !self.closing {
+            let sleep = {
+                let wait = self.deadline.map(|t| t.as_millis().saturating_sub(self.now().as_millis()));
+                async move {
+                    match wait {
+                        Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                        None => std::future::pending().await,
+                    }
+                }
+            };
+            let read = async {
+                match &mut self.ws {
+                    Some((conn, ws)) => {
+                        let first = ws.next().await;
+                        let mut msgs = vec![first];
+                        // Take what is already buffered too: one drain (and
+                        // one storage write) for a burst.
+                        while msgs.len() < READ_BATCH && msgs.last().is_some_and(|m| matches!(m, Some(Ok(_)))) {
+                            match ws.next().now_or_never() {
+                                Some(m) => msgs.push(m),
+                                None => break,
+                            }
+                        }
+                        (*conn, msgs)
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                c = cmds.recv() => match c {
+                    Some(c) => self.on_cmd(c),
+                    None => {
+                        // Every handle is gone: stop cleanly.
+                        let now = self.now();
+                        self.session.disconnect(now);
+                        self.closing = true;
+                    }
+                },
+                (conn, msgs) = read => {
+                    for m in msgs {
+                        self.on_ws(conn, m);
+                    }
+                }
+                Some((conn, r)) = self.opened_rx.recv() => {
+                    let now = self.now();
+                    match r {
+                        Ok(ws) => {
+                            self.ws = Some((conn, ws));
+                            self.session.handle_input(now, Input::TransportOpened { conn });
+                        }
+                        Err(reason) => self.session.handle_input(now, Input::TransportClosed { conn, code: None, reason }),
+                    }
+                }
+                _ = sleep => {
+                    let now = self.now();
+                    self.session.handle_input(now, Input::Timeout);
+                }
+            }
+            self.drain().await;
+        }
+        self.drain().await;
+        self.save();
+    }
+
+    fn on_ws(&mut self, conn: ConnId, m: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) {
+        let now = self.now();
+        let closed = |d: &mut Self, code, reason| {
+            d.ws = None;
+            d.session.handle_input(now, Input::TransportClosed { conn, code, reason });
+        };
+        match m {
+            Some(Ok(Message::Binary(b))) => self.session.handle_input(now, Input::TransportMessage { conn, data: &b }),
+            Some(Ok(Message::Text(t))) => {
+                self.session.handle_input(now, Input::TransportMessage { conn, data: t.as_bytes() })
+            }
+            Some(Ok(Message::Close(f))) => {
+                let (code, reason) =
+                    f.map(|f| (Some(u16::from(f.code)), f.reason.to_string())).unwrap_or((None, String::new()));
+                closed(self, code, reason)
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => closed(self, None, e.to_string()),
+            None => closed(self, None, "connection closed".into()),
+        }
+    }
+
+    fn on_cmd(&mut self, c: Cmd) {
+        let now = self.now();
+        match c {
+            Cmd::Connect => self.session.connect(now),
+            Cmd::Subscribe { channel, qos, id, events } => {
+                if let Some(buffered) = self.orphans.remove(&channel) {
+                    for e in buffered {
+                        let _ = events.send(e);
+                    }
+                }
+                self.subs.entry(channel.clone()).or_default().push((id, events));
+                self.session.subscribe(now, &channel, qos);
+            }
+            Cmd::Unsubscribe { channel, id } => {
+                if let Some(list) = self.subs.get_mut(&channel) {
+                    list.retain(|(i, _)| *i != id);
+                    if list.is_empty() {
+                        self.subs.remove(&channel);
+                        self.session.unsubscribe(now, &channel);
+                    }
+                }
+            }
+            Cmd::Publish { channel, data, qos, reply } => match self.session.publish(now, &channel, data, qos) {
+                Ok(id) => {
+                    self.publishes.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(Error::Publish(e)));
+                }
+            },
+            Cmd::Call { cmd, reply } => match self.session.call(now, cmd) {
+                Ok(id) => {
+                    self.calls.insert(id, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(call_error(e)));
+                }
+            },
+            Cmd::NetworkChanged { online } => self.session.handle_input(now, Input::NetworkChanged { online }),
+            Cmd::Token(Ok(t)) => self.session.set_token(now, t),
+            Cmd::Token(Err(e)) => {
+                tracing::warn!("token provider failed: {e}");
+                self.session.token_failed(now, false);
+            }
+            Cmd::Outbox { reply } => {
+                let _ = reply.send(self.session.snapshot().outbox.into_iter().map(|r| r.message_id).collect());
+            }
+            Cmd::Close { reply } => {
+                self.session.disconnect(now);
+                let unacked = self.session.snapshot().outbox.into_iter().map(|r| r.message_id).collect();
+                let _ = reply.send(unacked);
+                for (_, r) in self.publishes.drain() {
+                    let _ = r.send(Err(Error::Closed));
+                }
+                self.closing = true;
+            }
+        }
+    }
+
+    /// Persist durable state if it changed: before anything goes out, so an
+    /// ack or publish is never ahead of what a restart would know.
+    fn save(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        match self.storage.save(&self.snapshot) {
+            Ok(()) => self.dirty = false,
+            Err(e) => tracing::error!("saving client state failed: {e}"),
+        }
+    }
+
+    async fn drain(&mut self) {
+        for _ in 0..1_000_000 {
+            let now = self.now();
+            match self.session.poll_output(now) {
+                Output::Timeout(t) => {
+                    self.deadline = t;
+                    self.save();
+                    return;
+                }
+                Output::Open { conn } => {
+                    let url = self.url.clone();
+                    let proto = self.enc.subprotocol();
+                    let tx = self.opened.clone();
+                    tokio::spawn(async move {
+                        let r = open(&url, proto).await;
+                        let _ = tx.send((conn, r));
+                    });
+                }
+                Output::Transmit { conn, data } => {
+                    self.save();
+                    let text = self.enc.is_text();
+                    let failed = match &mut self.ws {
+                        Some((c, ws)) if *c == conn => {
+                            let msg = if text {
+                                Message::Text(String::from_utf8(data).unwrap_or_default().into())
+                            } else {
+                                Message::Binary(data.into())
+                            };
+                            !matches!(tokio::time::timeout(WRITE_TIMEOUT, ws.send(msg)).await, Ok(Ok(())))
+                        }
+                        _ => false,
+                    };
+                    if failed {
+                        self.ws = None;
+                        let now = self.now();
+                        self.session.handle_input(
+                            now,
+                            Input::TransportClosed { conn, code: None, reason: "write failed".into() },
+                        );
+                    }
+                }
+                Output::Close { conn, code, reason } => {
+                    if matches!(&self.ws, Some((c, _)) if *c == conn) {
+                        if let Some((_, mut ws)) = self.ws.take() {
+                            let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                                code: code.into(),
+                                reason: reason.into(),
+                            };
+                            // Best effort, off the loop: the session has moved on.
+                            tokio::spawn(async move {
+                                let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+                            });
+                        }
+                    }
+                }
+                Output::Event(e) => self.on_event(e),
+            }
+        }
+    }
+
+    fn route(&mut self, channel: &str, ev: SubscriptionEvent) {
+        match self.subs.get_mut(channel) {
+            Some(list) => {
+                list.retain(|(_, tx)| tx.send(ev.clone()).is_ok());
+            }
+            None => {
+                let q = self.orphans.entry(channel.to_string()).or_default();
+                if q.len() < ORPHAN_CAP {
+                    q.push_back(ev);
+                } else {
+                    tracing::warn!(channel, "no subscriber attached: event dropped");
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, e: Event) {
+        match e {
+            Event::State(s) => {
+                let _ = self.state.send(s);
+            }
+            Event::Disconnected { code, reason, reconnect } => {
+                tracing::debug!(code, %reason, reconnect, "disconnected");
+            }
+            Event::Subscribed { channel, position, recovered, .. } => {
+                self.route(&channel, SubscriptionEvent::Subscribed { position, recovered })
+            }
+            Event::Gap { channel, from, to, reason } => {
+                self.route(&channel, SubscriptionEvent::Gap { from, to, reason })
+            }
+            Event::SubscribeFailed { channel, error } => {
+                self.route(&channel, SubscriptionEvent::Ended { code: error.code, reason: error.message });
+                self.subs.remove(&channel);
+            }
+            Event::Unsubscribed { channel, code, reason } => {
+                self.route(&channel, SubscriptionEvent::Ended { code, reason });
+                self.subs.remove(&channel);
+            }
+            Event::Publication(p) => {
+                let ch = p.channel.clone();
+                self.route(&ch, SubscriptionEvent::Publication(p));
+            }
+            Event::Join { channel, info } => self.route(&channel, SubscriptionEvent::Join(info)),
+            Event::Leave { channel, info } => self.route(&channel, SubscriptionEvent::Leave(info)),
+            Event::PublishAcked { message_id, position, duplicate, .. } => {
+                if let Some(r) = self.publishes.remove(&message_id) {
+                    let _ = r.send(Ok(PublishAck {
+                        message_id,
+                        epoch: position.epoch,
+                        offset: position.offset,
+                        duplicate,
+                    }));
+                }
+            }
+            Event::PublishFailed { message_id, error, .. } => {
+                if let Some(r) = self.publishes.remove(&message_id) {
+                    let _ = r.send(Err(Error::Publish(error)));
+                }
+            }
+            Event::CallResult { call, result } => {
+                if let Some(r) = self.calls.remove(&call) {
+                    let _ = r.send(result.map_err(call_error));
+                }
+            }
+            Event::TokenRequested => match (&self.token_provider, self.cmd.upgrade()) {
+                (Some(p), Some(cmd)) => {
+                    let fut = p();
+                    tokio::spawn(async move {
+                        let _ = cmd.send(Cmd::Token(fut.await));
+                    });
+                }
+                _ => {
+                    let now = self.now();
+                    self.session.token_failed(now, true);
+                }
+            },
+            Event::Persist(c) => {
+                self.snapshot.apply(&c);
+                self.dirty = true;
+            }
+            Event::Error(e) => tracing::warn!("ferry: {e}"),
+        }
+    }
+}
+
+fn call_error(e: CallError) -> Error {
+    match e {
+        CallError::NotConnected => Error::NotConnected,
+        CallError::ConnectionLost => Error::ConnectionLost,
+        CallError::Server(r) => Error::Server { code: r.code, message: r.message, temporary: r.temporary },
+        _ => Error::ConnectionLost,
+    }
+}
+
+async fn open(url: &str, proto: &str) -> Result<Ws, String> {
+    let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+    req.headers_mut().insert("Sec-WebSocket-Protocol", proto.parse().map_err(|_| "bad subprotocol".to_string())?);
+    let connect = tokio_tungstenite::connect_async_with_config(req, None, true);
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok((ws, resp))) => {
+            let agreed = resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok());
+            if agreed != Some(proto) {
+                return Err(format!("server did not agree to subprotocol {proto}"));
+            }
+            Ok(ws)
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("connect timed out".into()),
+    }
+}

@@ -1,0 +1,176 @@
+//! The client API against a real server on an ephemeral loopback port.
+
+use std::time::Duration;
+
+use ferry_client::{Client, ConnectionState, Error, HistoryRequest, Qos, SubscriptionEvent};
+use ferry_server::config::Config;
+
+const T: Duration = Duration::from_secs(20);
+
+struct Server {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    dir: std::path::PathBuf,
+}
+
+fn temp(tag: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "ferry-client-test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
+async fn server_at(dir: std::path::PathBuf, addr: &str) -> Server {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+    let cfg = Config { data_dir: dir.clone(), ..Config::default() };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(ferry_server::run(listener, cfg, async move {
+        let _ = rx.await;
+    }));
+    Server { url, stop: Some(tx), task, dir }
+}
+
+impl Server {
+    async fn stop(mut self) -> std::path::PathBuf {
+        let _ = self.stop.take().unwrap().send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        self.dir
+    }
+}
+
+async fn next_pub(sub: &mut ferry_client::Subscription) -> ferry_client::Publication {
+    tokio::time::timeout(T, sub.next_publication()).await.expect("a publication in time").expect("stream open")
+}
+
+#[tokio::test]
+async fn publish_subscribe_history_presence() {
+    let srv = server_at(temp("basic"), "127.0.0.1:0").await;
+    let alice = Client::builder(&srv.url).token("alice").device_id("a1").build().unwrap();
+    let bob =
+        Client::builder(&srv.url).token("bob").device_id("b1").encoding(ferry_client::Encoding::Json).build().unwrap();
+    let mut room = bob.subscribe("chat:1", Qos::ExactlyOnce).await.unwrap();
+    bob.connect();
+    alice.connect();
+    assert!(alice.wait_connected(T).await && bob.wait_connected(T).await);
+    // Wait for the subscription to be live before publishing.
+    loop {
+        match tokio::time::timeout(T, futures_util::StreamExt::next(&mut room)).await.unwrap() {
+            Some(SubscriptionEvent::Subscribed { .. }) => break,
+            Some(_) => {}
+            None => panic!("ended"),
+        }
+    }
+    let mut acks = Vec::new();
+    for (i, q) in [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce].into_iter().enumerate() {
+        acks.push(alice.publish("chat:1", format!("m{i}").into_bytes(), q).await.unwrap());
+    }
+    assert_eq!(acks.iter().map(|a| a.offset).collect::<Vec<_>>(), [1, 2, 3]);
+    for (i, ack) in acks.iter().enumerate() {
+        let p = next_pub(&mut room).await;
+        assert_eq!(p.payload.data.0, format!("m{i}").into_bytes());
+        assert_eq!(p.message_id, ack.message_id);
+    }
+    let (pubs, top) = alice
+        .history(HistoryRequest { channel: "chat:1".into(), since: None, until: None, limit: 10, reverse: true })
+        .await
+        .unwrap();
+    assert_eq!(top.offset, 3);
+    assert_eq!(pubs.iter().map(|p| p.offset).collect::<Vec<_>>(), [3, 2, 1]);
+    let who = alice.presence("chat:1").await.unwrap();
+    assert_eq!(who.iter().map(|c| c.user.as_str()).collect::<Vec<_>>(), ["bob"]);
+    assert_eq!(alice.presence_stats("chat:1").await.unwrap(), (1, 1));
+    // Typed errors.
+    let big = alice.publish("chat:1", vec![0; 100_000], Qos::AtLeastOnce).await;
+    assert!(matches!(big, Err(Error::Publish(ferry_client::PublishError::TooLarge { .. }))), "{big:?}");
+    let bad = alice.publish("bad name", b"x".to_vec(), Qos::AtLeastOnce).await;
+    assert!(
+        matches!(bad, Err(Error::Publish(ferry_client::PublishError::Rejected(ref e))) if e.code == 102),
+        "{bad:?}"
+    );
+    // Dropping the subscription unsubscribes.
+    drop(room);
+    let deadline = tokio::time::Instant::now() + T;
+    while alice.presence_stats("chat:1").await.unwrap() != (0, 0) {
+        assert!(tokio::time::Instant::now() < deadline, "unsubscribe on drop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(alice.close(Duration::from_secs(1)).await.unacked.is_empty());
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn outbox_survives_process_restart_and_server_outage() {
+    let dir = temp("srv");
+    let state = temp("state");
+    // The server is down: publishes queue in the durable outbox.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let url = format!("ws://{addr}/ws");
+    let c = Client::builder(&url)
+        .token("p")
+        .device_id("pub-1")
+        .storage_dir(&state)
+        .backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .build()
+        .unwrap();
+    c.connect();
+    let mut pending = Vec::new();
+    for i in 0..100u32 {
+        let c2 = c.clone();
+        pending.push(tokio::spawn(
+            async move { c2.publish("orders:1", i.to_be_bytes().to_vec(), Qos::ExactlyOnce).await },
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + T;
+    while c.unacked().await.len() < 100 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = c.close(Duration::from_millis(100)).await;
+    assert_eq!(report.unacked.len(), 100, "all still queued, kept on disk");
+    for p in pending {
+        assert_eq!(p.await.unwrap(), Err(Error::Closed));
+    }
+    // The app starts again with the same storage, and the server comes back.
+    let srv = server_at(dir, &addr).await;
+    let c = Client::builder(&url).token("p").device_id("pub-1").storage_dir(&state).build().unwrap();
+    c.connect();
+    let deadline = tokio::time::Instant::now() + T;
+    while !c.unacked().await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "outbox drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (pubs, _) = c
+        .history(HistoryRequest { channel: "orders:1".into(), since: None, until: None, limit: 1000, reverse: false })
+        .await
+        .unwrap();
+    let got: Vec<u32> = pubs.iter().map(|p| u32::from_be_bytes(p.payload.data.0[..4].try_into().unwrap())).collect();
+    assert_eq!(got, (0..100).collect::<Vec<_>>(), "all 100 stored exactly once, in order");
+    c.close(Duration::from_secs(1)).await;
+    srv.stop().await;
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[tokio::test]
+async fn state_watch_and_network_change() {
+    let srv = server_at(temp("state"), "127.0.0.1:0").await;
+    let c = Client::builder(&srv.url).device_id("d").build().unwrap();
+    let mut st = c.state();
+    assert_eq!(*st.borrow(), ConnectionState::Idle);
+    c.connect();
+    tokio::time::timeout(T, st.wait_for(|s| *s == ConnectionState::Connected)).await.unwrap().unwrap();
+    // A network change reconnects at once.
+    c.network_changed();
+    tokio::time::timeout(T, st.wait_for(|s| *s == ConnectionState::Connecting)).await.unwrap().unwrap();
+    tokio::time::timeout(T, st.wait_for(|s| *s == ConnectionState::Connected)).await.unwrap().unwrap();
+    c.close(Duration::from_secs(1)).await;
+    srv.stop().await;
+}
