@@ -16,9 +16,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the embedded store keeps its files.
     pub data_dir: PathBuf,
-    /// Development auth: the connect token is taken as the user id
-    /// (empty = anonymous). Replaced by signed tokens in production.
-    pub insecure_token_is_user: bool,
+    /// Token verification. With no key configured the server runs in
+    /// development mode: the connect token is taken as the user id.
+    pub auth: AuthConfig,
     /// Allow connections with an empty token.
     pub allow_anonymous: bool,
     /// Milliseconds a user stays present after their last connection
@@ -37,11 +37,42 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:8000".parse().expect("valid address"),
             data_dir: PathBuf::from("ferry-data"),
-            insecure_token_is_user: true,
+            auth: AuthConfig::default(),
             allow_anonymous: true,
             presence_grace_ms: 5_000,
             limits: Limits::default(),
             namespaces: BTreeMap::new(),
+        }
+    }
+}
+
+/// JWT verification settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret (at least 32 bytes).
+    pub hmac_secret: Option<String>,
+    /// RS256 public key: PEM text or a file path.
+    pub rsa_public_key: Option<String>,
+    /// ES256 public key: PEM text or a file path.
+    pub ec_public_key: Option<String>,
+    /// Accepted algorithms (default: those with a key); `none` is never accepted.
+    pub algorithms: Option<Vec<String>>,
+    /// Clock skew tolerated on `exp`, seconds.
+    pub leeway_secs: u64,
+    /// Refuse tokens without `exp`.
+    pub require_exp: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            hmac_secret: None,
+            rsa_public_key: None,
+            ec_public_key: None,
+            algorithms: None,
+            leeway_secs: 5,
+            require_exp: true,
         }
     }
 }

@@ -283,11 +283,17 @@ impl Conn {
             }
             ServerEvent::Release { message_id } => self.hub.release(message_id),
             ServerEvent::Call { req, cmd } => self.on_call(req, cmd),
-            ServerEvent::Refresh { req, token } => {
-                // Development auth has nothing to refresh; accept as-is.
-                let _ = token;
-                self.session.refresh_ok(now, req, None);
-            }
+            ServerEvent::Refresh { req, token } => match self.hub.auth().verify(&token) {
+                Ok(id) if Some(&id.user) == self.handle.as_ref().map(|h| &h.info.user) => {
+                    self.session.refresh_ok(now, req, id.expires_in(now_ms() / 1000))
+                }
+                Ok(_) => self.session.reply_error(
+                    now,
+                    req,
+                    ErrorReply::with_message(ErrorCode::Unauthorized, "the new token is for another user"),
+                ),
+                Err(e) => self.session.reply_error(now, req, e),
+            },
             ServerEvent::Acked { channel, epoch, offset } => {
                 if let Some(h) = &self.handle {
                     self.hub.ack(h, &channel, epoch, offset);
@@ -305,13 +311,20 @@ impl Conn {
     }
 
     fn on_connect(&mut self, now: Instant, req: u32, connect: Connect) {
-        let cfg = self.hub.config();
-        let user = if cfg.insecure_token_is_user { connect.token.clone() } else { String::new() };
-        if user.is_empty() && !cfg.allow_anonymous {
-            let err = ErrorReply::with_message(ErrorCode::Unauthorized, "anonymous access is off");
-            return self.session.reject(now, req, err, CloseCode::Unauthorized);
-        }
-        let info = ClientInfo { client: format!("{:x}", self.id), user, info: None };
+        let id = match self.hub.auth().verify(&connect.token) {
+            Ok(id) => id,
+            Err(e) => {
+                let close = if e.code == ErrorCode::TokenExpired as u16 {
+                    CloseCode::TokenExpired
+                } else {
+                    CloseCode::Unauthorized
+                };
+                return self.session.reject(now, req, e, close);
+            }
+        };
+        let expires_in = id.expires_in(now_ms() / 1000);
+        let user = id.user.clone();
+        let info = ClientInfo { client: format!("{:x}", self.id), user, info: id.info.clone() };
         let handle = ConnHandle {
             id: self.id,
             info: info.clone(),
@@ -329,7 +342,7 @@ impl Conn {
         }
         self.hub.user_up(&info.user);
         self.handle = Some(handle);
-        self.session.accept(now, req, Accept { client: info, expires_in: None, subs, time_ms: now_ms() });
+        self.session.accept(now, req, Accept { client: info, expires_in, subs, time_ms: now_ms() });
     }
 
     fn on_call(&mut self, req: u32, cmd: Command) {

@@ -156,6 +156,7 @@ pub struct HubStats {
 /// Shared server state.
 pub struct Hub {
     cfg: Arc<Config>,
+    auth: crate::auth::Auth,
     store: Arc<dyn Store>,
     presence: Arc<dyn Presence>,
     state: Mutex<State>,
@@ -189,7 +190,10 @@ impl Hub {
             state.channels.insert(ch, Chan { header, persisted: true, hot: VecDeque::new(), subs: BTreeMap::new() });
         }
         let (tx, rx) = std::sync::mpsc::channel();
+        let auth = crate::auth::Auth::from_config(&cfg.auth, cfg.allow_anonymous)
+            .map_err(|e| crate::store::StoreError::Engine(format!("auth config: {e}")))?;
         let hub = Arc::new(Hub {
+            auth,
             cfg,
             store,
             presence: Arc::new(MemoryPresence::default()),
@@ -204,6 +208,11 @@ impl Hub {
             .spawn(move || sequencer(weak, rx))
             .expect("spawn sequencer thread");
         Ok(hub)
+    }
+
+    /// Token verification.
+    pub fn auth(&self) -> &crate::auth::Auth {
+        &self.auth
     }
 
     /// The configuration.

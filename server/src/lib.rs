@@ -14,6 +14,7 @@
 //! # }
 //! ```
 
+pub mod auth;
 pub mod channel;
 pub mod config;
 pub mod conn;

@@ -15,6 +15,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Sign an HS256 connection token with the config's `auth.hmac_secret` (for development).
+    Token {
+        /// TOML configuration file holding `[auth] hmac_secret`.
+        #[arg(long, env = "FERRY_CONFIG")]
+        config: Option<PathBuf>,
+        /// The secret, instead of a config file.
+        #[arg(long, env = "FERRY_HMAC_SECRET")]
+        secret: Option<String>,
+        /// User id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Channels to grant (repeatable).
+        #[arg(long)]
+        channel: Vec<String>,
+    },
+    /// Read and check a configuration file, then exit.
+    CheckConfig {
+        /// TOML configuration file.
+        config: PathBuf,
+    },
     /// Run the server.
     Serve {
         /// TOML configuration file.
@@ -35,12 +58,29 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().cmd {
+        Cmd::Token { config, secret, user, ttl, channel } => {
+            let secret = match (secret, config) {
+                (Some(s), _) => s,
+                (None, Some(path)) => load(&path)?
+                    .auth
+                    .hmac_secret
+                    .ok_or_else(|| anyhow::anyhow!("{}: no auth.hmac_secret", path.display()))?,
+                (None, None) => anyhow::bail!("give --secret or --config with auth.hmac_secret"),
+            };
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            let claims = ferry_server::auth::Claims { sub: user, exp: Some(now + ttl), info: None, channels: channel };
+            println!("{}", ferry_server::auth::sign_hs256(&secret, &claims)?);
+            Ok(())
+        }
+        Cmd::CheckConfig { config } => {
+            let cfg = load(&config)?;
+            ferry_server::auth::Auth::from_config(&cfg.auth, cfg.allow_anonymous)?;
+            println!("{}: ok", config.display());
+            Ok(())
+        }
         Cmd::Serve { config, listen, data_dir } => {
             let mut cfg = match &config {
-                Some(path) => {
-                    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                    Config::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-                }
+                Some(path) => load(path)?,
                 None => Config::default(),
             };
             if let Some(l) = listen {
@@ -60,16 +100,26 @@ async fn main() -> anyhow::Result<()> {
             let _ = writeln!(out, "ferry listening on ws://{addr}/ws (health: http://{addr}/healthz)");
             let _ = writeln!(
                 out,
-                "data: {} | anonymous access: {} | dev auth (token = user id): {}",
+                "data: {} | anonymous access: {} | auth: {}",
                 cfg.data_dir.display(),
                 if cfg.allow_anonymous { "on" } else { "off" },
-                if cfg.insecure_token_is_user { "on" } else { "off" },
+                if dev_auth(&cfg) { "DEVELOPMENT (token = user id; configure [auth] for production)" } else { "JWT" },
             );
             let _ = out.flush();
             drop(out);
             ferry_server::run(listener, cfg, shutdown_signal()).await
         }
     }
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Config::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn dev_auth(cfg: &Config) -> bool {
+    let a = &cfg.auth;
+    a.hmac_secret.is_none() && a.rsa_public_key.is_none() && a.ec_public_key.is_none()
 }
 
 async fn shutdown_signal() {

@@ -168,6 +168,10 @@ pub struct TestClient {
     pub acked: std::collections::BTreeMap<String, StreamPosition>,
     /// Stop reading the socket (simulates a frozen app).
     pub paused: bool,
+    /// Answers `TokenRequested` (a token provider).
+    pub token_fn: Option<Box<dyn Fn() -> String + Send>>,
+    /// How many times a token was requested.
+    pub token_requests: usize,
 }
 
 impl TestClient {
@@ -207,6 +211,8 @@ impl TestClient {
             received: Default::default(),
             acked: Default::default(),
             paused: false,
+            token_fn: None,
+            token_requests: 0,
         }
     }
 
@@ -296,6 +302,14 @@ impl TestClient {
             )),
             Event::PublishAcked { message_id, position, .. } => {
                 self.acked.insert(message_id.clone(), position.clone());
+            }
+            Event::TokenRequested => {
+                self.token_requests += 1;
+                if let Some(f) = &self.token_fn {
+                    let t = f();
+                    let now = self.now();
+                    self.session.set_token(now, t);
+                }
             }
             _ => {}
         }

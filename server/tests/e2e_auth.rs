@@ -1,0 +1,153 @@
+//! Token authentication end to end: HS256/RS256/ES256, pinned algorithms,
+//! `none` and key confusion refused, expiry, refresh without reconnecting.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ferry_core::client::{ConnectionState, Event};
+use ferry_core::codec::Encoding;
+use ferry_core::CloseCode;
+use ferry_server::auth::{sign_hs256, Claims};
+use ferry_server::config::{AuthConfig, Config};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+
+const T: Duration = Duration::from_secs(20);
+const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn claims(user: &str, ttl: i64) -> Claims {
+    Claims { sub: user.into(), exp: Some((now() as i64 + ttl) as u64), info: None, channels: vec![] }
+}
+
+fn sign(alg: Algorithm, key: &EncodingKey, c: &Claims) -> String {
+    jsonwebtoken::encode(&Header::new(alg), c, key).unwrap()
+}
+
+fn config(auth: AuthConfig) -> Config {
+    Config { auth, allow_anonymous: false, ..test_config() }
+}
+
+/// Connect with a token; the close code if refused, None if connected.
+async fn try_token(url: &str, token: &str) -> Option<u16> {
+    let mut c = TestClient::new(url, TestClient::config("d", token, Encoding::Json));
+    c.connect().await;
+    let done = c
+        .run_until(T, |c| c.session.is_connected() || c.events.iter().any(|e| matches!(e, Event::Disconnected { .. })))
+        .await;
+    assert!(done);
+    c.events.iter().find_map(|e| if let Event::Disconnected { code, .. } = e { Some(*code) } else { None })
+}
+
+#[tokio::test]
+async fn hs256_tokens_valid_expired_none_and_tampered() {
+    let srv = TestServer::start(config(AuthConfig { hmac_secret: Some(SECRET.into()), ..AuthConfig::default() })).await;
+    let url = srv.url();
+    assert_eq!(try_token(&url, &sign_hs256(SECRET, &claims("u1", 60)).unwrap()).await, None);
+    // Expired beyond the 5 s leeway: the documented token-expired close.
+    assert_eq!(
+        try_token(&url, &sign_hs256(SECRET, &claims("u1", -60)).unwrap()).await,
+        Some(CloseCode::TokenExpired as u16)
+    );
+    // Wrong secret, anonymous (off), garbage.
+    assert_eq!(
+        try_token(&url, &sign_hs256("another-secret-another-secret-xx", &claims("u1", 60)).unwrap()).await,
+        Some(3500)
+    );
+    assert_eq!(try_token(&url, "").await, Some(3500));
+    assert_eq!(try_token(&url, "not.a.jwt").await, Some(3500));
+    // alg=none, unsigned.
+    let none = format!(
+        "{}.{}.",
+        ferry_core::base64::encode(br#"{"alg":"none","typ":"JWT"}"#)
+            .trim_end_matches('=')
+            .replace('+', "-")
+            .replace('/', "_"),
+        ferry_core::base64::encode(format!(r#"{{"sub":"u1","exp":{}}}"#, now() + 60).as_bytes())
+            .trim_end_matches('=')
+            .replace('+', "-")
+            .replace('/', "_")
+    );
+    assert_eq!(try_token(&url, &none).await, Some(3500));
+    // Missing exp is refused by default.
+    let no_exp = Claims { exp: None, ..claims("u1", 0) };
+    assert_eq!(try_token(&url, &sign_hs256(SECRET, &no_exp).unwrap()).await, Some(3500));
+}
+
+#[tokio::test]
+async fn rs256_and_es256_pinned_and_no_key_confusion() {
+    let rsa_pub = fixture("rsa_public.pem");
+    let auth = AuthConfig {
+        rsa_public_key: Some(rsa_pub.clone()),
+        ec_public_key: Some(fixture("ec_public.pem")),
+        algorithms: Some(vec!["RS256".into()]),
+        ..AuthConfig::default()
+    };
+    // ES256 configured but not pinned: a key without its algorithm is refused at startup...
+    let err = ferry_server::auth::Auth::from_config(
+        &AuthConfig { algorithms: Some(vec!["HS256".into()]), ..auth.clone() },
+        false,
+    );
+    assert!(err.is_err(), "an algorithm without a key is a config error");
+    let srv = TestServer::start(config(auth)).await;
+    let url = srv.url();
+    let rsa = EncodingKey::from_rsa_pem(&std::fs::read(fixture("rsa_private.pem")).unwrap()).unwrap();
+    let ec = EncodingKey::from_ec_pem(&std::fs::read(fixture("ec_private.pem")).unwrap()).unwrap();
+    assert_eq!(try_token(&url, &sign(Algorithm::RS256, &rsa, &claims("u2", 60))).await, None);
+    // ES256 is not in the pinned list.
+    assert_eq!(try_token(&url, &sign(Algorithm::ES256, &ec, &claims("u2", 60))).await, Some(3500));
+    // Key confusion: HS256 "signed" with the RSA public key as the secret.
+    let public_pem = std::fs::read(&rsa_pub).unwrap();
+    let forged = sign(Algorithm::HS256, &EncodingKey::from_secret(&public_pem), &claims("admin", 60));
+    assert_eq!(try_token(&url, &forged).await, Some(3500));
+    drop(srv);
+    // With ES256 allowed it works.
+    let srv = TestServer::start(config(AuthConfig {
+        ec_public_key: Some(fixture("ec_public.pem")),
+        ..AuthConfig::default()
+    }))
+    .await;
+    assert_eq!(try_token(&srv.url(), &sign(Algorithm::ES256, &ec, &claims("u3", 60))).await, None);
+}
+
+#[tokio::test]
+async fn refresh_keeps_the_connection_and_expiry_closes_it() {
+    let mut cfg = config(AuthConfig { hmac_secret: Some(SECRET.into()), leeway_secs: 0, ..AuthConfig::default() });
+    cfg.limits.ping_interval_ms = 500;
+    cfg.limits.pong_timeout_ms = 500;
+    let srv = TestServer::start(cfg).await;
+    // Tokens live 3 s; the client refreshes before expiry (at half the
+    // lifetime at most) and must never reconnect.
+    let mut cc = TestClient::config("r", &sign_hs256(SECRET, &claims("ru", 3)).unwrap(), Encoding::Binary);
+    cc.refreshable = true;
+    let mut c = TestClient::new(&srv.url(), cc);
+    c.token_fn = Some(Box::new(|| sign_hs256(SECRET, &claims("ru", 3)).unwrap()));
+    c.connect().await;
+    assert!(c.connected().await);
+    c.run_for(Duration::from_secs(8)).await;
+    assert!(c.session.is_connected());
+    assert_eq!(c.session.stats().connects, 1, "refreshed without reconnecting");
+    assert!(c.token_requests >= 3, "refreshed {} times", c.token_requests);
+    // Without refresh the server closes at expiry with 3005.
+    let mut d = TestClient::new(
+        &srv.url(),
+        TestClient::config("e", &sign_hs256(SECRET, &claims("eu", 2)).unwrap(), Encoding::Json),
+    );
+    d.connect().await;
+    assert!(d.connected().await);
+    let started = std::time::Instant::now();
+    assert!(d.run_until(T, |c| matches!(c.session.state(), ConnectionState::Closed { .. })).await);
+    assert_eq!(
+        d.session.state(),
+        ConnectionState::Closed { code: CloseCode::TokenExpired as u16, reason: "token expired".into() }
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
