@@ -21,6 +21,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Allow connections with an empty token.
     pub allow_anonymous: bool,
+    /// The backend HTTP API.
+    pub api: ApiConfig,
     /// Milliseconds a user stays present after their last connection
     /// leaves a channel, so a quick reconnect does not flap join/leave.
     pub presence_grace_ms: u64,
@@ -38,11 +40,32 @@ impl Default for Config {
             listen: "127.0.0.1:8000".parse().expect("valid address"),
             data_dir: PathBuf::from("ferry-data"),
             auth: AuthConfig::default(),
+            api: ApiConfig::default(),
             allow_anonymous: true,
             presence_grace_ms: 5_000,
             limits: Limits::default(),
             namespaces: BTreeMap::new(),
         }
+    }
+}
+
+/// Backend API settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address of the API (its own port). The `ferry` command derives one
+    /// when unset (the WebSocket port + 1); the library leaves the API off.
+    pub listen: Option<SocketAddr>,
+    /// Set false to turn the API off in the `ferry` command.
+    pub enabled: bool,
+    /// Accepted API keys (`Authorization: apikey <key>`). Empty = no key
+    /// needed, which is only allowed on a loopback address.
+    pub keys: Vec<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { listen: None, enabled: true, keys: Vec::new() }
     }
 }
 
@@ -181,6 +204,12 @@ impl Config {
         anyhow::ensure!(l.ping_interval_ms > 0, "limits.ping_interval_ms must be positive");
         anyhow::ensure!(l.pong_timeout_ms > 0, "limits.pong_timeout_ms must be positive");
         anyhow::ensure!(l.inflight_window > 0, "limits.inflight_window must be positive");
+        if let Some(addr) = self.api.listen {
+            anyhow::ensure!(
+                !self.api.keys.is_empty() || addr.ip().is_loopback(),
+                "api.keys must be set when the API listens beyond loopback ({addr})"
+            );
+        }
         for (name, ns) in &self.namespaces {
             anyhow::ensure!(ns.max_qos <= 2, "namespaces.{name}.max_qos must be 0, 1 or 2");
             anyhow::ensure!(ns.history_size > 0, "namespaces.{name}.history_size must be positive");

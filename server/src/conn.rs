@@ -218,7 +218,7 @@ pub async fn serve(hub: Arc<Hub>, ws: WebSocket, enc: Encoding, mut shutdown: to
     }
     c.hub.remove_conn(c.id, &c.channels);
     if let Some(h) = &c.handle {
-        c.hub.user_down(&h.info.user);
+        c.hub.unregister(h);
     }
     drop(out_tx);
     // The writer ends on its own once the close frame is out (bounded by the write timeout).
@@ -340,7 +340,7 @@ impl Conn {
             }
             subs.push(r);
         }
-        self.hub.user_up(&info.user);
+        self.hub.register(&handle);
         self.handle = Some(handle);
         self.session.accept(now, req, Accept { client: info, expires_in, subs, time_ms: now_ms() });
     }

@@ -104,6 +104,7 @@ struct Chan {
 #[derive(Default)]
 struct State {
     channels: HashMap<String, Chan>,
+    conns: HashMap<ConnId, ConnHandle>,
 }
 
 /// Who to tell the outcome of a publish.
@@ -392,14 +393,64 @@ impl Hub {
         }
     }
 
-    /// A connection of `user` is live.
-    pub fn user_up(&self, user: &str) {
-        self.presence.user_up(user);
+    /// A connection is live.
+    pub fn register(&self, conn: &ConnHandle) {
+        self.presence.user_up(&conn.info.user);
+        self.lock().conns.insert(conn.id, conn.clone());
     }
 
-    /// A connection of `user` ended.
-    pub fn user_down(&self, user: &str) {
-        self.presence.user_down(user);
+    /// A connection ended.
+    pub fn unregister(&self, conn: &ConnHandle) {
+        self.presence.user_down(&conn.info.user);
+        self.lock().conns.remove(&conn.id);
+    }
+
+    /// Live connections.
+    pub fn connection_count(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    /// Channels with at least one subscriber, sorted.
+    pub fn active_channels(&self) -> Vec<String> {
+        let st = self.lock();
+        let mut v: Vec<String> =
+            st.channels.iter().filter(|(_, c)| !c.subs.is_empty()).map(|(k, _)| k.clone()).collect();
+        v.sort();
+        v
+    }
+
+    /// Close every connection of `user` (or just `client`); returns how many.
+    pub fn disconnect_user(&self, user: &str, client: Option<&str>, code: CloseCode) -> usize {
+        let st = self.lock();
+        let mut n = 0;
+        for h in st.conns.values() {
+            if h.info.user == user && client.is_none_or(|c| c == h.info.client) {
+                let _ = h.ctl.send(ConnMsg::Kick(code, "disconnected by the backend".into()));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// End the subscriptions of `user` to `channel`; returns how many.
+    pub fn unsubscribe_user(self: &Arc<Self>, user: &str, channel: &str) -> usize {
+        let ids: Vec<(ConnId, ConnHandle)> = {
+            let st = self.lock();
+            st.channels
+                .get(channel)
+                .map(|c| c.subs.iter().filter(|(_, h)| h.info.user == user).map(|(id, h)| (*id, h.clone())).collect())
+                .unwrap_or_default()
+        };
+        for (id, h) in &ids {
+            let push = Push::Unsubscribed {
+                channel: channel.into(),
+                code: CloseCode::ForceDisconnect as u16,
+                reason: "unsubscribed by the backend".into(),
+            };
+            let _ = h.ctl.send(ConnMsg::Notice(push));
+            self.unsubscribe(*id, channel);
+        }
+        ids.len()
     }
 
     /// Which of `users` are online now.

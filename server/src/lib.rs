@@ -14,6 +14,7 @@
 //! # }
 //! ```
 
+pub mod api;
 pub mod auth;
 pub mod channel;
 pub mod config;
@@ -56,10 +57,28 @@ struct LiveConns {
 /// How long shutdown waits for connections to say goodbye.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Serve on `listener` until `shutdown` completes; then tell every client
-/// to reconnect elsewhere and return.
+/// Serve on `listener` (and the API on `cfg.api.listen`) until `shutdown`
+/// completes; then tell every client to reconnect elsewhere and return.
 pub async fn run(
     listener: tokio::net::TcpListener,
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let api = match cfg.api.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the API: {e}"))?,
+        ),
+        None => None,
+    };
+    serve(listener, api, cfg, shutdown).await
+}
+
+/// Like [`run`], with the API listener given (or none).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    api: Option<tokio::net::TcpListener>,
     cfg: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -68,6 +87,17 @@ pub async fn run(
     let hub = Hub::start(Arc::new(cfg), Arc::new(store))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let live = Arc::new(LiveConns::default());
+    let api_task = api.map(|l| {
+        let router = api::router(hub.clone(), hub.config().api.keys.clone());
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(l, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await;
+        })
+    });
     let app = router(AppState { hub, shutdown: stop_rx, live: live.clone() });
     // Small frames (acks, pings, replies) must not wait for Nagle.
     let listener = listener.tap_io(|tcp| {
@@ -91,6 +121,9 @@ pub async fn run(
         }
     };
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, wait).await;
+    if let Some(t) = api_task {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, t).await;
+    }
     Ok(())
 }
 

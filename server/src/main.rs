@@ -49,6 +49,9 @@ enum Cmd {
         /// Data directory of the embedded store (overrides the file).
         #[arg(long, env = "FERRY_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// Listen address of the backend API (overrides the file); `off` disables it.
+        #[arg(long, env = "FERRY_API_LISTEN")]
+        api_listen: Option<String>,
     },
 }
 
@@ -78,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}: ok", config.display());
             Ok(())
         }
-        Cmd::Serve { config, listen, data_dir } => {
+        Cmd::Serve { config, listen, data_dir, api_listen } => {
             let mut cfg = match &config {
                 Some(path) => load(path)?,
                 None => Config::default(),
@@ -89,6 +92,29 @@ async fn main() -> anyhow::Result<()> {
             if let Some(d) = data_dir {
                 cfg.data_dir = d;
             }
+            match api_listen.as_deref() {
+                Some("off") => cfg.api.enabled = false,
+                Some(a) => cfg.api.listen = Some(a.parse().map_err(|e| anyhow::anyhow!("--api-listen {a}: {e}"))?),
+                None => {}
+            }
+            if !cfg.api.enabled {
+                cfg.api.listen = None;
+            } else if cfg.api.listen.is_none() {
+                // Next to the WebSocket port; an ephemeral one stays ephemeral.
+                let mut a = cfg.listen;
+                a.set_port(if a.port() == 0 { 0 } else { a.port().wrapping_add(1) });
+                cfg.api.listen = Some(a);
+            }
+            cfg.check()?;
+            let api = match cfg.api.listen {
+                Some(a) => Some(
+                    tokio::net::TcpListener::bind(a)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("cannot listen on {a} for the API: {e}"))?,
+                ),
+                None => None,
+            };
+            let api_addr = api.as_ref().and_then(|l| l.local_addr().ok());
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -100,14 +126,19 @@ async fn main() -> anyhow::Result<()> {
             let _ = writeln!(out, "ferry listening on ws://{addr}/ws (health: http://{addr}/healthz)");
             let _ = writeln!(
                 out,
-                "data: {} | anonymous access: {} | auth: {}",
+                "api: {} | data: {} | anonymous access: {} | auth: {}",
+                match api_addr {
+                    Some(a) if cfg.api.keys.is_empty() => format!("http://{a}/api (no key: loopback only)"),
+                    Some(a) => format!("http://{a}/api"),
+                    None => "off".into(),
+                },
                 cfg.data_dir.display(),
                 if cfg.allow_anonymous { "on" } else { "off" },
                 if dev_auth(&cfg) { "DEVELOPMENT (token = user id; configure [auth] for production)" } else { "JWT" },
             );
             let _ = out.flush();
             drop(out);
-            ferry_server::run(listener, cfg, shutdown_signal()).await
+            ferry_server::serve(listener, api, cfg, shutdown_signal()).await
         }
     }
 }

@@ -50,6 +50,8 @@ impl Drop for TempDir {
 /// A server running in this process.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The backend API, when started with it.
+    pub api: Option<SocketAddr>,
     pub dir: TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -62,15 +64,26 @@ impl TestServer {
         Self::start_in(cfg, dir).await
     }
 
-    pub async fn start_in(mut cfg: Config, dir: TempDir) -> Self {
+    pub async fn start_in(cfg: Config, dir: TempDir) -> Self {
+        Self::start_full(cfg, dir, false).await
+    }
+
+    /// With the backend API on its own ephemeral port.
+    pub async fn start_with_api(cfg: Config) -> Self {
+        Self::start_full(cfg, TempDir::new("srv"), true).await
+    }
+
+    async fn start_full(mut cfg: Config, dir: TempDir, with_api: bool) -> Self {
         cfg.data_dir = dir.path().to_path_buf();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let api = if with_api { Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()) } else { None };
+        let api_addr = api.as_ref().map(|l| l.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(ferry_server::run(listener, cfg, async move {
+        let task = tokio::spawn(ferry_server::serve(listener, api, cfg, async move {
             let _ = rx.await;
         }));
-        TestServer { addr, dir, stop: Some(tx), task: Some(task) }
+        TestServer { addr, api: api_addr, dir, stop: Some(tx), task: Some(task) }
     }
 
     pub fn url(&self) -> String {
@@ -458,6 +471,49 @@ pub async fn run_all(clients: &mut [TestClient], limit: Duration, mut done: impl
             c.run_until(Duration::from_millis(5), |_| false).await;
         }
     }
+}
+
+/// One HTTP/1.1 request; returns the status and the body parsed as JSON
+/// (or as a JSON string when it is not JSON).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    key: Option<&str>,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = key.map(|k| format!("Authorization: apikey {k}\r\n")).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut raw)).await.expect("http answered").unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status: u16 = text.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    // Chunked bodies: join the chunks.
+    let payload = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut r = rest;
+        while let Some((size, tail)) = r.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            r = &tail[n + 2..];
+        }
+        out
+    } else {
+        rest.to_string()
+    };
+    let json = serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload));
+    (status, json)
 }
 
 /// A config for tests: small timings where a test needs them.

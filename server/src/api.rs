@@ -1,0 +1,428 @@
+//! The backend HTTP API: JSON over HTTP on its own port, for the business
+//! systems beside Ferry. Documented in `docs/openapi.json` (served at
+//! `/api/openapi.json`); a test checks every documented route.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant as StdInstant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_core::frame::{HistoryBound, HistoryRequest, Publication, Qos, ReplyBody};
+use ferry_core::{CloseCode, ErrorCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::hub::Hub;
+
+/// The OpenAPI document, committed and served as-is.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// How long an idempotency key remembers its request, ms.
+const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// idempotency key → (request fingerprint, response, when).
+type IdempotencyTable = HashMap<String, (String, Value, StdInstant)>;
+
+#[derive(Clone)]
+struct Api {
+    hub: Arc<Hub>,
+    keys: Arc<Vec<String>>,
+    started: StdInstant,
+    idem: Arc<Mutex<IdempotencyTable>>,
+}
+
+/// The API router.
+pub fn router(hub: Arc<Hub>, keys: Vec<String>) -> Router {
+    let api = Api { hub, keys: Arc::new(keys), started: StdInstant::now(), idem: Default::default() };
+    Router::new()
+        .route("/api/openapi.json", get(|| async { ([("content-type", "application/json")], OPENAPI) }))
+        .route("/api/info", get(info))
+        .route("/api/channels", get(channels))
+        .route("/api/publish", post(publish))
+        .route("/api/broadcast", post(broadcast))
+        .route("/api/history", post(history))
+        .route("/api/presence", post(presence))
+        .route("/api/presence_stats", post(presence_stats))
+        .route("/api/online", post(online))
+        .route("/api/disconnect", post(disconnect))
+        .route("/api/unsubscribe", post(unsubscribe))
+        .route("/api/batch", post(batch))
+        .with_state(api)
+}
+
+/// An API error: HTTP status plus Ferry's error code.
+struct ApiError(StatusCode, u16, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": {"code": self.1, "message": self.2}}))).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, ErrorCode::BadRequest as u16, msg.into())
+}
+
+fn from_reply(e: ferry_core::frame::ErrorReply) -> ApiError {
+    let status = if e.temporary { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_REQUEST };
+    ApiError(status, e.code, e.message)
+}
+
+impl Api {
+    fn check_key(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        if self.keys.is_empty() {
+            return Ok(());
+        }
+        let given = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("apikey ").or_else(|| v.strip_prefix("Bearer ")))
+            .unwrap_or("");
+        // Constant-time comparison: no early exit on the first differing byte.
+        let ok = self.keys.iter().any(|k| {
+            k.len() == given.len() && k.bytes().zip(given.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized as u16, "missing or wrong API key".into()))
+        }
+    }
+}
+
+/// Message data: JSON (`data`) or base64 bytes (`b64data`).
+#[derive(Deserialize, Serialize, Clone, Debug)]
+struct PublishBody {
+    channel: Option<String>,
+    #[serde(default)]
+    channels: Vec<String>,
+    data: Option<Value>,
+    b64data: Option<String>,
+    #[serde(default = "one")]
+    qos: u8,
+    idempotency_key: Option<String>,
+}
+
+fn one() -> u8 {
+    1
+}
+
+fn payload(b: &PublishBody) -> Result<Vec<u8>, ApiError> {
+    match (&b.data, &b.b64data) {
+        (Some(v), None) => Ok(serde_json::to_vec(v).unwrap_or_default()),
+        (None, Some(s)) => ferry_core::base64::decode(s).map_err(|_| bad("b64data is not valid base64")),
+        _ => Err(bad("give exactly one of data (JSON) or b64data (base64)")),
+    }
+}
+
+async fn info(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    api.check_key(&headers)?;
+    Ok(Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": api.started.elapsed().as_secs(),
+        "connections": api.hub.connection_count(),
+        "channels": api.hub.active_channels().len(),
+    })))
+}
+
+async fn channels(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    api.check_key(&headers)?;
+    Ok(Json(json!({ "channels": api.hub.active_channels() })))
+}
+
+async fn publish_one(api: &Api, channel: &str, data: Vec<u8>, qos: u8, key: Option<String>) -> Result<Value, ApiError> {
+    crate::channel::validate(channel).map_err(from_reply)?;
+    let qos = Qos::from_u8(qos).ok_or_else(|| bad("qos must be 0, 1 or 2"))?;
+    // The idempotency key is the message id: a retry inside the dedup window
+    // is answered with the first result and stored once.
+    let id = key.unwrap_or_else(|| format!("api:{:x}:{}", crate::hub::now_ms(), rand_suffix()));
+    let stored = api.hub.publish_wait(channel, &id, qos, data).await.map_err(from_reply)?;
+    Ok(
+        json!({"channel": channel, "epoch": stored.epoch, "offset": stored.offset, "duplicate": stored.duplicate, "message_id": id}),
+    )
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(StdInstant::now().elapsed().as_nanos());
+    h.finish()
+}
+
+/// Run `f` once per idempotency key: the same key with the same body gets
+/// the first answer; with a different body it is refused.
+async fn idempotent<F, Fut>(api: &Api, key: Option<&str>, body: &PublishBody, f: F) -> Result<Value, ApiError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Value, ApiError>>,
+{
+    let Some(key) = key else { return f().await };
+    let fingerprint = serde_json::to_string(body).unwrap_or_default();
+    {
+        let mut m = api.idem.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, (_, _, at)| at.elapsed() < IDEMPOTENCY_WINDOW);
+        if let Some((fp, resp, _)) = m.get(key) {
+            if *fp != fingerprint {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    ErrorCode::BadRequest as u16,
+                    "idempotency key reused with a different request".into(),
+                ));
+            }
+            return Ok(resp.clone());
+        }
+    }
+    let resp = f().await?;
+    api.idem
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key.into(), (fingerprint, resp.clone(), StdInstant::now()));
+    Ok(resp)
+}
+
+async fn publish(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(b): Json<PublishBody>,
+) -> Result<Json<Value>, ApiError> {
+    api.check_key(&headers)?;
+    let channel = b.channel.clone().ok_or_else(|| bad("channel is required"))?;
+    let data = payload(&b)?;
+    let key = b.idempotency_key.clone();
+    let resp = idempotent(&api, key.as_deref(), &b, || publish_one(&api, &channel, data, b.qos, key.clone())).await?;
+    Ok(Json(resp))
+}
+
+async fn broadcast(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(b): Json<PublishBody>,
+) -> Result<Json<Value>, ApiError> {
+    api.check_key(&headers)?;
+    if b.channels.is_empty() || b.channels.len() > 1000 {
+        return Err(bad("channels: 1 to 1000 names"));
+    }
+    let data = payload(&b)?;
+    let key = b.idempotency_key.clone();
+    let resp = idempotent(&api, key.as_deref(), &b, || async {
+        let mut results = Vec::new();
+        for ch in &b.channels {
+            let k = key.as_ref().map(|k| format!("{k}:{ch}"));
+            results.push(match publish_one(&api, ch, data.clone(), b.qos, k).await {
+                Ok(v) => v,
+                Err(ApiError(_, code, message)) => json!({"channel": ch, "error": {"code": code, "message": message}}),
+            });
+        }
+        Ok(json!({ "results": results }))
+    })
+    .await?;
+    Ok(Json(resp))
+}
+
+#[derive(Deserialize)]
+struct HistoryBody {
+    channel: String,
+    since_offset: Option<u64>,
+    until_offset: Option<u64>,
+    since_time_ms: Option<u64>,
+    until_time_ms: Option<u64>,
+    #[serde(default = "hundred")]
+    limit: u32,
+    #[serde(default)]
+    reverse: bool,
+}
+
+fn hundred() -> u32 {
+    100
+}
+
+fn pub_json(p: &Publication) -> Value {
+    let data = &p.payload.data.0;
+    let mut v = json!({
+        "offset": p.offset, "epoch": p.epoch, "message_id": p.message_id, "qos": p.qos.as_u8(),
+        "time_ms": p.time_ms, "b64data": ferry_core::base64::encode(data),
+    });
+    if let Ok(j) = serde_json::from_slice::<Value>(data) {
+        v["data"] = j;
+    }
+    if let Some(by) = &p.publisher {
+        v["publisher"] = json!({"client": by.client, "user": by.user});
+    }
+    v
+}
+
+async fn history_value(api: &Api, b: HistoryBody) -> Result<Value, ApiError> {
+    let bound = |o: Option<u64>, t: Option<u64>| match (o, t) {
+        (Some(o), None) => Ok(Some(HistoryBound::Offset(o))),
+        (None, Some(t)) => Ok(Some(HistoryBound::TimeMs(t))),
+        (None, None) => Ok(None),
+        _ => Err(bad("give an offset or a time for each bound, not both")),
+    };
+    let req = HistoryRequest {
+        channel: b.channel,
+        since: bound(b.since_offset, b.since_time_ms)?,
+        until: bound(b.until_offset, b.until_time_ms)?,
+        limit: b.limit,
+        reverse: b.reverse,
+    };
+    match api.hub.history(&req).await.map_err(from_reply)? {
+        ReplyBody::History { publications, top } => Ok(json!({
+            "publications": publications.iter().map(pub_json).collect::<Vec<_>>(),
+            "top": {"epoch": top.epoch, "offset": top.offset},
+        })),
+        _ => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal as u16, "unexpected".into())),
+    }
+}
+
+async fn history(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(b): Json<HistoryBody>,
+) -> Result<Json<Value>, ApiError> {
+    api.check_key(&headers)?;
+    Ok(Json(history_value(&api, b).await?))
+}
+
+#[derive(Deserialize)]
+struct PresenceBody {
+    channel: String,
+    after: Option<String>,
+    #[serde(default = "thousand")]
+    limit: usize,
+}
+
+fn thousand() -> usize {
+    1000
+}
+
+async fn presence(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(b): Json<PresenceBody>,
+) -> Result<Json<Value>, ApiError> {
+    api.check_key(&headers)?;
+    let list = api.hub.presence(&b.channel, b.after.as_deref(), b.limit.min(10_000)).map_err(from_reply)?;
+    let next = if list.len() == b.limit { list.last().map(|c| c.client.clone()) } else { None };
+    let clients: Vec<Value> = list.iter().map(|c| json!({"client": c.client, "user": c.user})).collect();
+    Ok(Json(json!({ "clients": clients, "next": next })))
+}
+
+#[derive(Deserialize)]
+struct ChannelBody {
+    channel: String,
+}
+
+async fn presence_stats(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(b): Json<ChannelBody>,
+) -> Result<Json<Value>, ApiError> {
+    api.check_key(&headers)?;
+    let s = api.hub.presence_stats(&b.channel).map_err(from_reply)?;
+    Ok(Json(json!({ "clients": s.clients, "users": s.users })))
+}
+
+#[derive(Deserialize)]
+struct UsersBody {
+    users: Vec<String>,
+}
+
+async fn online(State(api): State<Api>, headers: HeaderMap, Json(b): Json<UsersBody>) -> Result<Json<Value>, ApiError> {
+    api.check_key(&headers)?;
+    Ok(Json(json!({ "online": api.hub.online(&b.users) })))
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody {
+    user: String,
+    client: Option<String>,
+    /// Reconnect allowed (3007) or not (3503, the default).
+    #[serde(default)]
+    reconnect: bool,
+}
+
+async fn disconnect(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(b): Json<DisconnectBody>,
+) -> Result<Json<Value>, ApiError> {
+    api.check_key(&headers)?;
+    let code = if b.reconnect { CloseCode::ForceReconnect } else { CloseCode::ForceDisconnect };
+    let n = api.hub.disconnect_user(&b.user, b.client.as_deref(), code);
+    Ok(Json(json!({ "disconnected": n })))
+}
+
+#[derive(Deserialize)]
+struct UnsubscribeBody {
+    user: String,
+    channel: String,
+}
+
+async fn unsubscribe(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(b): Json<UnsubscribeBody>,
+) -> Result<Json<Value>, ApiError> {
+    api.check_key(&headers)?;
+    Ok(Json(json!({ "unsubscribed": api.hub.unsubscribe_user(&b.user, &b.channel) })))
+}
+
+#[derive(Deserialize)]
+struct BatchBody {
+    commands: Vec<BatchCommand>,
+}
+
+#[derive(Deserialize)]
+struct BatchCommand {
+    method: String,
+    params: Value,
+}
+
+async fn batch(State(api): State<Api>, headers: HeaderMap, Json(b): Json<BatchBody>) -> Result<Json<Value>, ApiError> {
+    api.check_key(&headers)?;
+    if b.commands.len() > 1000 {
+        return Err(bad("at most 1000 commands per batch"));
+    }
+    let mut replies = Vec::with_capacity(b.commands.len());
+    for c in b.commands {
+        let r: Result<Value, ApiError> = match c.method.as_str() {
+            "publish" => match serde_json::from_value::<PublishBody>(c.params) {
+                Ok(p) => match (p.channel.clone(), payload(&p)) {
+                    (Some(ch), Ok(data)) => {
+                        let key = p.idempotency_key.clone();
+                        idempotent(&api, key.as_deref(), &p, || publish_one(&api, &ch, data, p.qos, key.clone())).await
+                    }
+                    (None, _) => Err(bad("channel is required")),
+                    (_, Err(e)) => Err(e),
+                },
+                Err(e) => Err(bad(e.to_string())),
+            },
+            "history" => match serde_json::from_value::<HistoryBody>(c.params) {
+                Ok(h) => history_value(&api, h).await,
+                Err(e) => Err(bad(e.to_string())),
+            },
+            "presence_stats" => match serde_json::from_value::<ChannelBody>(c.params) {
+                Ok(p) => api
+                    .hub
+                    .presence_stats(&p.channel)
+                    .map(|s| json!({"clients": s.clients, "users": s.users}))
+                    .map_err(from_reply),
+                Err(e) => Err(bad(e.to_string())),
+            },
+            "online" => match serde_json::from_value::<UsersBody>(c.params) {
+                Ok(u) => Ok(json!({"online": api.hub.online(&u.users)})),
+                Err(e) => Err(bad(e.to_string())),
+            },
+            other => Err(bad(format!("unknown method {other}"))),
+        };
+        replies.push(match r {
+            Ok(v) => json!({"result": v}),
+            Err(ApiError(_, code, message)) => json!({"error": {"code": code, "message": message}}),
+        });
+    }
+    Ok(Json(json!({ "replies": replies })))
+}
