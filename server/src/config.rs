@@ -23,6 +23,10 @@ pub struct Config {
     pub allow_anonymous: bool,
     /// The backend HTTP API.
     pub api: ApiConfig,
+    /// Browser origins allowed to connect (exact `scheme://host[:port]`);
+    /// empty = any. Connections without an Origin header are not browsers
+    /// and are always allowed.
+    pub allowed_origins: Vec<String>,
     /// Milliseconds a user stays present after their last connection
     /// leaves a channel, so a quick reconnect does not flap join/leave.
     pub presence_grace_ms: u64,
@@ -41,6 +45,7 @@ impl Default for Config {
             data_dir: PathBuf::from("ferry-data"),
             auth: AuthConfig::default(),
             api: ApiConfig::default(),
+            allowed_origins: Vec::new(),
             allow_anonymous: true,
             presence_grace_ms: 5_000,
             limits: Limits::default(),

@@ -37,12 +37,34 @@ struct Conn {
     fetches: std::collections::VecDeque<(String, String, u64, usize)>,
     /// A fetch is being read from the store.
     fetching: bool,
+    /// In-flight count last added to the global gauge.
+    last_inflight: usize,
 }
 
 /// Bytes of catch-up handed to the socket per fetch.
 const FETCH_CHUNK_BYTES: usize = 64 * 1024;
 
 impl Conn {
+    /// Hand a publication to the session, counting what it pushes.
+    fn deliver(&mut self, now: Instant, p: &Arc<SharedPublication>) {
+        let before = self.session.stats().delivered;
+        self.session.deliver(now, p);
+        let pushed = self.session.stats().delivered - before;
+        if pushed > 0 {
+            let q = self.session.subscription_qos(&p.publication().channel).map(|q| q.as_u8() as usize).unwrap_or(0);
+            self.hub.metrics.deliveries[q].fetch_add(pushed, Ordering::Relaxed);
+        }
+    }
+
+    /// Keep the global acks-pending gauge in step with this session.
+    fn sync_inflight(&mut self) {
+        let now = self.session.inflight();
+        if now != self.last_inflight {
+            self.hub.metrics.acks_pending.fetch_add(now as i64 - self.last_inflight as i64, Ordering::Relaxed);
+            self.last_inflight = now;
+        }
+    }
+
     /// Start the next waiting fetch if the writer has drained enough.
     fn serve_fetch(&mut self, queued: usize, low_water: usize) {
         if self.fetching || queued > low_water {
@@ -85,6 +107,7 @@ pub async fn serve(hub: Arc<Hub>, ws: WebSocket, enc: Encoding, mut shutdown: to
         channels: Vec::new(),
         fetches: Default::default(),
         fetching: false,
+        last_inflight: 0,
     };
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
@@ -138,6 +161,8 @@ pub async fn serve(hub: Arc<Hub>, ws: WebSocket, enc: Encoding, mut shutdown: to
                         Message::Binary(data.into())
                     };
                     let len = message_len(&msg);
+                    c.hub.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
+                    c.hub.metrics.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
                     if queued.fetch_add(len, Ordering::Relaxed) + len > max_queued {
                         c.session.disconnect(now, CloseCode::SlowConsumer, "send queue full");
                     }
@@ -174,6 +199,11 @@ pub async fn serve(hub: Arc<Hub>, ws: WebSocket, enc: Encoding, mut shutdown: to
         tokio::select! {
             msg = stream.next() => {
                 let now = clock(c.origin);
+                if let Some(Ok(m)) = &msg {
+                    let m_ = &c.hub.metrics;
+                    m_.messages_in.fetch_add(1, Ordering::Relaxed);
+                    m_.bytes_in.fetch_add(message_len(m) as u64, Ordering::Relaxed);
+                }
                 match msg {
                     Some(Ok(Message::Binary(b))) if !enc.is_text() => c.session.handle_message(now, &b),
                     Some(Ok(Message::Text(t))) if enc.is_text() => c.session.handle_message(now, t.as_bytes()),
@@ -195,7 +225,7 @@ pub async fn serve(hub: Arc<Hub>, ws: WebSocket, enc: Encoding, mut shutdown: to
             Some(m) = ctl_rx.recv() => c.on_ctl(m),
             Some(p) = data_rx.recv() => {
                 let now = clock(c.origin);
-                c.session.deliver(now, &p);
+                c.deliver(now, &p);
             }
             _ = sleep => c.session.handle_timeout(clock(c.origin)),
             _ = drained.notified(), if waiting_fetch => {}
@@ -203,6 +233,7 @@ pub async fn serve(hub: Arc<Hub>, ws: WebSocket, enc: Encoding, mut shutdown: to
                 c.session.disconnect(clock(c.origin), CloseCode::Shutdown, "server shutting down");
             }
         }
+        c.sync_inflight();
     }
     // Drain pending host events (Closed) so the hub forgets us.
     loop {
@@ -216,6 +247,7 @@ pub async fn serve(hub: Arc<Hub>, ws: WebSocket, enc: Encoding, mut shutdown: to
             }
         }
     }
+    c.sync_inflight();
     c.hub.remove_conn(c.id, &c.channels);
     if let Some(h) = &c.handle {
         c.hub.unregister(h);
@@ -305,6 +337,9 @@ impl Conn {
                 self.fetches.push_back((channel, epoch, from, limit));
             }
             ServerEvent::Closed { code, reason } => {
+                if code == CloseCode::SlowConsumer as u16 {
+                    self.hub.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::debug!(conn = self.id, code, %reason, "connection closed");
             }
         }
@@ -389,7 +424,7 @@ impl Conn {
                 self.fetching = false;
                 // A socket-sized slice; the session asks for the rest.
                 for p in &pubs {
-                    self.session.deliver(now, p);
+                    self.deliver(now, p);
                 }
                 self.session.fetch_done(now, &channel, end);
             }

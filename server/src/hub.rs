@@ -165,6 +165,8 @@ pub struct Hub {
     next_conn: AtomicU64,
     /// Counters.
     pub stats: HubStats,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Wall clock, Unix ms.
@@ -202,6 +204,7 @@ impl Hub {
             seq: tx,
             next_conn: AtomicU64::new(1),
             stats: HubStats::default(),
+            metrics: Default::default(),
         });
         let weak = Arc::downgrade(&hub);
         std::thread::Builder::new()
@@ -405,6 +408,37 @@ impl Hub {
         self.lock().conns.remove(&conn.id);
     }
 
+    /// The Prometheus text for `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let (conns, channels, subs) = {
+            let st = self.lock();
+            let subs: usize = st.channels.values().map(|c| c.subs.len()).sum();
+            let channels = st.channels.values().filter(|c| !c.subs.is_empty()).count();
+            (st.conns.len(), channels, subs)
+        };
+        let g = |v: usize| v as u64;
+        self.metrics.render(
+            &[
+                ("ferry_connections", "Live connections.", g(conns)),
+                ("ferry_subscriptions", "Live subscriptions.", g(subs)),
+                ("ferry_channels", "Channels with subscribers.", g(channels)),
+            ],
+            &[
+                (
+                    "ferry_publications_stored_total",
+                    "Publications durably stored.",
+                    self.stats.stored.load(Ordering::Relaxed),
+                ),
+                (
+                    "ferry_duplicate_publishes_total",
+                    "Publishes answered from the dedup table.",
+                    self.stats.duplicates.load(Ordering::Relaxed),
+                ),
+                ("ferry_store_commits_total", "Durable commits.", self.stats.commits.load(Ordering::Relaxed)),
+            ],
+        )
+    }
+
     /// Live connections.
     pub fn connection_count(&self) -> usize {
         self.lock().conns.len()
@@ -584,7 +618,11 @@ impl Hub {
         replies: Vec<(ReplyTo, Result<Stored, ErrorReply>)>,
         hot_trim: &HashMap<String, u64>,
     ) {
+        let started = std::time::Instant::now();
         let result = if batch.is_empty() { Ok(()) } else { self.store.commit(&batch) };
+        if !batch.is_empty() {
+            self.metrics.commit_took(started.elapsed());
+        }
         if let Err(e) = result {
             tracing::error!("store commit failed: {e}");
             for (r, _) in replies {
@@ -630,6 +668,7 @@ impl Hub {
         }
         for h in kicks {
             self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            self.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
             let _ = h.ctl.send(ConnMsg::Kick(CloseCode::SlowConsumer, "fan-out queue full".into()));
         }
         for (r, res) in replies {

@@ -20,6 +20,7 @@ pub mod channel;
 pub mod config;
 pub mod conn;
 pub mod hub;
+pub mod metrics;
 pub mod presence;
 pub mod store;
 
@@ -128,10 +129,37 @@ pub async fn serve(
 }
 
 fn router(state: AppState) -> Router {
-    Router::new().route("/healthz", get(|| async { "ok\n" })).route("/ws", get(ws_handler)).with_state(state)
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/ws", get(ws_handler))
+        .with_state(state)
 }
 
-async fn ws_handler(State(st): State<AppState>, ws: WebSocketUpgrade) -> Response {
+async fn readyz(State(st): State<AppState>) -> Response {
+    if *st.shutdown.borrow() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    ([("content-type", "text/plain; version=0.0.4")], st.hub.render_metrics()).into_response()
+}
+
+async fn ws_handler(State(st): State<AppState>, headers: axum::http::HeaderMap, ws: WebSocketUpgrade) -> Response {
+    let allowed = &st.hub.config().allowed_origins;
+    if !allowed.is_empty() {
+        // Browsers always send Origin; other clients may not, and are not
+        // subject to cross-site abuse.
+        if let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok()) {
+            if !allowed.iter().any(|a| a == origin) {
+                return (StatusCode::FORBIDDEN, "ferry: origin not allowed\n").into_response();
+            }
+        }
+    }
     let limits = &st.hub.config().limits;
     let ws = ws
         .protocols([SUBPROTOCOL_BINARY, SUBPROTOCOL_JSON])

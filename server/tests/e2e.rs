@@ -315,3 +315,56 @@ async fn shutdown_tells_clients_to_reconnect() {
     assert_eq!(d, Some((CloseCode::Shutdown as u16, true)));
     let _ = stopping.await;
 }
+
+#[tokio::test]
+async fn origin_allow_list() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut cfg = test_config();
+    cfg.allowed_origins = vec!["https://app.example".into()];
+    let srv = TestServer::start(cfg).await;
+    let attempt = |origin: Option<&'static str>| {
+        let url = srv.url();
+        async move {
+            let mut req = url.into_client_request().unwrap();
+            req.headers_mut().insert("Sec-WebSocket-Protocol", "ferry.v1".parse().unwrap());
+            if let Some(o) = origin {
+                req.headers_mut().insert("Origin", o.parse().unwrap());
+            }
+            tokio_tungstenite::connect_async(req).await.map(|_| ()).map_err(|e| e.to_string())
+        }
+    };
+    let err = attempt(Some("https://evil.example")).await.unwrap_err();
+    assert!(err.contains("403"), "{err}");
+    assert!(attempt(Some("https://app.example")).await.is_ok());
+    assert!(attempt(None).await.is_ok(), "non-browser clients send no Origin");
+}
+
+#[tokio::test]
+async fn metrics_and_readiness() {
+    let srv = TestServer::start(test_config()).await;
+    assert!(http_get(srv.addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+    let mut c = TestClient::new(&srv.url(), TestClient::config("m", "m", Encoding::Binary));
+    c.subscribe("m:1", Qos::AtLeastOnce).await;
+    c.connect().await;
+    assert!(
+        c.run_until(T, |c| c.events.iter().any(|e| matches!(e, ferry_core::client::Event::Subscribed { .. }))).await
+    );
+    c.publish("m:1", b"x".to_vec(), Qos::AtLeastOnce).await;
+    assert!(c.run_until(T, |c| c.received.get("m:1").is_some_and(|v| v.len() == 1)).await);
+    c.run_for(Duration::from_millis(100)).await;
+    let m = http_get(srv.addr, "/metrics").await;
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in\n{m}"))
+    };
+    assert_eq!(value("ferry_connections"), 1.0);
+    assert_eq!(value("ferry_subscriptions"), 1.0);
+    assert_eq!(value("ferry_publications_stored_total"), 1.0);
+    assert_eq!(value("ferry_deliveries_total{qos=\"1\"}"), 1.0);
+    assert_eq!(value("ferry_acks_pending"), 0.0, "the client acked");
+    assert!(value("ferry_store_commit_seconds_count") >= 1.0);
+    assert!(value("ferry_bytes_in_total") > 0.0 && value("ferry_bytes_out_total") > 0.0);
+}
