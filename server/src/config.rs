@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ferry_core::frame::Qos;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole configuration.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address for WebSocket connections and `/healthz`.
@@ -55,7 +55,7 @@ impl Default for Config {
 }
 
 /// Backend API settings.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     /// Address of the API (its own port). The `ferry` command derives one
@@ -75,7 +75,7 @@ impl Default for ApiConfig {
 }
 
 /// JWT verification settings.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// HS256 secret (at least 32 bytes).
@@ -106,7 +106,7 @@ impl Default for AuthConfig {
 }
 
 /// Per-connection limits and timings.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest WebSocket message (and inflated payload), bytes.
@@ -152,7 +152,7 @@ impl Default for Limits {
 }
 
 /// Options of one namespace.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Namespace {
     /// Publications kept per channel.
@@ -193,7 +193,69 @@ impl Namespace {
     }
 }
 
+/// Environment variables that are not configuration fields.
+const NOT_FIELDS: &[&str] = &["FERRY_CONFIG", "FERRY_LOG", "FERRY_LOG_FORMAT", "FERRY_HMAC_SECRET"];
+
+/// Find the field path a `FERRY_...` name refers to, walking the config
+/// tree (unset options included): `FERRY_LIMITS_PING_INTERVAL_MS` →
+/// `limits.ping_interval_ms`, `FERRY_NAMESPACES_CHAT_JOIN_LEAVE` →
+/// `namespaces.chat.join_leave`.
+fn env_path(tree: &serde_json::Map<String, serde_json::Value>, rest: &str) -> Option<Vec<String>> {
+    // Longest key first, so a key with underscores wins over a prefix.
+    let mut keys: Vec<&String> = tree.keys().collect();
+    keys.sort_by_key(|k| std::cmp::Reverse(k.len()));
+    for k in keys {
+        if rest == k.as_str() {
+            return Some(vec![k.clone()]);
+        }
+        if let Some(tail) = rest.strip_prefix(&format!("{k}_")) {
+            if let Some(serde_json::Value::Object(t)) = tree.get(k.as_str()) {
+                if let Some(mut p) = env_path(t, tail) {
+                    p.insert(0, k.clone());
+                    return Some(p);
+                }
+            }
+        }
+    }
+    None
+}
+
 impl Config {
+    /// Apply `FERRY_...` environment overrides (file < environment < flags).
+    /// Values are TOML (`8000`, `true`, `["a", "b"]`); anything else is a string.
+    /// A namespace must already exist in the file to be overridden.
+    pub fn with_env(self, vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Config> {
+        let tree = match serde_json::to_value(&self)? {
+            serde_json::Value::Object(m) => m,
+            _ => anyhow::bail!("configuration is not a table"),
+        };
+        let mut root = toml::Table::try_from(&self)?;
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix("FERRY_") else { continue };
+            if NOT_FIELDS.contains(&name.as_str()) {
+                continue;
+            }
+            let rest = rest.to_ascii_lowercase();
+            let path = env_path(&tree, &rest).ok_or_else(|| anyhow::anyhow!("{name}: no such configuration field"))?;
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value.clone()));
+            let mut t = &mut root;
+            for k in &path[..path.len() - 1] {
+                let entry = t.entry(k.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                t = match entry {
+                    toml::Value::Table(inner) => inner,
+                    _ => anyhow::bail!("{name}: not a section"),
+                };
+            }
+            t.insert(path[path.len() - 1].clone(), parsed);
+        }
+        let c: Config = root.try_into().map_err(|e| anyhow::anyhow!("environment overrides: {e}"))?;
+        c.check()?;
+        Ok(c)
+    }
+
     /// Read and check a TOML file.
     pub fn from_toml(text: &str) -> anyhow::Result<Config> {
         let c: Config = toml::from_str(text)?;

@@ -33,6 +33,14 @@ enum Cmd {
         #[arg(long)]
         channel: Vec<String>,
     },
+    /// Print a commented configuration with fresh secrets.
+    Genconfig,
+    /// Print the effective configuration (file < environment), then exit.
+    ShowConfig {
+        /// TOML configuration file.
+        #[arg(long, env = "FERRY_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Read and check a configuration file, then exit.
     CheckConfig {
         /// TOML configuration file.
@@ -43,23 +51,28 @@ enum Cmd {
         /// TOML configuration file.
         #[arg(long, env = "FERRY_CONFIG")]
         config: Option<PathBuf>,
-        /// Listen address for WebSocket and /healthz (overrides the file).
-        #[arg(long, env = "FERRY_LISTEN")]
+        /// Listen address for WebSocket and /healthz (overrides file and environment).
+        #[arg(long)]
         listen: Option<SocketAddr>,
-        /// Data directory of the embedded store (overrides the file).
-        #[arg(long, env = "FERRY_DATA_DIR")]
+        /// Data directory of the embedded store (overrides file and environment).
+        #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Listen address of the backend API (overrides the file); `off` disables it.
-        #[arg(long, env = "FERRY_API_LISTEN")]
+        /// Listen address of the backend API (overrides file and environment); `off` disables it.
+        #[arg(long)]
         api_listen: Option<String>,
     },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into());
+    // Logs go to stderr; stdout carries the startup lines and command output.
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("FERRY_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     match Cli::parse().cmd {
         Cmd::Token { config, secret, user, ttl, channel } => {
             let secret = match (secret, config) {
@@ -75,6 +88,19 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", ferry_server::auth::sign_hs256(&secret, &claims)?);
             Ok(())
         }
+        Cmd::Genconfig => {
+            print!("{}", genconfig(&secret(48)?, &secret(32)?));
+            Ok(())
+        }
+        Cmd::ShowConfig { config } => {
+            let cfg = match &config {
+                Some(path) => load(path)?,
+                None => Config::default(),
+            };
+            let cfg = cfg.with_env(std::env::vars())?;
+            print!("{}", toml::to_string(&cfg)?);
+            Ok(())
+        }
         Cmd::CheckConfig { config } => {
             let cfg = load(&config)?;
             ferry_server::auth::Auth::from_config(&cfg.auth, cfg.allow_anonymous)?;
@@ -82,10 +108,12 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Serve { config, listen, data_dir, api_listen } => {
-            let mut cfg = match &config {
+            // Precedence: defaults < file < FERRY_* environment < flags.
+            let cfg = match &config {
                 Some(path) => load(path)?,
                 None => Config::default(),
             };
+            let mut cfg = cfg.with_env(std::env::vars())?;
             if let Some(l) = listen {
                 cfg.listen = l;
             }
@@ -146,6 +174,63 @@ async fn main() -> anyhow::Result<()> {
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Config::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Random URL-safe text from the OS generator.
+fn secret(bytes: usize) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(ferry_core::base64::encode(&buf).replace(['+', '/'], "_").trim_end_matches('=').to_string())
+}
+
+fn genconfig(hmac: &str, api_key: &str) -> String {
+    format!(
+        r#"# Ferry configuration. Every value below is the default unless marked;
+# every option can also be set as FERRY_<SECTION>_<FIELD> in the environment
+# (e.g. FERRY_LIMITS_PING_INTERVAL_MS=20000), and flags override both.
+
+listen = "127.0.0.1:8000"        # WebSocket (/ws), /healthz, /readyz, /metrics
+data_dir = "ferry-data"          # the embedded store
+allow_anonymous = false          # generated: tokens required
+presence_grace_ms = 5000         # leave is announced after this, unless they come back
+allowed_origins = []             # browser origins allowed; empty = any
+
+[auth]                           # generated: JWT HS256 with a fresh secret
+hmac_secret = "{hmac}"
+# rsa_public_key = "/etc/ferry/rsa_public.pem"
+# ec_public_key = "/etc/ferry/ec_public.pem"
+# algorithms = ["HS256"]         # pinned; default: those with a key
+leeway_secs = 5
+require_exp = true
+
+[api]                            # backend HTTP API
+listen = "127.0.0.1:8001"
+keys = ["{api_key}"]             # generated: send "Authorization: apikey <key>"
+
+[limits]
+max_message_size = 65536
+max_frame_size = 65536
+max_subscriptions = 256
+handshake_timeout_ms = 10000
+ping_interval_ms = 25000
+pong_timeout_ms = 10000
+inflight_window = 256
+ack_timeout_ms = 30000
+max_queued_bytes = 4194304
+fanout_queue = 1024
+compress_min = 1024
+
+[namespaces.default]
+history_size = 1000
+history_ttl_secs = 604800
+presence = true
+join_leave = false
+client_publish = true
+max_qos = 2
+offline = true
+"#
+    )
 }
 
 fn dev_auth(cfg: &Config) -> bool {
