@@ -23,6 +23,8 @@ pub struct Config {
     pub allow_anonymous: bool,
     /// The backend HTTP API.
     pub api: ApiConfig,
+    /// Callbacks to the business backend; off without a URL.
+    pub webhooks: WebhookConfig,
     /// Browser origins allowed to connect (exact `scheme://host[:port]`);
     /// empty = any. Connections without an Origin header are not browsers
     /// and are always allowed.
@@ -45,11 +47,49 @@ impl Default for Config {
             data_dir: PathBuf::from("ferry-data"),
             auth: AuthConfig::default(),
             api: ApiConfig::default(),
+            webhooks: WebhookConfig::default(),
             allowed_origins: Vec::new(),
             allow_anonymous: true,
             presence_grace_ms: 5_000,
             limits: Limits::default(),
             namespaces: BTreeMap::new(),
+        }
+    }
+}
+
+/// Webhook settings.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://host:port/path` of the receiver; empty = webhooks off.
+    pub url: String,
+    /// HMAC-SHA256 key for the `X-Ferry-Signature` header.
+    pub secret: String,
+    /// Events to send: online, offline, subscribe, unsubscribe, publish.
+    pub events: Vec<String>,
+    /// Namespaces whose client publishes are sent (with `publish` in events).
+    pub publish_namespaces: Vec<String>,
+    /// Events waiting to be sent; beyond it new events are dropped and counted.
+    pub queue: usize,
+    /// Retries after the first attempt.
+    pub retries: u32,
+    /// First retry delay, ms (doubling each time, at most 60 s).
+    pub retry_initial_ms: u64,
+    /// Per-call timeout, ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            url: String::new(),
+            secret: String::new(),
+            events: vec!["online".into(), "offline".into()],
+            publish_namespaces: Vec::new(),
+            queue: 10_000,
+            retries: 5,
+            retry_initial_ms: 500,
+            timeout_ms: 5_000,
         }
     }
 }

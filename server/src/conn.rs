@@ -367,6 +367,8 @@ impl Conn {
             ctl: self.ctl_tx.clone(),
             data: self.data_tx.clone(),
         };
+        // Online before its subscriptions, for webhooks and presence.
+        self.hub.register(&handle);
         let mut subs = Vec::with_capacity(connect.subs.len());
         for s in &connect.subs {
             let r = self.hub.subscribe(&handle, s);
@@ -375,7 +377,6 @@ impl Conn {
             }
             subs.push(r);
         }
-        self.hub.register(&handle);
         self.handle = Some(handle);
         self.session.accept(now, req, Accept { client: info, expires_in, subs, time_ms: now_ms() });
     }

@@ -166,7 +166,8 @@ pub struct Hub {
     /// Counters.
     pub stats: HubStats,
     /// Prometheus metrics.
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    webhooks: Option<Arc<crate::webhooks::Webhooks>>,
 }
 
 /// Wall clock, Unix ms.
@@ -193,6 +194,9 @@ impl Hub {
             state.channels.insert(ch, Chan { header, persisted: true, hot: VecDeque::new(), subs: BTreeMap::new() });
         }
         let (tx, rx) = std::sync::mpsc::channel();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let webhooks = (!cfg.webhooks.url.is_empty())
+            .then(|| crate::webhooks::Webhooks::start(cfg.webhooks.clone(), metrics.clone()));
         let auth = crate::auth::Auth::from_config(&cfg.auth, cfg.allow_anonymous)
             .map_err(|e| crate::store::StoreError::Engine(format!("auth config: {e}")))?;
         let hub = Arc::new(Hub {
@@ -204,7 +208,8 @@ impl Hub {
             seq: tx,
             next_conn: AtomicU64::new(1),
             stats: HubStats::default(),
-            metrics: Default::default(),
+            webhooks,
+            metrics,
         });
         let weak = Arc::downgrade(&hub);
         std::thread::Builder::new()
@@ -325,6 +330,7 @@ impl Hub {
         drop(st);
         let change = self.presence.join(&req.channel, conn.id, &conn.info);
         self.announce(&req.channel, change);
+        self.hook(crate::webhooks::Hook::Subscribe { user: conn.info.user.clone(), channel: req.channel.clone() });
         if since.is_none() && durable {
             // A durable subscription starts here: if the device goes away
             // before acking anything, it still resumes from this point.
@@ -341,12 +347,21 @@ impl Hub {
 
     /// Forget a connection's subscriptions.
     pub fn remove_conn(self: &Arc<Self>, conn: ConnId, channels: &[String]) {
-        {
+        let user = {
             let mut st = self.lock();
+            let mut user = None;
             for ch in channels {
                 if let Some(c) = st.channels.get_mut(ch) {
-                    c.subs.remove(&conn);
+                    if let Some(h) = c.subs.remove(&conn) {
+                        user = Some(h.info.user.clone());
+                    }
                 }
+            }
+            user
+        };
+        if let Some(user) = user {
+            for ch in channels {
+                self.hook(crate::webhooks::Hook::Unsubscribe { user: user.clone(), channel: ch.clone() });
             }
         }
         for ch in channels {
@@ -396,14 +411,26 @@ impl Hub {
         }
     }
 
+    fn hook(&self, h: crate::webhooks::Hook) {
+        if let Some(w) = &self.webhooks {
+            w.send(h);
+        }
+    }
+
     /// A connection is live.
     pub fn register(&self, conn: &ConnHandle) {
+        if let Some(w) = &self.webhooks {
+            w.user_up(&conn.info.user);
+        }
         self.presence.user_up(&conn.info.user);
         self.lock().conns.insert(conn.id, conn.clone());
     }
 
     /// A connection ended.
     pub fn unregister(&self, conn: &ConnHandle) {
+        if let Some(w) = &self.webhooks {
+            w.user_down(&conn.info.user, std::time::Duration::from_millis(self.cfg.presence_grace_ms));
+        }
         self.presence.user_down(&conn.info.user);
         self.lock().conns.remove(&conn.id);
     }
@@ -651,6 +678,15 @@ impl Hub {
                 }
             }
             for p in batch.appends {
+                if let Some(by) = &p.publisher {
+                    self.hook(crate::webhooks::Hook::Publish {
+                        user: by.user.clone(),
+                        channel: p.channel.clone(),
+                        offset: p.offset,
+                        message_id: p.message_id.clone(),
+                        b64data: ferry_core::base64::encode(&p.payload.data.0),
+                    });
+                }
                 let shared = SharedPublication::new(p);
                 let Some(c) = st.channels.get_mut(&shared.publication().channel) else {
                     continue;

@@ -23,6 +23,7 @@ pub mod hub;
 pub mod metrics;
 pub mod presence;
 pub mod store;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;

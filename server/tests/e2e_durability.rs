@@ -45,7 +45,10 @@ async fn kill9_five_times_loses_no_acknowledged_publish() {
     let mut clients = [publisher, sub];
     let all = published.len();
     let ok = run_all(&mut clients, Duration::from_secs(60), |cs| {
-        cs[0].session.outbox_len() == 0 && cs[1].ids("orders:eu").len() >= all
+        // Both must be on the last server (one connection per server run).
+        cs[0].session.outbox_len() == 0
+            && cs[1].ids("orders:eu").len() >= all
+            && cs.iter().all(|c| c.session.stats().connects == 6 && c.session.is_connected())
     })
     .await;
     let [publisher, mut sub] = clients;
@@ -61,7 +64,10 @@ async fn kill9_five_times_loses_no_acknowledged_publish() {
             reverse: false,
         }))
         .await
-        .unwrap();
+        .unwrap_or_else(|e| {
+            let why: Vec<_> = sub.events.iter().filter(|e| matches!(e, Event::Disconnected { .. })).collect();
+            panic!("history failed: {e}; disconnects: {why:?}")
+        });
     let ReplyBody::History { publications, top } = h else { panic!() };
     let stored: Vec<String> = publications.iter().map(|p| p.message_id.clone()).collect();
     assert_eq!(stored.len(), all, "each publish stored exactly once");

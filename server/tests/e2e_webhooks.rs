@@ -1,0 +1,134 @@
+//! Webhooks end to end: a local receiver that fails at first, HMAC
+//! signatures, retries, order, and the presence grace period.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use ferry_core::client::Event;
+use ferry_core::codec::Encoding;
+use ferry_core::frame::Qos;
+use ferry_server::config::WebhookConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(20);
+
+#[derive(Default)]
+struct Received {
+    attempts: usize,
+    /// (signature header, body) of accepted calls.
+    accepted: Vec<(String, String)>,
+}
+
+/// A receiver that answers 500 to the first `fail` calls, then 200.
+async fn receiver(fail: usize) -> (String, Arc<Mutex<Received>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", l.local_addr().unwrap());
+    let got = Arc::new(Mutex::new(Received::default()));
+    let g = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read headers, then the body by Content-Length.
+            let (head, body) = loop {
+                let n = s.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break (String::new(), String::new());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((h, b)) = text.split_once("\r\n\r\n") {
+                    let len: usize = h
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if b.len() >= len {
+                        break (h.to_string(), b[..len].to_string());
+                    }
+                }
+            };
+            let sig = head
+                .lines()
+                .find_map(|l| l.strip_prefix("X-Ferry-Signature: ").map(str::to_string))
+                .unwrap_or_default();
+            let ok = {
+                let mut r = g.lock().unwrap();
+                r.attempts += 1;
+                let ok = r.attempts > fail;
+                if ok {
+                    r.accepted.push((sig, body));
+                }
+                ok
+            };
+            let status = if ok { "200 OK" } else { "500 Internal Server Error" };
+            let _ = s
+                .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())
+                .await;
+        }
+    });
+    (url, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_ordered_retried_and_graceful() {
+    let (url, got) = receiver(2).await;
+    let mut cfg = test_config();
+    cfg.presence_grace_ms = 400;
+    cfg.webhooks = WebhookConfig {
+        url,
+        secret: "hook-secret".into(),
+        events: ["online", "offline", "subscribe", "unsubscribe", "publish"].map(String::from).to_vec(),
+        publish_namespaces: vec!["chat".into()],
+        retry_initial_ms: 50,
+        ..WebhookConfig::default()
+    };
+    let srv = TestServer::start(cfg).await;
+    let mut c = TestClient::new(&srv.url(), TestClient::config("d", "u1", Encoding::Binary));
+    c.subscribe("chat:1", Qos::AtLeastOnce).await;
+    c.connect().await;
+    assert!(c.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Subscribed { .. }))).await);
+    c.publish("chat:1", b"hi".to_vec(), Qos::AtLeastOnce).await;
+    c.publish("other:1", b"not hooked".to_vec(), Qos::AtLeastOnce).await;
+    assert!(c.run_until(T, |c| c.acked.len() == 2).await);
+    // A quick reconnect inside the grace period is not an offline/online pair.
+    c.network_changed().await;
+    assert!(c.run_until(T, |c| c.session.stats().connects == 2).await);
+    c.run_for(Duration::from_millis(600)).await;
+    // Leave for good.
+    let now = c.now();
+    c.session.disconnect(now);
+    c.run_for(Duration::from_millis(100)).await;
+    let deadline = std::time::Instant::now() + T;
+    let events = loop {
+        let events: Vec<serde_json::Value> =
+            got.lock().unwrap().accepted.iter().map(|(_, b)| serde_json::from_str(b).unwrap()).collect();
+        if events.iter().any(|e| e["event"] == "offline") {
+            break events;
+        }
+        assert!(std::time::Instant::now() < deadline, "no offline: {events:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    // The reconnect re-subscribes (unsubscribe + subscribe) but is not offline/online.
+    assert_eq!(kinds.first(), Some(&"online"));
+    assert_eq!(kinds.last(), Some(&"offline"));
+    assert_eq!(kinds.iter().filter(|k| **k == "online").count(), 1, "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == "publish").count(), 1, "only the chat namespace: {kinds:?}");
+    assert!(kinds.iter().position(|k| *k == "subscribe") < kinds.iter().position(|k| *k == "publish"));
+    let publish = events.iter().find(|e| e["event"] == "publish").unwrap();
+    assert_eq!(publish["channel"], "chat:1");
+    assert_eq!(publish["b64data"], ferry_core::base64::encode(b"hi"));
+    // In order, each signed over its body.
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    for (sig, body) in &got.lock().unwrap().accepted {
+        assert_eq!(sig, &ferry_server::webhooks::sign("hook-secret", body.as_bytes()));
+    }
+    // The first event needed two retries.
+    assert_eq!(got.lock().unwrap().attempts, events.len() + 2);
+}
