@@ -100,8 +100,8 @@ async fn join_leave_with_grace_and_silent_connection_eviction() {
     let silent_since = Instant::now();
     assert!(run_all(&mut cs, T, |cs| leaves(&cs[0], "carol") == 1).await);
     let took = silent_since.elapsed();
-    // Ping interval + pong timeout + grace, with slack for a busy machine.
-    assert!(took < Duration::from_millis(300 + 300 + 400 + 1500), "evicted after {took:?}");
+    // Ping interval + pong timeout + grace is 1 s; the bound leaves room for a loaded CI machine.
+    assert!(took < Duration::from_millis(300 + 300 + 400 + 4000), "evicted after {took:?}");
     let [mut a, mut b1]: [TestClient; 2] = cs.try_into().ok().unwrap();
     assert_eq!(leaves(&a, "bob"), 0);
     b1.run_for(Duration::from_millis(10)).await;
