@@ -171,6 +171,14 @@ pub struct Limits {
     pub fanout_queue: usize,
     /// Payloads at least this large are compressed for clients that agree (0 = off).
     pub compress_min: u32,
+    /// Publishes per second one connection may make (sustained; 0 = no limit).
+    pub publish_rate: u32,
+    /// Publishes one connection may make in a burst.
+    pub publish_burst: u32,
+    /// Connections one user may hold at once (0 = no limit).
+    pub max_connections_per_user: u32,
+    /// New connections one IP address may open per minute (0 = no limit).
+    pub connections_per_ip_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -187,6 +195,10 @@ impl Default for Limits {
             max_queued_bytes: 4 << 20,
             fanout_queue: 1024,
             compress_min: 1024,
+            publish_rate: 1000,
+            publish_burst: 2000,
+            max_connections_per_user: 100,
+            connections_per_ip_per_minute: 600,
         }
     }
 }

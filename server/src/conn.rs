@@ -39,6 +39,38 @@ struct Conn {
     fetching: bool,
     /// In-flight count last added to the global gauge.
     last_inflight: usize,
+    /// Publish rate limit.
+    bucket: TokenBucket,
+}
+
+/// A token bucket: `rate` per second sustained, `burst` at once.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        TokenBucket { rate: f64::from(rate), burst, tokens: burst, at: Instant::from_millis(0) }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let secs = now.since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + secs * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Bytes of catch-up handed to the socket per fetch.
@@ -108,6 +140,7 @@ pub async fn serve(hub: Arc<Hub>, ws: WebSocket, enc: Encoding, mut shutdown: to
         fetches: Default::default(),
         fetching: false,
         last_inflight: 0,
+        bucket: TokenBucket::new(hub.config().limits.publish_rate, hub.config().limits.publish_burst),
     };
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
@@ -290,6 +323,10 @@ impl Conn {
             }
             ServerEvent::Publish { req, channel, message_id, qos, data } => {
                 let Some(h) = self.handle.clone() else { return };
+                if !self.bucket.take(now) {
+                    let err = ErrorReply::with_message(ErrorCode::TooManyRequests, "publish rate limit");
+                    return self.session.reply_error(now, req, err);
+                }
                 if let Err(err) = channel::validate(&channel) {
                     return self.session.reply_error(now, req, err);
                 }
@@ -357,6 +394,11 @@ impl Conn {
                 return self.session.reject(now, req, e, close);
             }
         };
+        let max_per_user = self.hub.config().limits.max_connections_per_user as usize;
+        if max_per_user > 0 && !id.user.is_empty() && self.hub.connections_of(&id.user) >= max_per_user {
+            let err = ErrorReply::with_message(ErrorCode::LimitExceeded, "too many connections for this user");
+            return self.session.reject(now, req, err, CloseCode::Banned);
+        }
         let expires_in = id.expires_in(now_ms() / 1000);
         let user = id.user.clone();
         let info = ClientInfo { client: format!("{:x}", self.id), user, info: id.info.clone() };

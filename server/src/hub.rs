@@ -466,6 +466,11 @@ impl Hub {
         )
     }
 
+    /// Live connections of one user.
+    pub fn connections_of(&self, user: &str) -> usize {
+        self.lock().conns.values().filter(|h| h.info.user == user).count()
+    }
+
     /// Live connections.
     pub fn connection_count(&self) -> usize {
         self.lock().conns.len()

@@ -44,6 +44,7 @@ use crate::store::RedbStore;
 
 #[derive(Clone)]
 struct AppState {
+    rate: Arc<IpRate>,
     hub: Arc<Hub>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     live: Arc<LiveConns>,
@@ -100,12 +101,13 @@ pub async fn serve(
                 .await;
         })
     });
-    let app = router(AppState { hub, shutdown: stop_rx, live: live.clone() });
+    let rate = Arc::new(IpRate::default());
+    let app = router(AppState { rate, hub, shutdown: stop_rx, live: live.clone() });
     // Small frames (acks, pings, replies) must not wait for Nagle.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app)
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
@@ -150,7 +152,45 @@ async fn metrics(State(st): State<AppState>) -> Response {
     ([("content-type", "text/plain; version=0.0.4")], st.hub.render_metrics()).into_response()
 }
 
-async fn ws_handler(State(st): State<AppState>, headers: axum::http::HeaderMap, ws: WebSocketUpgrade) -> Response {
+/// New connections per IP in the last minute.
+#[derive(Default)]
+struct IpRate {
+    seen: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, std::collections::VecDeque<std::time::Instant>>>,
+}
+
+impl IpRate {
+    /// Count one connection; false when over `per_minute`.
+    fn allow(&self, ip: std::net::IpAddr, per_minute: u32) -> bool {
+        if per_minute == 0 {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let mut m = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded memory: forget addresses with nothing in the window.
+        if m.len() > 100_000 {
+            m.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t).as_secs() < 60));
+        }
+        let q = m.entry(ip).or_default();
+        while q.front().is_some_and(|t| now.duration_since(*t).as_secs() >= 60) {
+            q.pop_front();
+        }
+        if q.len() >= per_minute as usize {
+            return false;
+        }
+        q.push_back(now);
+        true
+    }
+}
+
+async fn ws_handler(
+    State(st): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !st.rate.allow(peer.ip(), st.hub.config().limits.connections_per_ip_per_minute) {
+        return (StatusCode::TOO_MANY_REQUESTS, "ferry: too many new connections from this address\n").into_response();
+    }
     let allowed = &st.hub.config().allowed_origins;
     if !allowed.is_empty() {
         // Browsers always send Origin; other clients may not, and are not

@@ -220,6 +220,10 @@ ack_timeout_ms = 30000
 max_queued_bytes = 4194304
 fanout_queue = 1024
 compress_min = 1024
+publish_rate = 1000
+publish_burst = 2000
+max_connections_per_user = 100
+connections_per_ip_per_minute = 600
 
 [namespaces.default]
 history_size = 1000

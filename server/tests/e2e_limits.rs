@@ -231,3 +231,77 @@ async fn history_expires_by_age() {
     });
     assert_eq!(gap, Some((ferry_core::client::GapReason::NotRetained, 3)));
 }
+
+#[tokio::test]
+async fn rate_limits() {
+    use ferry_core::codec;
+    use futures_util::SinkExt;
+    let mut cfg = test_config();
+    cfg.limits.publish_rate = 5;
+    cfg.limits.publish_burst = 5;
+    cfg.limits.max_connections_per_user = 2;
+    cfg.limits.connections_per_ip_per_minute = 6;
+    let srv = TestServer::start(cfg).await;
+    // Publish rate: a burst of 20 gets 5 through and 15 "too many requests".
+    let mut ws = raw_ws(&srv.url(), Encoding::Json).await;
+    let mut msg = Vec::new();
+    let connect = Connect {
+        version: PROTOCOL_VERSION,
+        token: "rl".into(),
+        device_id: "rl".into(),
+        client: ClientVersion::default(),
+        subs: vec![],
+        compression: false,
+    };
+    codec::encode_into(Encoding::Json, &ClientFrame::Request { id: 1, cmd: Command::Connect(connect) }, &mut msg);
+    ws.send(Message::Text(String::from_utf8(msg).unwrap().into())).await.unwrap();
+    let mut msg = Vec::new();
+    for i in 0..20u32 {
+        let cmd = Command::Publish {
+            channel: "rl:1".into(),
+            message_id: format!("m{i}"),
+            qos: Qos::AtLeastOnce,
+            payload: Payload { z: false, data: Bytes(vec![1]) },
+        };
+        codec::encode_into(Encoding::Json, &ClientFrame::Request { id: 2 + i, cmd }, &mut msg);
+    }
+    ws.send(Message::Text(String::from_utf8(msg).unwrap().into())).await.unwrap();
+    let (mut ok, mut limited) = (0, 0);
+    while ok + limited < 20 {
+        let Some(Ok(Message::Text(t))) = tokio::time::timeout(T, ws.next()).await.unwrap() else { panic!("closed") };
+        for f in codec::decode_server(Encoding::Json, t.as_bytes(), 1 << 20).unwrap() {
+            match f {
+                ServerFrame::Reply { id, outcome: Outcome::Ok(ReplyBody::Published { .. }) } if id > 1 => ok += 1,
+                ServerFrame::Reply { outcome: Outcome::Error(e), .. } => {
+                    assert_eq!(e.code, ErrorCode::TooManyRequests as u16);
+                    assert!(e.temporary, "the client retries it later");
+                    limited += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!((ok, limited), (5, 15));
+    // Connections per user: the third one is refused with 3505.
+    let mut conns = Vec::new();
+    for i in 0..3 {
+        let mut c = TestClient::new(&srv.url(), TestClient::config(&format!("dev{i}"), "same-user", Encoding::Binary));
+        c.connect().await;
+        assert!(
+            c.run_until(T, |c| c.session.is_connected()
+                || !c.events.iter().all(|e| !matches!(e, Event::Disconnected { .. })))
+                .await
+        );
+        conns.push(c);
+    }
+    assert!(conns[0].session.is_connected() && conns[1].session.is_connected());
+    assert!(matches!(conns[2].session.state(), ferry_core::client::ConnectionState::Closed { code: 3505, .. }));
+    // New connections per IP per minute: 1 raw + 3 clients so far; two more pass, then 429.
+    let _a = raw_ws(&srv.url(), Encoding::Binary).await;
+    let _b = raw_ws(&srv.url(), Encoding::Binary).await;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = srv.url().into_client_request().unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "ferry.v1".parse().unwrap());
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err().to_string();
+    assert!(err.contains("429"), "{err}");
+}

@@ -1144,11 +1144,18 @@ impl ClientSession {
         match (p, outcome) {
             (Pending::Connect, Outcome::Ok(ReplyBody::Connected(c))) => self.on_connected(now, conn, c),
             (Pending::Connect, Outcome::Error(e)) => {
+                // The close code that goes with each refusal (PROTOCOL.md
+                // 5.1), so the reconnect decision does not depend on the
+                // server's close frame arriving.
                 let code = match ErrorCode::from_u16(e.code) {
-                    Some(ErrorCode::TokenExpired) => CloseCode::TokenExpired as u16,
-                    _ if e.temporary => CloseCode::ServerError as u16,
-                    _ => CloseCode::Unauthorized as u16,
-                };
+                    Some(ErrorCode::TokenExpired) => CloseCode::TokenExpired,
+                    Some(ErrorCode::LimitExceeded) => CloseCode::Banned,
+                    Some(ErrorCode::TooManyRequests) => CloseCode::ForceReconnect,
+                    Some(ErrorCode::BadRequest) if e.message.contains("version") => CloseCode::UnsupportedVersion,
+                    Some(ErrorCode::BadRequest) => CloseCode::ProtocolViolation,
+                    _ if e.temporary => CloseCode::ServerError,
+                    _ => CloseCode::Unauthorized,
+                } as u16;
                 let reconnect = CloseCode::reconnects(code);
                 self.after_close(now, code, e.message, reconnect, true);
             }
