@@ -201,6 +201,10 @@ pub struct SubscribeRequest {
     /// Recover from this position: deliver what came after it.
     #[serde(default)]
     pub since: Option<StreamPosition>,
+    /// Subscription token for private channels (a JWT naming the user and
+    /// the channel); empty otherwise.
+    #[serde(default)]
+    pub token: String,
 }
 
 /// One end of a history range.

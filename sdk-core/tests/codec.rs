@@ -94,8 +94,8 @@ prop_compose! {
 }
 
 prop_compose! {
-    fn subscribe_request()(channel in text(), qos in qos(), since in prop::option::of(position())) -> SubscribeRequest {
-        SubscribeRequest { channel, qos, since }
+    fn subscribe_request()(channel in text(), qos in qos(), since in prop::option::of(position()), token in text()) -> SubscribeRequest {
+        SubscribeRequest { channel, qos, since, token }
     }
 }
 

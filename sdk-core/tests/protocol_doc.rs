@@ -396,7 +396,7 @@ fn publication() -> Publication {
 }
 
 fn sub_req() -> SubscribeRequest {
-    SubscribeRequest { channel: "ch".into(), qos: Qos::AtLeastOnce, since: Some(pos()) }
+    SubscribeRequest { channel: "ch".into(), qos: Qos::AtLeastOnce, since: Some(pos()), token: "t".into() }
 }
 
 fn history_req() -> HistoryRequest {

@@ -273,7 +273,7 @@ fn bad_payloads_get_error_replies() {
 
 #[test]
 fn inflight_window_bounds_deliveries_and_acks_pull_more_from_the_store() {
-    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::AtLeastOnce, since: None };
+    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::AtLeastOnce, since: None, token: String::new() };
     let (mut s, _) = live(Encoding::Binary, vec![(sub, start(0, 1, Qos::AtLeastOnce))]);
     let now = Instant(10);
     for o in 1..=10 {
@@ -315,7 +315,7 @@ fn inflight_window_bounds_deliveries_and_acks_pull_more_from_the_store() {
 
 #[test]
 fn unacknowledged_deliveries_are_redelivered_then_the_consumer_is_dropped() {
-    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::ExactlyOnce, since: None };
+    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::ExactlyOnce, since: None, token: String::new() };
     // Pings far apart: this is about acks, not heartbeats.
     let c = ServerConfig { ping_interval: Duration::from_secs(1000), ..cfg() };
     let (mut s, _) = live_with(c, Encoding::Json, vec![(sub, start(0, 1, Qos::ExactlyOnce))]);
@@ -337,7 +337,7 @@ fn unacknowledged_deliveries_are_redelivered_then_the_consumer_is_dropped() {
 
 #[test]
 fn qos0_subscriptions_skip_gaps_and_need_no_acks() {
-    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::AtMostOnce, since: None };
+    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::AtMostOnce, since: None, token: String::new() };
     let (mut s, _) = live(Encoding::Binary, vec![(sub, start(0, 1, Qos::AtMostOnce))]);
     for o in [1, 2, 5, 3, 6] {
         s.deliver(Instant(0), &publication("ch", o));
@@ -354,7 +354,7 @@ fn slow_reader_is_disconnected_instead_of_growing_memory() {
     c.inflight_window = 10_000;
     let t0 = Instant(0);
     let mut s = ServerSession::new(c, Encoding::Binary, t0);
-    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::AtMostOnce, since: None };
+    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::AtMostOnce, since: None, token: String::new() };
     send(&mut s, t0, &[req(1, connect_cmd(vec![sub]))]);
     let accept = Accept {
         client: ClientInfo::default(),
@@ -392,8 +392,14 @@ fn subscribe_limits_and_duplicates() {
         Accept { client: ClientInfo::default(), expires_in: Some(Duration::from_secs(5)), subs: vec![], time_ms: 0 },
     );
     drain(&mut s, t0);
-    let sub =
-        |ch: &str| Command::Subscribe(SubscribeRequest { channel: ch.into(), qos: Qos::AtLeastOnce, since: None });
+    let sub = |ch: &str| {
+        Command::Subscribe(SubscribeRequest {
+            channel: ch.into(),
+            qos: Qos::AtLeastOnce,
+            since: None,
+            token: String::new(),
+        })
+    };
     let d = send(&mut s, t0, &[req(2, sub("a")), req(3, sub("a")), req(4, sub("b"))]);
     assert!(matches!(&d.events[..], [ServerEvent::Subscribe { req: 2, .. }]));
     let errs: Vec<(u32, u16)> = d
@@ -441,7 +447,12 @@ fn unsubscribe_answers_not_subscribed_and_cancels_a_pending_subscribe() {
     assert!(
         matches!(&d.frames[..], [ServerFrame::Reply { id: 2, outcome: Outcome::Error(e) }] if e.code == ErrorCode::NotSubscribed as u16)
     );
-    let sub = Command::Subscribe(SubscribeRequest { channel: "a".into(), qos: Qos::AtLeastOnce, since: None });
+    let sub = Command::Subscribe(SubscribeRequest {
+        channel: "a".into(),
+        qos: Qos::AtLeastOnce,
+        since: None,
+        token: String::new(),
+    });
     send(&mut s, t, &[req(3, sub)]);
     let d = send(&mut s, t, &[req(4, Command::Unsubscribe { channel: "a".into() })]);
     let ids: Vec<u32> =

@@ -194,14 +194,14 @@ impl Driver {
         let now = self.now();
         match c {
             Cmd::Connect => self.session.connect(now),
-            Cmd::Subscribe { channel, qos, id, events } => {
+            Cmd::Subscribe { channel, qos, token, id, events } => {
                 if let Some(buffered) = self.orphans.remove(&channel) {
                     for e in buffered {
                         let _ = events.send(e);
                     }
                 }
                 self.subs.entry(channel.clone()).or_default().push((id, events));
-                self.session.subscribe(now, &channel, qos);
+                self.session.subscribe_with_token(now, &channel, qos, token);
             }
             Cmd::Unsubscribe { channel, id } => {
                 if let Some(list) = self.subs.get_mut(&channel) {

@@ -249,7 +249,7 @@ fn random_seed() -> u64 {
 
 pub(crate) enum Cmd {
     Connect,
-    Subscribe { channel: String, qos: Qos, id: u64, events: mpsc::UnboundedSender<SubscriptionEvent> },
+    Subscribe { channel: String, qos: Qos, token: String, id: u64, events: mpsc::UnboundedSender<SubscriptionEvent> },
     Unsubscribe { channel: String, id: u64 },
     Publish { channel: String, data: Vec<u8>, qos: Qos, reply: oneshot::Sender<Result<PublishAck, Error>> },
     Call { cmd: ferry_core::frame::Command, reply: oneshot::Sender<Result<ferry_core::frame::ReplyBody, Error>> },
@@ -311,10 +311,15 @@ impl Client {
     /// unsubscribes when dropped. Subscribing to a channel restored from
     /// durable storage re-attaches to it (and gets what arrived meanwhile).
     pub async fn subscribe(&self, channel: &str, qos: Qos) -> Result<Subscription, Error> {
+        self.subscribe_with_token(channel, qos, String::new()).await
+    }
+
+    /// Subscribe to a private channel with a subscription token from your backend.
+    pub async fn subscribe_with_token(&self, channel: &str, qos: Qos, token: String) -> Result<Subscription, Error> {
         static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        self.send(Cmd::Subscribe { channel: channel.into(), qos, id, events: tx })?;
+        self.send(Cmd::Subscribe { channel: channel.into(), qos, token, id, events: tx })?;
         Ok(Subscription { channel: channel.into(), id, rx, cmd: self.inner.cmd.clone() })
     }
 

@@ -146,6 +146,47 @@ impl Auth {
     }
 }
 
+/// Claims of a subscription token.
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct SubscriptionClaims {
+    /// User the grant is for.
+    pub sub: String,
+    /// Channel it grants.
+    pub channel: String,
+    /// Expiry, Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
+}
+
+impl Auth {
+    /// Check a subscription token for `user` and `channel`.
+    pub fn verify_subscription(&self, token: &str, user: &str, channel: &str) -> Result<(), ErrorReply> {
+        let Mode::Jwt { keys, validation } = &self.mode else {
+            return Err(ErrorReply::with_message(
+                ErrorCode::PermissionDenied,
+                "private channels need signed tokens (configure [auth])",
+            ));
+        };
+        let denied = |m: &str| ErrorReply::with_message(ErrorCode::PermissionDenied, m);
+        let header = jsonwebtoken::decode_header(token).map_err(|_| denied("malformed subscription token"))?;
+        let Some((_, key)) = keys.iter().find(|(a, _)| *a == header.alg) else {
+            return Err(denied("subscription token algorithm not allowed"));
+        };
+        let c = jsonwebtoken::decode::<SubscriptionClaims>(token, key, validation)
+            .map_err(|e| denied(&format!("invalid subscription token: {e}")))?
+            .claims;
+        if c.sub != user || c.channel != channel {
+            return Err(denied("subscription token is for another user or channel"));
+        }
+        Ok(())
+    }
+}
+
+/// Sign an HS256 subscription token.
+pub fn sign_subscription_hs256(secret: &str, claims: &SubscriptionClaims) -> anyhow::Result<String> {
+    Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret.as_bytes()))?)
+}
+
 fn unauthorized(msg: &str) -> ErrorReply {
     ErrorReply::with_message(ErrorCode::Unauthorized, msg)
 }

@@ -222,6 +222,9 @@ pub struct Namespace {
     /// Durable per-(user, device, channel) cursors: a device that comes
     /// back without a position of its own resumes where it left off.
     pub offline: bool,
+    /// Subscribing needs a subscription token for the channel, or the
+    /// channel listed in the connection token's `channels` claim.
+    pub private: bool,
 }
 
 impl Default for Namespace {
@@ -234,6 +237,7 @@ impl Default for Namespace {
             client_publish: true,
             max_qos: 2,
             offline: true,
+            private: false,
         }
     }
 }

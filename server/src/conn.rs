@@ -406,6 +406,7 @@ impl Conn {
             id: self.id,
             info: info.clone(),
             device: connect.device_id.clone(),
+            grants: id.channels.clone(),
             ctl: self.ctl_tx.clone(),
             data: self.data_tx.clone(),
         };

@@ -87,6 +87,8 @@ pub struct ConnHandle {
     pub info: ClientInfo,
     /// Device id from `connect`.
     pub device: String,
+    /// Channels the connection token grants.
+    pub grants: Vec<String>,
     /// Replies and notices.
     pub ctl: mpsc::UnboundedSender<ConnMsg>,
     /// Live publications (bounded: a full queue means a slow consumer).
@@ -294,6 +296,15 @@ impl Hub {
                     "a personal channel belongs to its user",
                 ));
             }
+        }
+        if ns.private && !conn.grants.contains(&req.channel) {
+            if req.token.is_empty() {
+                return Err(ErrorReply::with_message(
+                    ErrorCode::PermissionDenied,
+                    "private channel: a subscription token is needed",
+                ));
+            }
+            self.auth.verify_subscription(&req.token, &conn.info.user, &req.channel)?;
         }
         let qos = req.qos.min(ns.max_qos());
         let durable = ns.offline && qos != Qos::AtMostOnce && !conn.info.user.is_empty();

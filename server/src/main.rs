@@ -233,6 +233,7 @@ join_leave = false
 client_publish = true
 max_qos = 2
 offline = true
+private = false
 "#
     )
 }

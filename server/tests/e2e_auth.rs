@@ -151,3 +151,59 @@ async fn refresh_keeps_the_connection_and_expiry_closes_it() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test]
+async fn private_channels_need_a_subscription_token_or_a_grant() {
+    use ferry_server::auth::{sign_subscription_hs256, SubscriptionClaims};
+    use ferry_server::config::Namespace;
+    let mut cfg = config(AuthConfig { hmac_secret: Some(SECRET.into()), ..AuthConfig::default() });
+    cfg.namespaces.insert("vip".into(), Namespace { private: true, ..Namespace::default() });
+    let srv = TestServer::start(cfg).await;
+    let conn_token =
+        sign_hs256(SECRET, &Claims { channels: vec!["vip:granted".into()], ..claims("alice", 60) }).unwrap();
+    let mut c = TestClient::new(&srv.url(), TestClient::config("p", &conn_token, Encoding::Json));
+    c.connect().await;
+    assert!(c.connected().await);
+    let sub_token = |user: &str, channel: &str| {
+        let exp = Some(now() + 60);
+        sign_subscription_hs256(SECRET, &SubscriptionClaims { sub: user.into(), channel: channel.into(), exp }).unwrap()
+    };
+    let t = c.now();
+    c.session.subscribe(t, "vip:none", ferry_core::frame::Qos::AtLeastOnce);
+    c.session.subscribe_with_token(
+        t,
+        "vip:other",
+        ferry_core::frame::Qos::AtLeastOnce,
+        sub_token("mallory", "vip:other"),
+    );
+    c.session.subscribe_with_token(
+        t,
+        "vip:wrong",
+        ferry_core::frame::Qos::AtLeastOnce,
+        sub_token("alice", "vip:elsewhere"),
+    );
+    c.session.subscribe_with_token(t, "vip:ok", ferry_core::frame::Qos::AtLeastOnce, sub_token("alice", "vip:ok"));
+    c.session.subscribe(t, "vip:granted", ferry_core::frame::Qos::AtLeastOnce);
+    c.run_for(Duration::from_millis(1)).await;
+    let settled = |c: &TestClient| {
+        c.events.iter().filter(|e| matches!(e, Event::Subscribed { .. } | Event::SubscribeFailed { .. })).count() == 5
+    };
+    assert!(c.run_until(T, settled).await);
+    let mut failed: Vec<(String, u16)> = c
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SubscribeFailed { channel, error } => Some((channel.clone(), error.code)),
+            _ => None,
+        })
+        .collect();
+    failed.sort();
+    assert_eq!(failed, vec![("vip:none".into(), 103), ("vip:other".into(), 103), ("vip:wrong".into(), 103)]);
+    let mut ok: Vec<String> = c
+        .events
+        .iter()
+        .filter_map(|e| if let Event::Subscribed { channel, .. } = e { Some(channel.clone()) } else { None })
+        .collect();
+    ok.sort();
+    assert_eq!(ok, ["vip:granted", "vip:ok"]);
+}

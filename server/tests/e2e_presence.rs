@@ -88,7 +88,12 @@ async fn join_leave_with_grace_and_silent_connection_eviction() {
             token: "carol".into(),
             device_id: "c".into(),
             client: ClientVersion::default(),
-            subs: vec![SubscribeRequest { channel: "room:p".into(), qos: Qos::AtMostOnce, since: None }],
+            subs: vec![SubscribeRequest {
+                channel: "room:p".into(),
+                qos: Qos::AtMostOnce,
+                since: None,
+                token: String::new(),
+            }],
             compression: false,
         }),
     };

@@ -453,6 +453,9 @@ struct Sub {
     /// Something arrived since the last ack: send one (again, for
     /// duplicates, since the server may have missed the earlier ack).
     ack_due: bool,
+    /// Subscription token for a private channel (not persisted: tokens
+    /// expire; after a restart the app subscribes again with a fresh one).
+    token: String,
 }
 
 enum Queued {
@@ -700,13 +703,27 @@ impl ClientSession {
     /// Subscribe; delivery starts after the current position if this
     /// channel was subscribed before (restored), else at the stream's top.
     pub fn subscribe(&mut self, now: Instant, channel: &str, qos: Qos) {
+        self.subscribe_with_token(now, channel, qos, String::new());
+    }
+
+    /// Subscribe to a private channel with a subscription token (used for
+    /// this subscription's subscribes until the session ends).
+    pub fn subscribe_with_token(&mut self, now: Instant, channel: &str, qos: Qos, token: String) {
         let live_conn = match &self.state {
             State::Live(l) => Some(l.conn),
             _ => None,
         };
         match self.subs.get_mut(channel) {
-            Some(s) if s.qos == qos => return,
+            Some(s) if s.qos == qos => {
+                if !token.is_empty() {
+                    s.token = token;
+                }
+                return;
+            }
             Some(s) => {
+                if !token.is_empty() {
+                    s.token = token.clone();
+                }
                 // A QoS change needs a fresh server-side subscription.
                 let was_on_server = s.phase != SubPhase::Wanted;
                 s.qos = qos;
@@ -716,7 +733,9 @@ impl ClientSession {
                 }
             }
             None => {
-                self.subs.insert(channel.to_string(), Sub::new(qos));
+                let mut sub = Sub::new(qos);
+                sub.token = token;
+                self.subs.insert(channel.to_string(), sub);
             }
         }
         self.emit(Event::Persist(Change::Subscribe { channel: channel.into(), qos }));
@@ -887,6 +906,7 @@ impl ClientSession {
                 channel: ch.clone(),
                 qos: s.qos,
                 since: if s.qos == Qos::AtMostOnce { None } else { s.position.clone() },
+                token: s.token.clone(),
             })
             .collect();
         for s in self.subs.values_mut() {
@@ -1239,7 +1259,7 @@ impl ClientSession {
         }
         s.phase = SubPhase::Pending;
         let since = if s.qos == Qos::AtMostOnce { None } else { s.position.clone() };
-        let req = SubscribeRequest { channel: ch.into(), qos: s.qos, since };
+        let req = SubscribeRequest { channel: ch.into(), qos: s.qos, since, token: s.token.clone() };
         self.request(now, conn, Pending::Subscribe(ch.into()), Command::Subscribe(req));
     }
 
@@ -1574,6 +1594,7 @@ impl Sub {
             inbox: Inbox::default(),
             early: Vec::new(),
             ack_due: false,
+            token: String::new(),
         }
     }
 }
