@@ -626,6 +626,17 @@ impl ServerSession {
         self.maybe_fetch(&ch);
     }
 
+    /// The host skipped live publications for this connection (its queue
+    /// was full): the stream now reaches `top`, so fetch what is missing.
+    pub fn stream_advanced(&mut self, _now: Instant, channel: &str, epoch: &str, top: u64) {
+        let Some(sub) = self.subs.get_mut(channel) else { return };
+        if sub.epoch != epoch {
+            return self.close(CloseCode::InsufficientState, "stream epoch changed");
+        }
+        sub.top = sub.top.max(top);
+        self.maybe_fetch(channel);
+    }
+
     /// A fetch finished.
     pub fn fetch_done(&mut self, _now: Instant, channel: &str, end: FetchEnd) {
         let Some(sub) = self.subs.get_mut(channel) else {

@@ -464,3 +464,24 @@ fn unsubscribe_answers_not_subscribed_and_cancels_a_pending_subscribe() {
     assert!(drain(&mut s, t).frames.is_empty());
     assert_eq!(s.channels().count(), 0);
 }
+
+#[test]
+fn dropped_live_copies_are_fetched_after_stream_advanced() {
+    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::AtLeastOnce, since: None, token: String::new() };
+    let (mut s, _) = live(Encoding::Binary, vec![(sub, start(0, 1, Qos::AtLeastOnce))]);
+    let now = Instant(1);
+    s.deliver(now, &publication("ch", 1));
+    assert_eq!(pushed_offsets(&drain(&mut s, now)), vec![1]);
+    // The host's queue was full: 2 and 3 never reached the session, and
+    // nothing later will reveal them. The host says how far the stream got.
+    s.stream_advanced(now, "ch", "e", 3);
+    let d = drain(&mut s, now);
+    assert!(d.events.iter().any(|e| matches!(e, ServerEvent::Fetch { from: 2, .. })), "{:?}", d.events);
+    s.deliver(now, &publication("ch", 2));
+    s.deliver(now, &publication("ch", 3));
+    s.fetch_done(now, "ch", FetchEnd::Done);
+    assert_eq!(pushed_offsets(&drain(&mut s, now)), vec![2, 3]);
+    // Another epoch means the stream was reset under the subscriber.
+    s.stream_advanced(now, "ch", "other", 9);
+    assert_eq!(drain(&mut s, now).close, Some(CloseCode::InsufficientState as u16));
+}

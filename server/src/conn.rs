@@ -407,6 +407,7 @@ impl Conn {
             info: info.clone(),
             device: connect.device_id.clone(),
             grants: id.channels.clone(),
+            lagged: Default::default(),
             ctl: self.ctl_tx.clone(),
             data: self.data_tx.clone(),
         };
@@ -475,6 +476,17 @@ impl Conn {
             ConnMsg::Reply { req, result } => self.answer(req, result),
             ConnMsg::Notice(p) => self.session.push_notice(now, p),
             ConnMsg::Kick(code, reason) => self.session.disconnect(now, code, &reason),
+            ConnMsg::Lagged => {
+                if let Some(h) = &self.handle {
+                    // Cleared first: a drop after this point raises it again.
+                    h.lagged.store(false, Ordering::Release);
+                }
+                for ch in self.channels.clone() {
+                    if let Some((epoch, top)) = self.hub.stream_top(&ch) {
+                        self.session.stream_advanced(now, &ch, &epoch, top);
+                    }
+                }
+            }
         }
     }
 }

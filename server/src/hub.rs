@@ -65,6 +65,8 @@ pub enum ConnMsg {
     Notice(Push),
     /// Close the connection.
     Kick(CloseCode, String),
+    /// Live publications were dropped: catch up from the store.
+    Lagged,
 }
 
 /// Where a publish was stored.
@@ -89,6 +91,9 @@ pub struct ConnHandle {
     pub device: String,
     /// Channels the connection token grants.
     pub grants: Vec<String>,
+    /// Set when live publications were dropped for a full queue; the
+    /// connection then catches up from the store.
+    pub lagged: Arc<std::sync::atomic::AtomicBool>,
     /// Replies and notices.
     pub ctl: mpsc::UnboundedSender<ConnMsg>,
     /// Live publications (bounded: a full queue means a slow consumer).
@@ -477,6 +482,11 @@ impl Hub {
         )
     }
 
+    /// A channel's stream epoch and top offset.
+    pub fn stream_top(&self, channel: &str) -> Option<(String, u64)> {
+        self.lock().channels.get(channel).map(|c| (c.header.epoch.clone(), c.header.top))
+    }
+
     /// Live connections of one user.
     pub fn connections_of(&self, user: &str) -> usize {
         self.lock().conns.values().filter(|h| h.info.user == user).count()
@@ -675,7 +685,7 @@ impl Hub {
         }
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.stored.fetch_add(batch.appends.len() as u64, Ordering::Relaxed);
-        let mut kicks = Vec::new();
+        let mut lagged = Vec::new();
         {
             let mut st = self.lock();
             for (ch, h) in &batch.headers {
@@ -712,16 +722,19 @@ impl Hub {
                     c.hot.pop_front();
                 }
                 for h in c.subs.values() {
-                    if h.data.try_send(shared.clone()).is_err() {
-                        kicks.push(h.clone());
+                    // Design: a full queue drops the live copy instead of
+                    // dropping the subscriber; the session fetches the
+                    // missing offsets from the store at its own pace. A
+                    // client that truly cannot keep up is closed by its
+                    // session's send-queue and redelivery bounds.
+                    if h.data.try_send(shared.clone()).is_err() && !h.lagged.swap(true, Ordering::AcqRel) {
+                        lagged.push(h.clone());
                     }
                 }
             }
         }
-        for h in kicks {
-            self.stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
-            self.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
-            let _ = h.ctl.send(ConnMsg::Kick(CloseCode::SlowConsumer, "fan-out queue full".into()));
+        for h in lagged {
+            let _ = h.ctl.send(ConnMsg::Lagged);
         }
         for (r, res) in replies {
             r.send(res);

@@ -305,3 +305,39 @@ async fn rate_limits() {
     let err = tokio_tungstenite::connect_async(req).await.unwrap_err().to_string();
     assert!(err.contains("429"), "{err}");
 }
+
+/// Regression: a full fan-out queue used to close live, acking subscribers
+/// with 3003; now the dropped copies are fetched from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_fanout_queue_drops_copies_not_subscribers() {
+    let mut cfg = test_config();
+    cfg.limits.fanout_queue = 2;
+    let srv = TestServer::start(cfg).await;
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let mut c =
+            TestClient::new(&srv.url(), TestClient::config(&format!("s{i}"), &format!("s{i}"), Encoding::Binary));
+        c.subscribe("burst:1", Qos::AtLeastOnce).await;
+        c.connect().await;
+        assert!(c.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Subscribed { .. }))).await);
+        clients.push(c);
+    }
+    let mut p = TestClient::new(&srv.url(), TestClient::config("p", "p", Encoding::Binary));
+    p.connect().await;
+    assert!(p.connected().await);
+    let mut ids = Vec::new();
+    for i in 0..500u32 {
+        ids.push(p.publish("burst:1", i.to_be_bytes().to_vec(), Qos::AtLeastOnce).await);
+    }
+    clients.push(p);
+    let ok = run_all(&mut clients, Duration::from_secs(60), |cs| {
+        cs[5].session.outbox_len() == 0 && cs[..5].iter().all(|c| c.ids("burst:1").len() == 500)
+    })
+    .await;
+    assert!(ok, "counts {:?}", clients[..5].iter().map(|c| c.ids("burst:1").len()).collect::<Vec<_>>());
+    for c in &clients[..5] {
+        assert_eq!(c.ids("burst:1"), ids);
+        let drops: Vec<_> = c.events.iter().filter(|e| matches!(e, Event::Disconnected { .. })).collect();
+        assert!(drops.is_empty(), "no subscriber was disconnected: {drops:?}");
+    }
+}
