@@ -1,0 +1,3 @@
+pub mod fjall;
+pub mod redb;
+pub mod sqlite;
