@@ -344,3 +344,38 @@ fn qos0_and_persisted_message_ids_never_collide() {
     assert!(s.run_until_cond(5_000, |s| s.clients[0].session.outbox_len() == 0 && s.hub.ids("ch").len() == 4));
     assert_eq!(s.hub.ids("ch"), vec![a, b, c, d]);
 }
+
+/// Regression: after a token-expired close, a failing token provider made
+/// the client reconnect with the expired token on every backoff step.
+#[test]
+fn no_reconnect_with_an_expired_token_while_the_provider_fails() {
+    let mut s = Sim::new(11, Faults::none());
+    s.hub.token_ttl.insert("t1".into(), Duration::from_secs(30));
+    let mut cfg = s.client_config("c");
+    cfg.token = "t1".into();
+    cfg.refreshable = true;
+    let c = s.add_client(cfg);
+    s.clients[c].fail_tokens = true;
+    s.connect(c);
+    assert!(s.run_until_cond(5_000, |s| connected(s, 0)));
+    // Refreshes fail; the server closes at expiry with 3005.
+    s.run_until_cond(40_000, |s| {
+        s.clients[0].events.iter().any(|e| matches!(e, Event::Disconnected { code: 3005, .. }))
+    });
+    let requests_at_close = s.clients[c].token_requests;
+    // While the token was valid, a failed refresh was retried (every second
+    // from the refresh point, 15 s before expiry) rather than given up.
+    assert!(requests_at_close >= 5, "refresh retried {requests_at_close} times");
+    let close_index = s.clients[c].events.len();
+    s.run_for(20_000);
+    let attempts = s.clients[c].events[close_index..]
+        .iter()
+        .filter(|e| matches!(e, Event::State(ConnectionState::Connecting)))
+        .count();
+    assert_eq!(attempts, 0, "no connection attempt without a fresh token");
+    assert!(s.clients[c].token_requests >= requests_at_close + 3, "the provider is asked again, with backoff");
+    // The provider recovers: the next request gets a token and the client connects.
+    s.clients[c].fail_tokens = false;
+    s.clients[c].auto_token = Some("t2".into());
+    assert!(s.run_until_cond(30_000, |s| connected(s, 0)), "{}", s.describe());
+}

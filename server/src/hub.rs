@@ -167,6 +167,7 @@ pub struct Hub {
     auth: crate::auth::Auth,
     store: Arc<dyn Store>,
     presence: Arc<dyn Presence>,
+    broker: Arc<dyn Broker>,
     state: Mutex<State>,
     seq: std::sync::mpsc::Sender<SeqReq>,
     next_conn: AtomicU64,
@@ -202,6 +203,7 @@ impl Hub {
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let metrics = Arc::new(crate::metrics::Metrics::default());
+        let broker = Arc::new(LocalBroker { hub: std::sync::OnceLock::new() });
         let webhooks = (!cfg.webhooks.url.is_empty())
             .then(|| crate::webhooks::Webhooks::start(cfg.webhooks.clone(), metrics.clone()));
         let auth = crate::auth::Auth::from_config(&cfg.auth, cfg.allow_anonymous)
@@ -211,6 +213,7 @@ impl Hub {
             cfg,
             store,
             presence: Arc::new(MemoryPresence::default()),
+            broker: broker.clone(),
             state: Mutex::new(state),
             seq: tx,
             next_conn: AtomicU64::new(1),
@@ -219,6 +222,7 @@ impl Hub {
             metrics,
         });
         let weak = Arc::downgrade(&hub);
+        let _ = broker.hub.set(weak.clone());
         std::thread::Builder::new()
             .name("ferry-sequencer".into())
             .spawn(move || sequencer(weak, rx))
@@ -396,11 +400,14 @@ impl Hub {
                 }
             }
             Change::LeavePending { user, generation } => {
-                let hub = self.clone();
+                // Weak: a pending leave must not keep a stopped server's
+                // store open.
+                let hub = Arc::downgrade(self);
                 let channel = channel.to_string();
                 let grace = std::time::Duration::from_millis(self.cfg.presence_grace_ms);
                 let settle = async move {
                     tokio::time::sleep(grace).await;
+                    let Some(hub) = hub.upgrade() else { return };
                     if let Some(info) = hub.presence.settle_leave(&channel, &user, generation) {
                         if hub.cfg.namespace(&channel).join_leave {
                             hub.broadcast(&channel, Push::Leave { channel: channel.clone(), info });
@@ -685,57 +692,23 @@ impl Hub {
         }
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.stored.fetch_add(batch.appends.len() as u64, Ordering::Relaxed);
-        let mut lagged = Vec::new();
-        {
-            let mut st = self.lock();
-            for (ch, h) in &batch.headers {
-                let c = st.channels.entry(ch.clone()).or_insert_with(|| Chan {
-                    header: h.clone(),
-                    persisted: true,
-                    hot: VecDeque::new(),
-                    subs: BTreeMap::new(),
+        for p in &batch.appends {
+            if let Some(by) = &p.publisher {
+                self.hook(crate::webhooks::Hook::Publish {
+                    user: by.user.clone(),
+                    channel: p.channel.clone(),
+                    offset: p.offset,
+                    message_id: p.message_id.clone(),
+                    b64data: ferry_core::base64::encode(&p.payload.data.0),
                 });
-                c.header = h.clone();
-                c.persisted = true;
-                if let Some(first) = hot_trim.get(ch) {
-                    while c.hot.front().is_some_and(|p| p.publication().offset < *first) {
-                        c.hot.pop_front();
-                    }
-                }
-            }
-            for p in batch.appends {
-                if let Some(by) = &p.publisher {
-                    self.hook(crate::webhooks::Hook::Publish {
-                        user: by.user.clone(),
-                        channel: p.channel.clone(),
-                        offset: p.offset,
-                        message_id: p.message_id.clone(),
-                        b64data: ferry_core::base64::encode(&p.payload.data.0),
-                    });
-                }
-                let shared = SharedPublication::new(p);
-                let Some(c) = st.channels.get_mut(&shared.publication().channel) else {
-                    continue;
-                };
-                c.hot.push_back(shared.clone());
-                if c.hot.len() > HOT_WINDOW {
-                    c.hot.pop_front();
-                }
-                for h in c.subs.values() {
-                    // Design: a full queue drops the live copy instead of
-                    // dropping the subscriber; the session fetches the
-                    // missing offsets from the store at its own pace. A
-                    // client that truly cannot keep up is closed by its
-                    // session's send-queue and redelivery bounds.
-                    if h.data.try_send(shared.clone()).is_err() && !h.lagged.swap(true, Ordering::AcqRel) {
-                        lagged.push(h.clone());
-                    }
-                }
             }
         }
-        for h in lagged {
-            let _ = h.ctl.send(ConnMsg::Lagged);
-        }
+        let committed = Committed {
+            headers: batch.headers,
+            trims: hot_trim.clone(),
+            publications: batch.appends.into_iter().map(SharedPublication::new).collect(),
+        };
+        self.broker.publish(committed);
         for (r, res) in replies {
             r.send(res);
         }
@@ -779,6 +752,87 @@ fn expire_by_age(
         batch.trims.push((ch.clone(), first));
         hot_trim.insert(ch.clone(), first);
         headers.insert(ch, StreamHeader { first, ..h });
+    }
+}
+
+/// A durably committed batch, as it travels from the sequencer to every
+/// node's subscribers.
+pub struct Committed {
+    /// New stream headers.
+    pub headers: Vec<(String, StreamHeader)>,
+    /// Retention: offsets below these are gone, per channel.
+    pub trims: HashMap<String, u64>,
+    /// New publications, in commit order.
+    pub publications: Vec<Arc<SharedPublication>>,
+}
+
+/// Fan-out between nodes: the sequencer hands every committed batch to the
+/// broker, which hands it to [`Hub::deliver_local`] on every node (this one
+/// included), in commit order per channel. The single-node broker calls it
+/// directly; a networked one (Redis pub/sub) carries batches between nodes.
+pub trait Broker: Send + Sync + 'static {
+    /// Fan out one committed batch.
+    fn publish(&self, batch: Committed);
+}
+
+/// The single-node broker.
+pub struct LocalBroker {
+    hub: std::sync::OnceLock<std::sync::Weak<Hub>>,
+}
+
+impl Broker for LocalBroker {
+    fn publish(&self, batch: Committed) {
+        if let Some(hub) = self.hub.get().and_then(std::sync::Weak::upgrade) {
+            hub.deliver_local(batch);
+        }
+    }
+}
+
+impl Hub {
+    /// Apply a committed batch to this node: stream headers, hot windows,
+    /// and a copy of each publication to every local subscriber's queue.
+    pub fn deliver_local(&self, batch: Committed) {
+        let mut lagged = Vec::new();
+        {
+            let mut st = self.lock();
+            for (ch, h) in &batch.headers {
+                let c = st.channels.entry(ch.clone()).or_insert_with(|| Chan {
+                    header: h.clone(),
+                    persisted: true,
+                    hot: VecDeque::new(),
+                    subs: BTreeMap::new(),
+                });
+                c.header = h.clone();
+                c.persisted = true;
+                if let Some(first) = batch.trims.get(ch) {
+                    while c.hot.front().is_some_and(|p| p.publication().offset < *first) {
+                        c.hot.pop_front();
+                    }
+                }
+            }
+            for shared in batch.publications {
+                let Some(c) = st.channels.get_mut(&shared.publication().channel) else {
+                    continue;
+                };
+                c.hot.push_back(shared.clone());
+                if c.hot.len() > HOT_WINDOW {
+                    c.hot.pop_front();
+                }
+                for h in c.subs.values() {
+                    // Design: a full queue drops the live copy instead of
+                    // dropping the subscriber; the session fetches the
+                    // missing offsets from the store at its own pace. A
+                    // client that truly cannot keep up is closed by its
+                    // session's send-queue and redelivery bounds.
+                    if h.data.try_send(shared.clone()).is_err() && !h.lagged.swap(true, Ordering::AcqRel) {
+                        lagged.push(h.clone());
+                    }
+                }
+            }
+        }
+        for h in lagged {
+            let _ = h.ctl.send(ConnMsg::Lagged);
+        }
     }
 }
 

@@ -86,8 +86,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     cfg.check()?;
-    let store = RedbStore::open(&cfg.data_dir)?;
+    let mut store = RedbStore::open(&cfg.data_dir)?;
+    let store_closed = store.on_close();
     let hub = Hub::start(Arc::new(cfg), Arc::new(store))?;
+    let weak_hub = Arc::downgrade(&hub);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let live = Arc::new(LiveConns::default());
     let api_task = api.map(|l| {
@@ -127,6 +129,17 @@ pub async fn serve(
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, wait).await;
     if let Some(t) = api_task {
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, t).await;
+    }
+    // The store closes with the last reference to the hub; wait (bounded)
+    // for stragglers so a restart in this process can open it again.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    while weak_hub.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    if weak_hub.strong_count() > 0 {
+        tracing::warn!("stopping with {} tasks still holding the store", weak_hub.strong_count());
+    } else {
+        let _ = tokio::task::spawn_blocking(move || store_closed.recv_timeout(SHUTDOWN_GRACE)).await;
     }
     Ok(())
 }

@@ -129,7 +129,20 @@ const CURSORS: TableDefinition<&str, &[u8]> = TableDefinition::new("cursors");
 
 /// The embedded engine: one redb file.
 pub struct RedbStore {
-    db: Database,
+    db: Option<Database>,
+    /// Told once the file is closed (dropping a database flushes, which
+    /// takes a moment; a restart in the same process must wait for it).
+    closed: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        // Fields drop after this body, so close the file here first.
+        drop(self.db.take());
+        if let Some(tx) = self.closed.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -151,13 +164,26 @@ impl RedbStore {
         }
         txn.open_table(PUBS)?;
         txn.commit()?;
-        Ok(RedbStore { db })
+        Ok(RedbStore { db: Some(db), closed: None })
+    }
+}
+
+impl RedbStore {
+    fn db(&self) -> &Database {
+        self.db.as_ref().expect("the database is open until the store is dropped")
+    }
+
+    /// A receiver told when this store's file is closed.
+    pub fn on_close(&mut self) -> std::sync::mpsc::Receiver<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.closed = Some(tx);
+        rx
     }
 }
 
 impl Store for RedbStore {
     fn headers(&self) -> Result<Vec<(String, StreamHeader)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let t = txn.open_table(STREAMS)?;
         let mut out = Vec::new();
         for row in t.iter()? {
@@ -168,7 +194,7 @@ impl Store for RedbStore {
     }
 
     fn commit(&self, b: &Batch) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db().begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         {
             let mut pubs = txn.open_table(PUBS)?;
@@ -207,7 +233,7 @@ impl Store for RedbStore {
     }
 
     fn range(&self, channel: &str, from: u64, limit: usize, max_bytes: usize) -> Result<Vec<Publication>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let t = txn.open_table(PUBS)?;
         let mut out = Vec::new();
         let mut bytes = 0;
@@ -234,7 +260,7 @@ impl Store for RedbStore {
     }
 
     fn dedup(&self, message_id: &str) -> Result<Option<DedupEntry>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let t = txn.open_table(DEDUP)?;
         match t.get(message_id)? {
             Some(v) => Ok(Some(dec(v.value())?)),
@@ -243,7 +269,7 @@ impl Store for RedbStore {
     }
 
     fn cursor(&self, key: &str) -> Result<Option<(String, u64)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let t = txn.open_table(CURSORS)?;
         match t.get(key)? {
             Some(v) => Ok(Some(dec(v.value())?)),

@@ -130,3 +130,53 @@ async fn offline_device_catches_up_from_its_server_cursor() {
     let mut cs = [other, dev];
     assert!(run_all(&mut cs, T, |cs| cs[1].ids("im:team").last() == Some(&live)).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_under_load_loses_no_acknowledged_publish() {
+    let srv = TestServer::start(test_config()).await;
+    let mut p = TestClient::new(&srv.url(), TestClient::config("gp", "gp", Encoding::Binary));
+    p.connect().await;
+    assert!(p.connected().await);
+    for i in 0..300u32 {
+        p.publish("load:1", i.to_be_bytes().to_vec(), if i % 2 == 0 { Qos::AtLeastOnce } else { Qos::ExactlyOnce })
+            .await;
+    }
+    // Stop while publishes are still in flight.
+    p.run_until(T, |c| c.acked.len() >= 50).await;
+    let stopping = tokio::spawn(srv.stop());
+    assert!(p.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Disconnected { .. }))).await);
+    let dir = stopping.await.unwrap();
+    let acked: BTreeSet<String> = p.acked.keys().cloned().collect();
+    // Restart from the same directory: every acknowledged publish is there,
+    // and the publisher's outbox delivers the rest exactly once.
+    let srv = TestServer::start_in(test_config(), dir).await;
+    p.url = srv.url();
+    let drained =
+        p.run_until(Duration::from_secs(60), |c| c.session.outbox_len() == 0 && c.session.is_connected()).await;
+    assert!(
+        drained,
+        "state {:?} outbox {} events {:?}",
+        p.session.state(),
+        p.session.outbox_len(),
+        p.events
+            .iter()
+            .filter(|e| matches!(e, Event::Disconnected { .. } | Event::PublishFailed { .. }))
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    let h = p
+        .call(Command::History(HistoryRequest {
+            channel: "load:1".into(),
+            since: None,
+            until: None,
+            limit: 1000,
+            reverse: false,
+        }))
+        .await
+        .unwrap();
+    let ReplyBody::History { publications, .. } = h else { panic!() };
+    let stored: Vec<String> = publications.iter().map(|p| p.message_id.clone()).collect();
+    assert!(acked.iter().all(|id| stored.contains(id)), "an acknowledged publish was lost");
+    assert_eq!(stored.len(), 300, "every publish stored exactly once");
+    eprintln!("{} acknowledged before the shutdown, 300 stored after restart", acked.len());
+}

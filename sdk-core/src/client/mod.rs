@@ -499,6 +499,8 @@ pub struct ClientSession {
     announced: Option<(u16, String, bool)>,
     /// An attempt should start once the host supplies a token.
     token_pending: bool,
+    /// A `TokenRequested` is outstanding.
+    token_requested: bool,
     queue: VecDeque<Queued>,
     stats: ClientStats,
 }
@@ -555,6 +557,7 @@ impl ClientSession {
             next_call: 1,
             announced: None,
             token_pending: false,
+            token_requested: false,
             queue: VecDeque::new(),
             stats: ClientStats::default(),
         }
@@ -678,6 +681,7 @@ impl ClientSession {
     pub fn set_token(&mut self, now: Instant, token: String) {
         self.cfg.token = token.clone();
         self.token_pending = false;
+        self.token_requested = false;
         match &self.state {
             State::WaitingToken => self.start_attempt(now),
             State::Live(live) => {
@@ -691,12 +695,24 @@ impl ClientSession {
 
     /// The host could not get a token; `terminal` stops the session.
     pub fn token_failed(&mut self, now: Instant, terminal: bool) {
-        self.token_pending = false;
+        self.token_requested = false;
         if terminal {
+            self.token_pending = false;
             self.drop_transport(now, CloseCode::Unauthorized as u16, "no token".into());
             self.set_state(State::Closed { code: CloseCode::Unauthorized as u16, reason: "no token".into() });
-        } else if matches!(self.state, State::WaitingToken) {
-            self.schedule_reconnect(now);
+            return;
+        }
+        match self.state {
+            // Still no usable token: wait a backoff step, then ask again;
+            // never reconnect with the token that expired.
+            State::WaitingToken => {
+                self.token_pending = true;
+                self.schedule_reconnect(now);
+            }
+            // A refresh could not get a token: ask again while the current
+            // one is still valid.
+            State::Live(_) => self.timers.set(Timer::Refresh as usize, now.plus(self.cfg.retry_delay)),
+            _ => {}
         }
     }
 
@@ -885,6 +901,10 @@ impl ClientSession {
     fn start_attempt(&mut self, now: Instant) {
         self.timers.clear(Timer::Reconnect as usize);
         if self.token_pending {
+            if !self.token_requested {
+                self.token_requested = true;
+                self.emit(Event::TokenRequested);
+            }
             self.set_state(State::WaitingToken);
             return;
         }
@@ -957,6 +977,7 @@ impl ClientSession {
                 return;
             }
             self.token_pending = true;
+            self.token_requested = true;
             self.emit(Event::TokenRequested);
         }
         self.schedule_reconnect(now);
@@ -1195,10 +1216,9 @@ impl ClientSession {
                 self.arm_refresh(now, expires_in_ms)
             }
             (Pending::Refresh, Outcome::Error(e)) => {
+                // The current token stays in force; try another while it lasts.
                 self.emit(Event::Error(format!("token refresh refused: {}", e.message)));
-                if !e.temporary {
-                    self.token_pending = true;
-                }
+                self.timers.set(Timer::Refresh as usize, now.plus(self.cfg.retry_delay));
             }
             (Pending::Call(call), Outcome::Ok(body)) => self.emit(Event::CallResult { call, result: Ok(body) }),
             (Pending::Call(call), Outcome::Error(e)) => {

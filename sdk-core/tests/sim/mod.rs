@@ -104,6 +104,8 @@ pub struct SimClient {
     pub keep_events: bool,
     pub token_requests: u32,
     pub auto_token: Option<String>,
+    /// The token provider fails (answers `token_failed`, not terminal).
+    pub fail_tokens: bool,
 }
 
 /// The in-memory stand-in for the server's store and fan-out.
@@ -230,6 +232,7 @@ impl Sim {
             keep_events: true,
             token_requests: 0,
             auto_token: None,
+            fail_tokens: false,
         });
         let i = self.clients.len() - 1;
         self.drain_client(i);
@@ -640,7 +643,9 @@ impl Sim {
             }
             Event::TokenRequested => {
                 cl.token_requests += 1;
-                if let Some(t) = cl.auto_token.clone() {
+                if cl.fail_tokens {
+                    cl.session.token_failed(now, false);
+                } else if let Some(t) = cl.auto_token.clone() {
                     cl.session.set_token(now, t);
                 }
             }

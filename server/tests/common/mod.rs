@@ -83,6 +83,11 @@ impl TestServer {
         let task = tokio::spawn(ferry_server::serve(listener, api, cfg, async move {
             let _ = rx.await;
         }));
+        // A server that failed to start says why, instead of refusing connections silently.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if task.is_finished() {
+            panic!("test server stopped at once: {:?}", task.await);
+        }
         TestServer { addr, api: api_addr, dir, stop: Some(tx), task: Some(task) }
     }
 
