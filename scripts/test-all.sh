@@ -32,5 +32,5 @@ if [ -f fuzz/Cargo.toml ]; then
   (cd fuzz && cargo check --quiet --bins)
 fi
 
-step "cargo test (workspace)"
-cargo test --workspace
+step "cargo test (workspace; --nocapture shows the property-test fault mix and scenario figures)"
+cargo test --workspace -- --nocapture

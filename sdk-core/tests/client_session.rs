@@ -74,8 +74,13 @@ fn plain(b: &[u8]) -> Payload {
 
 /// A live session subscribed to "ch" (QoS 1), delivering from offset 1.
 fn live() -> (ClientSession, u64) {
+    live_with(|_| {})
+}
+
+fn live_with(tune: impl FnOnce(&mut ClientConfig)) -> (ClientSession, u64) {
     let mut cfg = ClientConfig::new("dev");
     cfg.encoding = Encoding::Json;
+    tune(&mut cfg);
     let mut s = ClientSession::new(cfg, 1);
     let t = Instant(0);
     s.subscribe(t, "ch", Qos::AtLeastOnce);
@@ -225,4 +230,26 @@ fn late_callbacks_from_an_old_transport_are_ignored() {
     let o = drain(&mut s, t);
     assert!(o.events.is_empty() && o.closed.is_none());
     assert!(matches!(s.state(), ConnectionState::Backoff { .. }), "not closed for good by a stale 3500");
+}
+
+#[test]
+fn own_compression_threshold_is_never_below_the_servers() {
+    let publish_z = |client_min: Option<u32>, size: usize| {
+        let (mut s, _) = live_with(|c| c.compress_min = client_min);
+        let t = Instant(1);
+        s.publish(t, "ch", vec![b'a'; size], Qos::AtLeastOnce).unwrap();
+        let o = drain(&mut s, t);
+        o.frames
+            .iter()
+            .find_map(|f| match f {
+                ClientFrame::Request { cmd: Command::Publish { payload, .. }, .. } => Some(payload.z),
+                _ => None,
+            })
+            .unwrap()
+    };
+    // The server announced 64 bytes.
+    assert!(publish_z(None, 5_000));
+    assert!(!publish_z(Some(10_000), 5_000), "the client's higher threshold applies");
+    assert!(publish_z(Some(10_000), 20_000));
+    assert!(!publish_z(Some(1), 40), "never below the server's");
 }

@@ -40,6 +40,7 @@ pub(crate) struct Driver {
     token_provider: Option<TokenProvider>,
     cmd: mpsc::WeakUnboundedSender<Cmd>,
     state: watch::Sender<ConnectionState>,
+    disconnects: watch::Sender<Option<crate::Disconnect>>,
     origin: tokio::time::Instant,
     ws: Option<(ConnId, Ws)>,
     opened: mpsc::UnboundedSender<(ConnId, Result<Ws, String>)>,
@@ -63,6 +64,7 @@ impl Driver {
         token_provider: Option<TokenProvider>,
         cmd: mpsc::WeakUnboundedSender<Cmd>,
         state: watch::Sender<ConnectionState>,
+        disconnects: watch::Sender<Option<crate::Disconnect>>,
     ) -> Self {
         let origin = tokio::time::Instant::now();
         let enc = cfg.encoding;
@@ -85,6 +87,7 @@ impl Driver {
             token_provider,
             cmd,
             state,
+            disconnects,
             origin,
             ws: None,
             opened,
@@ -344,6 +347,7 @@ impl Driver {
             }
             Event::Disconnected { code, reason, reconnect } => {
                 tracing::debug!(code, %reason, reconnect, "disconnected");
+                let _ = self.disconnects.send(Some(crate::Disconnect { code, reason, reconnect }));
             }
             Event::Subscribed { channel, position, recovered, .. } => {
                 self.route(&channel, SubscriptionEvent::Subscribed { position, recovered })

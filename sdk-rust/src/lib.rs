@@ -75,6 +75,17 @@ pub enum Error {
     Config(String),
 }
 
+/// Why the last connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disconnect {
+    /// Close code (see PROTOCOL.md 12.2).
+    pub code: u16,
+    /// Reason.
+    pub reason: String,
+    /// Whether the client reconnects by itself.
+    pub reconnect: bool,
+}
+
 /// An acknowledged publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishAck {
@@ -166,6 +177,12 @@ impl ClientBuilder {
         self.cfg.compression = on;
         self
     }
+    /// Compress own publishes from this many bytes up (at least the
+    /// server's threshold).
+    pub fn compression_threshold(mut self, bytes: u32) -> Self {
+        self.cfg.compress_min = Some(bytes);
+        self
+    }
     /// Reconnect delays.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.cfg.backoff_min = min;
@@ -223,6 +240,7 @@ impl ClientBuilder {
         let seed = self.seed.unwrap_or_else(random_seed);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (state_tx, state_rx) = watch::channel(ConnectionState::Idle);
+        let (disc_tx, disc_rx) = watch::channel(None);
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|_| Error::Config("build() must run inside a tokio runtime".into()))?;
         let driver = driver::Driver::new(
@@ -234,9 +252,17 @@ impl ClientBuilder {
             self.token_provider,
             cmd_tx.downgrade(),
             state_tx,
+            disc_tx,
         );
         let task = handle.spawn(driver.run(cmd_rx));
-        Ok(Client { inner: Arc::new(Inner { cmd: cmd_tx, state: state_rx, task: std::sync::Mutex::new(Some(task)) }) })
+        Ok(Client {
+            inner: Arc::new(Inner {
+                cmd: cmd_tx,
+                state: state_rx,
+                disconnects: disc_rx,
+                task: std::sync::Mutex::new(Some(task)),
+            }),
+        })
     }
 }
 
@@ -262,6 +288,7 @@ pub(crate) enum Cmd {
 struct Inner {
     cmd: mpsc::UnboundedSender<Cmd>,
     state: watch::Receiver<ConnectionState>,
+    disconnects: watch::Receiver<Option<Disconnect>>,
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -364,6 +391,11 @@ impl Client {
     /// Watch the connection state.
     pub fn state(&self) -> watch::Receiver<ConnectionState> {
         self.inner.state.clone()
+    }
+
+    /// Watch why connections end (none until the first one does).
+    pub fn disconnects(&self) -> watch::Receiver<Option<Disconnect>> {
+        self.inner.disconnects.clone()
     }
 
     /// Wait until connected (or `timeout`).

@@ -171,6 +171,11 @@ async fn state_watch_and_network_change() {
     c.network_changed();
     tokio::time::timeout(T, st.wait_for(|s| *s == ConnectionState::Connecting)).await.unwrap().unwrap();
     tokio::time::timeout(T, st.wait_for(|s| *s == ConnectionState::Connected)).await.unwrap().unwrap();
-    c.close(Duration::from_secs(1)).await;
+    assert_eq!(*c.disconnects().borrow(), None);
+    let mut disc = c.disconnects();
     srv.stop().await;
+    tokio::time::timeout(T, disc.wait_for(|d| d.is_some())).await.unwrap().unwrap();
+    let d = c.disconnects().borrow().clone().unwrap();
+    assert_eq!((d.code, d.reconnect), (3000, true), "{d:?}");
+    c.close(Duration::from_secs(1)).await;
 }

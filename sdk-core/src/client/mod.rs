@@ -63,6 +63,9 @@ pub struct ClientConfig {
     pub encoding: Encoding,
     /// Offer payload compression.
     pub compression: bool,
+    /// Compress own publishes only from this size up (never below the
+    /// server's announced threshold); none = the server's threshold.
+    pub compress_min: Option<u32>,
     /// Smallest reconnect delay.
     pub backoff_min: Duration,
     /// Largest reconnect delay.
@@ -106,6 +109,7 @@ impl ClientConfig {
             client: ClientVersion { name: "ferry-core".into(), version: env!("CARGO_PKG_VERSION").into() },
             encoding: Encoding::Binary,
             compression: true,
+            compress_min: None,
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(10),
@@ -1236,7 +1240,11 @@ impl ClientSession {
         let live = Live {
             conn,
             ping_wait,
-            compress_min: if self.cfg.compression { c.compress_min } else { None },
+            compress_min: if self.cfg.compression {
+                c.compress_min.map(|m| m.max(self.cfg.compress_min.unwrap_or(0)))
+            } else {
+                None
+            },
             max_message_size: (c.max_message_size as usize).max(1024),
         };
         self.timers.set(Timer::PingDeadline as usize, now.add_ms(ping_wait));
