@@ -34,7 +34,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ferry_core::client::ClientConfig;
-pub use ferry_core::client::{ConnectionState, GapReason, PublishError};
+pub use ferry_core::client::{ConnectionState, GapReason, PublishError, Snapshot};
 pub use ferry_core::codec::Encoding;
 pub use ferry_core::frame::{ClientInfo, HistoryBound, HistoryRequest, Publication, Qos, StreamPosition};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -202,14 +202,21 @@ impl ClientBuilder {
         self
     }
     /// Keep durable state in files under `dir` (one per device id).
+    /// Default: [`default_state_dir`].
     pub fn storage_dir(mut self, dir: impl AsRef<Path>) -> Self {
         self.storage_dir = Some(dir.as_ref().to_path_buf());
+        self.storage = None;
         self
     }
     /// Keep durable state in a custom store.
     pub fn storage(mut self, s: Arc<dyn Storage>) -> Self {
         self.storage = Some(s);
+        self.storage_dir = None;
         self
+    }
+    /// Keep state in memory only: it survives reconnects, not restarts.
+    pub fn memory_storage(self) -> Self {
+        self.storage(Arc::new(MemoryStorage::default()))
     }
     /// Seed for backoff jitter and message-id nonces (random by default).
     pub fn seed(mut self, seed: u64) -> Self {
@@ -229,12 +236,12 @@ impl ClientBuilder {
         if self.cfg.device_id.is_empty() {
             return Err(Error::Config("device_id must not be empty".into()));
         }
-        let storage: Arc<dyn Storage> = match (self.storage, &self.storage_dir) {
-            (Some(s), _) => s,
-            (None, Some(dir)) => {
-                Arc::new(FileStorage::in_dir(dir, &self.cfg.device_id).map_err(|e| Error::Storage(e.to_string()))?)
+        let storage: Arc<dyn Storage> = match self.storage {
+            Some(s) => s,
+            None => {
+                let dir = self.storage_dir.clone().unwrap_or_else(default_state_dir);
+                Arc::new(FileStorage::in_dir(&dir, &self.cfg.device_id).map_err(|e| Error::Storage(e.to_string()))?)
             }
-            (None, None) => Arc::new(MemoryStorage::default()),
         };
         let snapshot = storage.load().map_err(|e| Error::Storage(e.to_string()))?;
         let seed = self.seed.unwrap_or_else(random_seed);
@@ -264,6 +271,17 @@ impl ClientBuilder {
             }),
         })
     }
+}
+
+/// Where client state lives by default: `$FERRY_CLIENT_STATE_DIR`, else
+/// `$XDG_STATE_HOME/ferry-client`, else `~/.local/state/ferry-client`, else
+/// `./.ferry-client`. One JSON file per device id.
+pub fn default_state_dir() -> std::path::PathBuf {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    env("FERRY_CLIENT_STATE_DIR")
+        .or_else(|| env("XDG_STATE_HOME").map(|p| p.join("ferry-client")))
+        .or_else(|| env("HOME").map(|p| p.join(".local/state/ferry-client")))
+        .unwrap_or_else(|| std::path::PathBuf::from(".ferry-client"))
 }
 
 fn random_seed() -> u64 {

@@ -51,9 +51,14 @@ async fn next_pub(sub: &mut ferry_client::Subscription) -> ferry_client::Publica
 #[tokio::test]
 async fn publish_subscribe_history_presence() {
     let srv = server_at(temp("basic"), "127.0.0.1:0").await;
-    let alice = Client::builder(&srv.url).token("alice").device_id("a1").build().unwrap();
-    let bob =
-        Client::builder(&srv.url).token("bob").device_id("b1").encoding(ferry_client::Encoding::Json).build().unwrap();
+    let alice = Client::builder(&srv.url).token("alice").device_id("a1").memory_storage().build().unwrap();
+    let bob = Client::builder(&srv.url)
+        .token("bob")
+        .device_id("b1")
+        .encoding(ferry_client::Encoding::Json)
+        .memory_storage()
+        .build()
+        .unwrap();
     let mut room = bob.subscribe("chat:1", Qos::ExactlyOnce).await.unwrap();
     bob.connect();
     alice.connect();
@@ -162,7 +167,7 @@ async fn outbox_survives_process_restart_and_server_outage() {
 #[tokio::test]
 async fn state_watch_and_network_change() {
     let srv = server_at(temp("state"), "127.0.0.1:0").await;
-    let c = Client::builder(&srv.url).device_id("d").build().unwrap();
+    let c = Client::builder(&srv.url).device_id("d").memory_storage().build().unwrap();
     let mut st = c.state();
     assert_eq!(*st.borrow(), ConnectionState::Idle);
     c.connect();
@@ -178,4 +183,29 @@ async fn state_watch_and_network_change() {
     let d = c.disconnects().borrow().clone().unwrap();
     assert_eq!((d.code, d.reconnect), (3000, true), "{d:?}");
     c.close(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn state_is_kept_in_files_by_default() {
+    let dir = temp("default-dir");
+    // The other tests in this binary choose their storage explicitly.
+    std::env::set_var("FERRY_CLIENT_STATE_DIR", &dir);
+    assert_eq!(ferry_client::default_state_dir(), dir);
+    let c = Client::builder("ws://127.0.0.1:9/ws").device_id("dev:1").build().unwrap();
+    c.connect();
+    // Publishing while unreachable puts the message in the durable outbox.
+    let c2 = c.clone();
+    let pending = tokio::spawn(async move { c2.publish("ch:1", b"x".to_vec(), Qos::AtLeastOnce).await });
+    let deadline = tokio::time::Instant::now() + T;
+    while c.unacked().await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = c.close(Duration::from_millis(10)).await;
+    assert_eq!(report.unacked.len(), 1);
+    let _ = pending.await;
+    let file = dir.join("ferry-client-dev_1.json");
+    let saved: ferry_client::Snapshot = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(saved.outbox.len(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }

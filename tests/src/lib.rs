@@ -97,6 +97,9 @@ pub fn builder(url: &str, user: &str, device: &str, seed: u64) -> ClientBuilder 
         .seed(seed)
         .backoff(Duration::from_millis(20), Duration::from_millis(300))
         .outbox_limits(10_000, 64 << 20, Duration::from_secs(3600))
+        // Tests that model app restarts pass `storage_dir`; the rest keep
+        // state in memory so no run sees another's files.
+        .storage(std::sync::Arc::new(ferry_client::MemoryStorage::default()))
 }
 
 /// The next event of a subscription within `limit`; panics on timeout or
