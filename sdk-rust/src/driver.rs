@@ -265,13 +265,20 @@ impl Driver {
     }
 
     async fn drain(&mut self) {
+        // Frames wait here until the drain ends (or a close must follow
+        // them): one storage write covers the whole burst.
+        let mut pending: Vec<(ConnId, Vec<u8>)> = Vec::new();
         for _ in 0..1_000_000 {
             let now = self.now();
             match self.session.poll_output(now) {
                 Output::Timeout(t) => {
                     self.deadline = t;
-                    self.save();
-                    return;
+                    if pending.is_empty() {
+                        self.save();
+                        return;
+                    }
+                    self.flush(&mut pending).await;
+                    // A failed write may have produced more work.
                 }
                 Output::Open { conn } => {
                     let url = self.url.clone();
@@ -282,30 +289,9 @@ impl Driver {
                         let _ = tx.send((conn, r));
                     });
                 }
-                Output::Transmit { conn, data } => {
-                    self.save();
-                    let text = self.enc.is_text();
-                    let failed = match &mut self.ws {
-                        Some((c, ws)) if *c == conn => {
-                            let msg = if text {
-                                Message::Text(String::from_utf8(data).unwrap_or_default().into())
-                            } else {
-                                Message::Binary(data.into())
-                            };
-                            !matches!(tokio::time::timeout(WRITE_TIMEOUT, ws.send(msg)).await, Ok(Ok(())))
-                        }
-                        _ => false,
-                    };
-                    if failed {
-                        self.ws = None;
-                        let now = self.now();
-                        self.session.handle_input(
-                            now,
-                            Input::TransportClosed { conn, code: None, reason: "write failed".into() },
-                        );
-                    }
-                }
+                Output::Transmit { conn, data } => pending.push((conn, data)),
                 Output::Close { conn, code, reason } => {
+                    self.flush(&mut pending).await;
                     if matches!(&self.ws, Some((c, _)) if *c == conn) {
                         if let Some((_, mut ws)) = self.ws.take() {
                             let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
@@ -321,6 +307,42 @@ impl Driver {
                 }
                 Output::Event(e) => self.on_event(e),
             }
+        }
+    }
+
+    /// Save durable state, then write the pending frames in order: state
+    /// first, so an ack or publish is never ahead of what a restart knows.
+    async fn flush(&mut self, pending: &mut Vec<(ConnId, Vec<u8>)>) {
+        if pending.is_empty() {
+            return;
+        }
+        self.save();
+        let text = self.enc.is_text();
+        let mut failed = None;
+        if let Some((c, ws)) = &mut self.ws {
+            let write = async {
+                for (conn, data) in pending.drain(..) {
+                    if conn != *c {
+                        continue;
+                    }
+                    let msg = if text {
+                        Message::Text(String::from_utf8(data).unwrap_or_default().into())
+                    } else {
+                        Message::Binary(data.into())
+                    };
+                    ws.feed(msg).await?;
+                }
+                ws.flush().await
+            };
+            if !matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(()))) {
+                failed = Some(*c);
+            }
+        }
+        pending.clear();
+        if let Some(conn) = failed {
+            self.ws = None;
+            let now = self.now();
+            self.session.handle_input(now, Input::TransportClosed { conn, code: None, reason: "write failed".into() });
         }
     }
 
