@@ -167,7 +167,8 @@ pub struct Limits {
     pub ack_timeout_ms: u64,
     /// Bytes waiting for one connection's socket before it is dropped as slow.
     pub max_queued_bytes: usize,
-    /// Publications queued from fan-out to one connection before it is dropped as slow.
+    /// Live publications queued from fan-out to one connection; beyond it the
+    /// live copies are dropped and the connection catches up from the store.
     pub fanout_queue: usize,
     /// Payloads at least this large are compressed for clients that agree (0 = off).
     pub compress_min: u32,

@@ -157,8 +157,6 @@ pub struct HubStats {
     pub stored: AtomicU64,
     /// Duplicate publishes answered from the dedup table.
     pub duplicates: AtomicU64,
-    /// Connections dropped because their fan-out queue was full.
-    pub slow_consumers: AtomicU64,
 }
 
 /// Shared server state.
