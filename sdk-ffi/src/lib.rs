@@ -1,0 +1,1 @@
+//! Ferry mobile SDK through UniFFI (work in progress, issue 7).

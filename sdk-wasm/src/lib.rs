@@ -1,0 +1,1 @@
+//! Ferry browser and mini-program SDK (work in progress, issue 6).
