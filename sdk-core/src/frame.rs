@@ -420,6 +420,10 @@ pub struct Connected {
     pub subs: Vec<SubscribeResult>,
     /// Server wall time, Unix milliseconds.
     pub time_ms: u64,
+    /// Channels the connection token asks this client to subscribe to;
+    /// the client subscribes to those it has no subscription for yet.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
 }
 
 /// Result of one restored subscription in `connect`.

@@ -189,6 +189,8 @@ pub struct Accept {
     pub subs: Vec<Result<StreamStart, ErrorReply>>,
     /// Server wall time, Unix milliseconds.
     pub time_ms: u64,
+    /// Channels the client should subscribe to (the token's channel list).
+    pub subscribe: Vec<String>,
 }
 
 /// Where a subscription's delivery starts.
@@ -520,6 +522,7 @@ impl ServerSession {
             expires_in_ms: a.expires_in.map(ms),
             subs: results,
             time_ms: a.time_ms,
+            subscribe: a.subscribe,
         };
         self.reply_ok(req, ReplyBody::Connected(connected));
         for (ch, start) in starts {

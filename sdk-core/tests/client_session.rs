@@ -52,6 +52,7 @@ fn connected(subs: Vec<SubscribeResult>) -> ReplyBody {
         expires_in_ms: None,
         subs,
         time_ms: 0,
+        subscribe: vec![],
     })
 }
 
@@ -252,4 +253,45 @@ fn own_compression_threshold_is_never_below_the_servers() {
     assert!(!publish_z(Some(10_000), 5_000), "the client's higher threshold applies");
     assert!(publish_z(Some(10_000), 20_000));
     assert!(!publish_z(Some(1), 40), "never below the server's");
+}
+
+#[test]
+fn token_channels_in_connected_become_subscriptions() {
+    let mut cfg = ClientConfig::new("dev");
+    cfg.encoding = Encoding::Json;
+    let mut s = ClientSession::new(cfg, 1);
+    let t = Instant(0);
+    s.subscribe(t, "mine", Qos::ExactlyOnce);
+    s.connect(t);
+    let conn = drain(&mut s, t).opened.expect("asks to open");
+    s.handle_input(t, Input::TransportOpened { conn });
+    let id = match &drain(&mut s, t).frames[..] {
+        [ClientFrame::Request { id, cmd: Command::Connect(_) }] => *id,
+        other => panic!("{other:?}"),
+    };
+    let mine = Subscribed {
+        channel: "mine".into(),
+        qos: Qos::ExactlyOnce,
+        epoch: "e".into(),
+        top: 0,
+        from: 1,
+        recovered: true,
+    };
+    let ReplyBody::Connected(mut c) = connected(vec![SubscribeResult::Ok(mine)]) else { unreachable!() };
+    c.subscribe = vec!["feed:news".into(), "mine".into()];
+    let o = server_says(&mut s, conn, t, &[reply(id, ReplyBody::Connected(c))]);
+    // Only the channel the app did not have is subscribed, at the default QoS;
+    // the app's own subscription keeps its QoS 2.
+    let subs: Vec<_> = o
+        .frames
+        .iter()
+        .filter_map(|f| match f {
+            ClientFrame::Request { cmd: Command::Subscribe(r), .. } => Some((r.channel.clone(), r.qos)),
+            ClientFrame::Request { cmd: Command::Unsubscribe { channel }, .. } => panic!("unsubscribed {channel}"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(subs, vec![("feed:news".to_string(), Qos::AtLeastOnce)]);
+    // It is durable like any subscription: a restored session asks for it again.
+    assert!(s.snapshot().subs.iter().any(|x| x.channel == "feed:news" && x.qos == Qos::AtLeastOnce));
 }

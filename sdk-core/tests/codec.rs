@@ -202,6 +202,7 @@ prop_compose! {
         expires_in_ms in prop::option::of(any::<u64>()),
         subs in prop::collection::vec(subscribe_result(), 0..3),
         time_ms in any::<u64>(),
+        subscribe in prop::collection::vec(text(), 0..3),
     ) -> Connected {
         Connected {
             client,
@@ -212,6 +213,7 @@ prop_compose! {
             expires_in_ms,
             subs,
             time_ms,
+            subscribe,
         }
     }
 }

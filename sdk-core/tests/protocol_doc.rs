@@ -438,6 +438,7 @@ fn connected() -> Connected {
         expires_in_ms: Some(5),
         subs: vec![SubscribeResult::Ok(subscribed())],
         time_ms: 6,
+        subscribe: vec!["feed:news".into()],
     }
 }
 

@@ -91,6 +91,7 @@ fn live_with(c: ServerConfig, enc: Encoding, subs: Vec<(SubscribeRequest, Stream
         expires_in: None,
         subs: subs.into_iter().map(|x| Ok(x.1)).collect(),
         time_ms: 0,
+        subscribe: vec![],
     };
     s.accept(t0, 1, accept);
     let d = drain(&mut s, t0);
@@ -361,6 +362,7 @@ fn slow_reader_is_disconnected_instead_of_growing_memory() {
         expires_in: None,
         subs: vec![Ok(start(0, 1, Qos::AtMostOnce))],
         time_ms: 0,
+        subscribe: vec![],
     };
     s.accept(t0, 1, accept);
     // The host delivers but never drains (the socket is not writable).
@@ -389,7 +391,7 @@ fn subscribe_limits_and_duplicates() {
     s.accept(
         t0,
         1,
-        Accept { client: ClientInfo::default(), expires_in: Some(Duration::from_secs(5)), subs: vec![], time_ms: 0 },
+        Accept { client: ClientInfo::default(), expires_in: Some(Duration::from_secs(5)), subs: vec![], time_ms: 0, subscribe: vec![] },
     );
     drain(&mut s, t0);
     let sub = |ch: &str| {

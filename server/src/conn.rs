@@ -422,7 +422,17 @@ impl Conn {
             subs.push(r);
         }
         self.handle = Some(handle);
-        self.session.accept(now, req, Accept { client: info, expires_in, subs, time_ms: now_ms() });
+        // The token's channels, for the client to subscribe to: valid names
+        // only, and no more than one connection may hold.
+        let max = self.hub.config().limits.max_subscriptions;
+        let subscribe: Vec<String> = id
+            .channels
+            .iter()
+            .filter(|c| crate::channel::validate(c).is_ok() && !connect.subs.iter().any(|s| &s.channel == *c))
+            .take(max)
+            .cloned()
+            .collect();
+        self.session.accept(now, req, Accept { client: info, expires_in, subs, time_ms: now_ms(), subscribe });
     }
 
     fn on_call(&mut self, req: u32, cmd: Command) {

@@ -207,3 +207,37 @@ async fn private_channels_need_a_subscription_token_or_a_grant() {
     ok.sort();
     assert_eq!(ok, ["vip:granted", "vip:ok"]);
 }
+
+#[tokio::test]
+async fn token_channels_are_subscribed_on_connect() {
+    let srv = TestServer::start(config(AuthConfig { hmac_secret: Some(SECRET.into()), ..AuthConfig::default() })).await;
+    let token = sign_hs256(
+        SECRET,
+        &Claims { channels: vec!["feed:news".into(), "bad name".into(), "#user:bob".into()], ..claims("bob", 60) },
+    )
+    .unwrap();
+    // Bob's app never calls subscribe: the token's channels are enough.
+    let mut bob = TestClient::new(&srv.url(), TestClient::config("b", &token, Encoding::Binary));
+    bob.connect().await;
+    let subscribed = |c: &TestClient| {
+        let mut chans: Vec<&str> = c
+            .events
+            .iter()
+            .filter_map(|e| if let Event::Subscribed { channel, .. } = e { Some(channel.as_str()) } else { None })
+            .collect();
+        chans.sort();
+        chans == ["#user:bob", "feed:news"]
+    };
+    assert!(bob.run_until(T, subscribed).await, "events: {:?}", bob.events);
+    let alice_token = sign_hs256(SECRET, &claims("alice", 60)).unwrap();
+    let mut alice = TestClient::new(&srv.url(), TestClient::config("a", &alice_token, Encoding::Json));
+    alice.connect().await;
+    assert!(alice.connected().await);
+    for i in 0..3u8 {
+        alice.publish("feed:news", vec![i], ferry_core::frame::Qos::AtLeastOnce).await;
+    }
+    assert!(bob.run_until(T, |c| c.offsets("feed:news").len() == 3).await);
+    assert_eq!(bob.offsets("feed:news"), vec![1, 2, 3]);
+    // An ordinary subscription: durable, so a restored session resubscribes it itself.
+    assert!(bob.session.snapshot().subs.iter().any(|s| s.channel == "feed:news"));
+}

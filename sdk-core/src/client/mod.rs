@@ -97,6 +97,9 @@ pub struct ClientConfig {
     pub max_message_size: usize,
     /// Retry delay after a temporary publish error.
     pub retry_delay: Duration,
+    /// QoS of the subscriptions the server asks for in `connected.subscribe`
+    /// (the token's channel list); the namespace may grant less.
+    pub auto_subscribe_qos: Qos,
 }
 
 impl ClientConfig {
@@ -125,6 +128,7 @@ impl ClientConfig {
             refresh_margin: Duration::from_secs(30),
             max_message_size: codec::DEFAULT_MAX_MESSAGE_SIZE,
             retry_delay: Duration::from_secs(1),
+            auto_subscribe_qos: Qos::AtLeastOnce,
         }
     }
 }
@@ -1257,6 +1261,14 @@ impl ClientSession {
             match r {
                 SubscribeResult::Ok(s) => self.on_subscribed(s),
                 SubscribeResult::Error { channel, error } => self.on_subscribe_error(now, channel, error),
+            }
+        }
+        // Design: the token's channels become ordinary client subscriptions
+        // (persisted, recovered, acked like any other) rather than a second,
+        // server-side kind; a channel the app already has keeps its QoS.
+        for ch in c.subscribe {
+            if !self.subs.contains_key(&ch) {
+                self.subscribe(now, &ch, self.cfg.auto_subscribe_qos);
             }
         }
         // Subscriptions the server did not answer for (or added meanwhile).

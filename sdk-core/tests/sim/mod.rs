@@ -726,7 +726,7 @@ impl Sim {
                 }
                 let client = ClientInfo { client: format!("c{link}"), user: connect.device_id.clone(), info: None };
                 let time_ms = self.hub.clock_ms;
-                self.server(link).accept(now, req, Accept { client, expires_in, subs, time_ms });
+                self.server(link).accept(now, req, Accept { client, expires_in, subs, time_ms, subscribe: vec![] });
             }
             ServerEvent::Subscribe { req, sub } => {
                 if sub.channel.starts_with("forbidden") {
