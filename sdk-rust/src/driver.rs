@@ -32,6 +32,7 @@ type Subscribers = Vec<(u64, mpsc::UnboundedSender<SubscriptionEvent>)>;
 
 pub(crate) struct Driver {
     url: String,
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     enc: ferry_core::codec::Encoding,
     session: ClientSession,
     storage: Arc<dyn Storage>,
@@ -57,6 +58,7 @@ impl Driver {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         url: String,
+        tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
         cfg: ClientConfig,
         seed: u64,
         snapshot: Option<Snapshot>,
@@ -79,6 +81,7 @@ impl Driver {
         let (opened, opened_rx) = mpsc::unbounded_channel();
         Driver {
             url,
+            tls,
             enc,
             session,
             storage,
@@ -282,10 +285,11 @@ impl Driver {
                 }
                 Output::Open { conn } => {
                     let url = self.url.clone();
+                    let tls = self.tls.clone();
                     let proto = self.enc.subprotocol();
                     let tx = self.opened.clone();
                     tokio::spawn(async move {
-                        let r = open(&url, proto).await;
+                        let r = open(&url, tls, proto).await;
                         let _ = tx.send((conn, r));
                     });
                 }
@@ -441,10 +445,35 @@ fn call_error(e: CallError) -> Error {
     }
 }
 
-async fn open(url: &str, proto: &str) -> Result<Ws, String> {
+/// The TLS client for `wss://`: public web roots plus `extra_pem`.
+pub(crate) fn tls_config(extra_pem: &[u8]) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if !extra_pem.iter().all(u8::is_ascii_whitespace) {
+        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(extra_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("tls root certificates: {e}"))?;
+        if certs.is_empty() {
+            return Err("tls root certificates: no certificate in the PEM text".into());
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| format!("tls root certificates: {e}"))?;
+        }
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+async fn open(url: &str, tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>, proto: &str) -> Result<Ws, String> {
     let mut req = url.into_client_request().map_err(|e| e.to_string())?;
     req.headers_mut().insert("Sec-WebSocket-Protocol", proto.parse().map_err(|_| "bad subprotocol".to_string())?);
-    let connect = tokio_tungstenite::connect_async_with_config(req, None, true);
+    let connector = tls.map(tokio_tungstenite::Connector::Rustls);
+    let connect = tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector);
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok((ws, resp))) => {
             let agreed = resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok());

@@ -144,6 +144,7 @@ pub struct ClientBuilder {
     storage: Option<Arc<dyn Storage>>,
     storage_dir: Option<std::path::PathBuf>,
     seed: Option<u64>,
+    extra_roots: Vec<u8>,
 }
 
 impl ClientBuilder {
@@ -218,6 +219,13 @@ impl ClientBuilder {
     pub fn memory_storage(self) -> Self {
         self.storage(Arc::new(MemoryStorage::default()))
     }
+    /// Trust the certificates in this PEM text for `wss://`, beside the
+    /// public web roots (for a private CA or a test certificate).
+    pub fn tls_root_certificates_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.extra_roots.extend_from_slice(pem.as_ref());
+        self.extra_roots.push(b'\n');
+        self
+    }
     /// Seed for backoff jitter and message-id nonces (random by default).
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -243,6 +251,11 @@ impl ClientBuilder {
                 Arc::new(FileStorage::in_dir(&dir, &self.cfg.device_id).map_err(|e| Error::Storage(e.to_string()))?)
             }
         };
+        let tls = if self.url.starts_with("wss://") {
+            Some(driver::tls_config(&self.extra_roots).map_err(Error::Config)?)
+        } else {
+            None
+        };
         let snapshot = storage.load().map_err(|e| Error::Storage(e.to_string()))?;
         let seed = self.seed.unwrap_or_else(random_seed);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -252,6 +265,7 @@ impl ClientBuilder {
             .map_err(|_| Error::Config("build() must run inside a tokio runtime".into()))?;
         let driver = driver::Driver::new(
             self.url,
+            tls,
             self.cfg,
             seed,
             snapshot,
@@ -339,6 +353,7 @@ impl Client {
             storage: None,
             storage_dir: None,
             seed: None,
+            extra_roots: Vec::new(),
         }
     }
 

@@ -25,6 +25,9 @@ pub struct Config {
     pub api: ApiConfig,
     /// Callbacks to the business backend; off without a URL.
     pub webhooks: WebhookConfig,
+    /// TLS for the listener (off without `cert` and `key`) and trust for
+    /// outgoing HTTPS.
+    pub tls: TlsConfig,
     /// Browser origins allowed to connect (exact `scheme://host[:port]`);
     /// empty = any. Connections without an Origin header are not browsers
     /// and are always allowed.
@@ -48,12 +51,36 @@ impl Default for Config {
             auth: AuthConfig::default(),
             api: ApiConfig::default(),
             webhooks: WebhookConfig::default(),
+            tls: TlsConfig::default(),
             allowed_origins: Vec::new(),
             allow_anonymous: true,
             presence_grace_ms: 5_000,
             limits: Limits::default(),
             namespaces: BTreeMap::new(),
         }
+    }
+}
+
+/// TLS settings.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first. With `key`, the WebSocket port
+    /// serves `wss://` (and `https://` for health and metrics).
+    pub cert: Option<PathBuf>,
+    /// PEM private key of the certificate.
+    pub key: Option<PathBuf>,
+    /// Serve the backend API over TLS too, with the same certificate.
+    pub api: bool,
+    /// Extra root certificates (PEM) trusted for outgoing HTTPS (webhooks,
+    /// JWKS) beside the public web roots, e.g. a company CA.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether the listener serves TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() && self.key.is_some()
     }
 }
 
@@ -334,6 +361,11 @@ impl Config {
                 "api.keys must be set when the API listens beyond loopback ({addr})"
             );
         }
+        anyhow::ensure!(
+            self.tls.cert.is_some() == self.tls.key.is_some(),
+            "tls.cert and tls.key go together: set both for TLS, or neither"
+        );
+        anyhow::ensure!(!self.tls.api || self.tls.enabled(), "tls.api needs tls.cert and tls.key");
         for (name, ns) in &self.namespaces {
             anyhow::ensure!(ns.max_qos <= 2, "namespaces.{name}.max_qos must be 0, 1 or 2");
             anyhow::ensure!(ns.history_size > 0, "namespaces.{name}.history_size must be positive");

@@ -23,6 +23,7 @@ pub mod hub;
 pub mod metrics;
 pub mod presence;
 pub mod store;
+pub mod tls;
 pub mod webhooks;
 
 use std::future::Future;
@@ -86,6 +87,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     cfg.check()?;
+    // Certificates are read before anything starts, so a bad path fails fast.
+    let tls = match (&cfg.tls.cert, &cfg.tls.key) {
+        (Some(c), Some(k)) => Some(tls::server_config(c, k)?),
+        _ => None,
+    };
     let mut store = RedbStore::open(&cfg.data_dir)?;
     let store_closed = store.on_close();
     let hub = Hub::start(Arc::new(cfg), Arc::new(store))?;
@@ -95,7 +101,12 @@ pub async fn serve(
     let api_task = api.map(|l| {
         let router = api::router(hub.clone(), hub.config().api.keys.clone());
         let mut stop = stop_rx.clone();
+        let l = match &tls {
+            Some(t) if hub.config().tls.api => tls::Listener::tls(l, t.clone()),
+            _ => tls::Listener::plain(l),
+        };
         tokio::spawn(async move {
+            let Ok(l) = l else { return };
             let _ = axum::serve(l, router)
                 .with_graceful_shutdown(async move {
                     let _ = stop.changed().await;
@@ -105,11 +116,12 @@ pub async fn serve(
     });
     let rate = Arc::new(IpRate::default());
     let app = router(AppState { rate, hub, shutdown: stop_rx, live: live.clone() });
-    // Small frames (acks, pings, replies) must not wait for Nagle.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+    let listener = match &tls {
+        Some(t) => tls::Listener::tls(listener, t.clone())?,
+        None => tls::Listener::plain(listener)?,
+    };
+    // tap_io: axum provides ConnectInfo<SocketAddr> for tapped listeners.
+    axum::serve(listener.tap_io(|_| {}), app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(async move {
             shutdown.await;
             let _ = stop_tx.send(true);

@@ -104,6 +104,11 @@ async fn main() -> anyhow::Result<()> {
         Cmd::CheckConfig { config } => {
             let cfg = load(&config)?;
             ferry_server::auth::Auth::from_config(&cfg.auth, cfg.allow_anonymous)?;
+            // Certificates and keys are read now, not at the first connection.
+            if let (Some(c), Some(k)) = (&cfg.tls.cert, &cfg.tls.key) {
+                ferry_server::tls::server_config(c, k)?;
+            }
+            ferry_server::tls::client_config(cfg.tls.ca_file.as_deref())?;
             println!("{}: ok", config.display());
             Ok(())
         }
@@ -151,13 +156,15 @@ async fn main() -> anyhow::Result<()> {
             // Write errors are ignored: a closed stdout must not stop a server.
             use std::io::Write;
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "ferry listening on ws://{addr}/ws (health: http://{addr}/healthz)");
+            let (ws, http) = if cfg.tls.enabled() { ("wss", "https") } else { ("ws", "http") };
+            let _ = writeln!(out, "ferry listening on {ws}://{addr}/ws (health: {http}://{addr}/healthz)");
+            let api_http = if cfg.tls.api { "https" } else { "http" };
             let _ = writeln!(
                 out,
                 "api: {} | data: {} | anonymous access: {} | auth: {}",
                 match api_addr {
-                    Some(a) if cfg.api.keys.is_empty() => format!("http://{a}/api (no key: loopback only)"),
-                    Some(a) => format!("http://{a}/api"),
+                    Some(a) if cfg.api.keys.is_empty() => format!("{api_http}://{a}/api (no key: loopback only)"),
+                    Some(a) => format!("{api_http}://{a}/api"),
                     None => "off".into(),
                 },
                 cfg.data_dir.display(),
@@ -203,6 +210,12 @@ hmac_secret = "{hmac}"
 # algorithms = ["HS256"]         # pinned; default: those with a key
 leeway_secs = 5
 require_exp = true
+
+[tls]                            # off unless cert and key are set
+# cert = "/etc/ferry/fullchain.pem" # PEM chain, leaf first: the port serves wss:// and https://
+# key = "/etc/ferry/privkey.pem"
+# api = false                    # serve the API over TLS too
+# ca_file = "/etc/ferry/company-ca.pem" # extra roots for outgoing HTTPS (webhooks, JWKS)
 
 [api]                            # backend HTTP API
 listen = "127.0.0.1:8001"

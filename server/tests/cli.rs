@@ -87,3 +87,24 @@ fn token_command_signs_a_token_the_server_accepts() {
     assert_eq!(id.user, "42");
     assert!(id.expires_at.is_some());
 }
+
+#[test]
+fn check_config_reads_the_tls_files() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+    let good = temp_file("tls-good.toml", &format!("[tls]\ncert = \"{dir}/server.pem\"\nkey = \"{dir}/server.key\"\n"));
+    let out = ferry().arg("check-config").arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let half = temp_file("tls-half.toml", &format!("[tls]\ncert = \"{dir}/server.pem\"\n"));
+    let out = ferry().arg("check-config").arg(&half).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tls.cert and tls.key go together"));
+    let missing = temp_file("tls-missing.toml", "[tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n");
+    let out = ferry().arg("check-config").arg(&missing).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/c.pem"));
+    // A key that is not a key: refused with the field named.
+    let wrong = temp_file("tls-wrong.toml", &format!("[tls]\ncert = \"{dir}/server.pem\"\nkey = \"{dir}/ca.pem\"\n"));
+    let out = ferry().arg("check-config").arg(&wrong).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tls.key"), "{}", String::from_utf8_lossy(&out.stderr));
+}
