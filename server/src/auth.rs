@@ -1,6 +1,9 @@
-//! Connection authentication: JWT (HS256, RS256, ES256) with pinned
-//! algorithms, or a development mode where the token is the user id.
+//! Connection authentication: JWT (HS256, RS256, ES256; keys from the
+//! config and/or a JWKS URL) with pinned algorithms, or a development mode
+//! where the token is the user id.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::frame::{Bytes, ErrorReply};
@@ -53,7 +56,102 @@ enum Mode {
     Jwt {
         keys: Vec<(Algorithm, DecodingKey)>,
         validation: Box<Validation>,
+        jwks: Option<Arc<Jwks>>,
     },
+}
+
+/// Keys fetched from a JWKS URL, by key id, refreshed in the background.
+pub struct Jwks {
+    url: crate::http_client::Url,
+    http: crate::http_client::HttpClient,
+    allowed: Vec<Algorithm>,
+    refresh: Duration,
+    keys: std::sync::RwLock<HashMap<String, (Algorithm, DecodingKey)>>,
+    wake: tokio::sync::Notify,
+}
+
+/// Unknown key ids trigger at most one fetch this often.
+const JWKS_MIN_GAP: Duration = Duration::from_secs(5);
+/// Largest JWKS document accepted.
+const JWKS_MAX_BYTES: usize = 1 << 20;
+
+impl Jwks {
+    /// Fetch the set once; keeps the previous keys when it fails.
+    pub async fn fetch(&self) -> Result<usize, String> {
+        let r = self
+            .http
+            .request("GET", &self.url, &[("Accept", "application/json")], b"", Duration::from_secs(10), JWKS_MAX_BYTES)
+            .await?;
+        if r.status != 200 {
+            return Err(format!("HTTP {}", r.status));
+        }
+        let set: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_slice(&r.body).map_err(|e| format!("not a JWK set: {e}"))?;
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            let Some(kid) = &jwk.common.key_id else { continue };
+            // Symmetric keys are never taken from a URL, and a key only ever
+            // verifies its own algorithm: no key confusion.
+            let alg = match (&jwk.common.key_algorithm, &jwk.algorithm) {
+                (_, jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)) => continue,
+                (Some(ka), _) => match ka.to_string().parse::<Algorithm>() {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                },
+                (None, jsonwebtoken::jwk::AlgorithmParameters::RSA(_)) => Algorithm::RS256,
+                (None, jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(p)) => match p.curve {
+                    jsonwebtoken::jwk::EllipticCurve::P256 => Algorithm::ES256,
+                    jsonwebtoken::jwk::EllipticCurve::P384 => Algorithm::ES384,
+                    _ => continue,
+                },
+                (None, jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_)) => Algorithm::EdDSA,
+            };
+            if matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) || !self.allowed.contains(&alg) {
+                continue;
+            }
+            match DecodingKey::from_jwk(jwk) {
+                Ok(k) => {
+                    keys.insert(kid.clone(), (alg, k));
+                }
+                Err(e) => tracing::warn!(kid, "JWKS key skipped: {e}"),
+            }
+        }
+        let n = keys.len();
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        Ok(n)
+    }
+
+    /// Refetch every `refresh`, and soon after an unknown key id was seen.
+    pub async fn run(self: Arc<Self>) {
+        let mut last = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(last + self.refresh) => {}
+                _ = self.wake.notified() => {
+                    tokio::time::sleep_until(last + JWKS_MIN_GAP).await;
+                }
+            }
+            last = tokio::time::Instant::now();
+            match self.fetch().await {
+                Ok(n) => tracing::debug!(keys = n, "JWKS refreshed"),
+                Err(e) => tracing::warn!(url = %self.url.path, "JWKS refresh failed (keeping the old keys): {e}"),
+            }
+        }
+    }
+
+    fn get(&self, kid: &str) -> Option<(Algorithm, DecodingKey)> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).get(kid).cloned()
+    }
+
+    fn by_alg(&self, alg: Algorithm) -> Vec<DecodingKey> {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|(a, _)| *a == alg)
+            .map(|(_, k)| k.clone())
+            .collect()
+    }
 }
 
 /// The verifier built from the `[auth]` config.
@@ -72,8 +170,18 @@ fn pem(v: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 impl Auth {
-    /// Build from config; JWT mode when any key is configured.
+    /// Build from config; JWT mode when any key or a JWKS URL is configured.
     pub fn from_config(c: &AuthConfig, allow_anonymous: bool) -> anyhow::Result<Auth> {
+        Auth::from_config_with(c, allow_anonymous, None)
+    }
+
+    /// Like [`Auth::from_config`], fetching the JWKS with `http` (default:
+    /// the public web roots only). Start [`Auth::jwks`]'s `run` to refresh.
+    pub fn from_config_with(
+        c: &AuthConfig,
+        allow_anonymous: bool,
+        http: Option<crate::http_client::HttpClient>,
+    ) -> anyhow::Result<Auth> {
         let mut keys = Vec::new();
         if let Some(secret) = &c.hmac_secret {
             anyhow::ensure!(secret.len() >= 32, "auth.hmac_secret must be at least 32 bytes");
@@ -85,7 +193,8 @@ impl Auth {
         if let Some(k) = &c.ec_public_key {
             keys.push((Algorithm::ES256, DecodingKey::from_ec_pem(&pem(k)?)?));
         }
-        if keys.is_empty() {
+        let jwks_url = c.jwks_url.as_deref().filter(|u| !u.is_empty());
+        if keys.is_empty() && jwks_url.is_none() {
             return Ok(Auth { mode: Mode::Dev, allow_anonymous });
         }
         // Pinned: only the configured algorithms, each with its own key
@@ -95,20 +204,152 @@ impl Auth {
                 .iter()
                 .map(|a| a.parse::<Algorithm>().map_err(|_| anyhow::anyhow!("auth.algorithms: unknown {a}")))
                 .collect::<Result<_, _>>()?,
-            None => keys.iter().map(|(a, _)| *a).collect(),
+            None => {
+                let mut a: Vec<Algorithm> = keys.iter().map(|(a, _)| *a).collect();
+                if jwks_url.is_some() {
+                    for x in [Algorithm::RS256, Algorithm::ES256] {
+                        if !a.contains(&x) {
+                            a.push(x);
+                        }
+                    }
+                }
+                a
+            }
         };
+        anyhow::ensure!(!allowed.is_empty(), "auth.algorithms must not be empty");
         for a in &allowed {
-            anyhow::ensure!(keys.iter().any(|(k, _)| k == a), "auth.algorithms: no key configured for {a:?}");
+            let from_jwks = jwks_url.is_some() && !matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
+            anyhow::ensure!(
+                from_jwks || keys.iter().any(|(k, _)| k == a),
+                "auth.algorithms: no key configured for {a:?}"
+            );
         }
         keys.retain(|(a, _)| allowed.contains(a));
+        let jwks = match jwks_url {
+            Some(u) => {
+                let url = crate::http_client::Url::parse(u).map_err(|e| anyhow::anyhow!("auth.jwks_url: {e}"))?;
+                let http = match http {
+                    Some(h) => h,
+                    None => crate::http_client::HttpClient::new(crate::tls::client_config(None)?),
+                };
+                Some(Arc::new(Jwks {
+                    url,
+                    http,
+                    allowed: allowed.clone(),
+                    refresh: Duration::from_secs(c.jwks_refresh_secs.max(10)),
+                    keys: Default::default(),
+                    wake: tokio::sync::Notify::new(),
+                }))
+            }
+            None => None,
+        };
         let mut validation = Validation::new(allowed[0]);
         validation.algorithms = allowed;
         validation.leeway = c.leeway_secs;
         validation.validate_exp = true;
         validation.required_spec_claims = if c.require_exp { ["exp".to_string()].into() } else { Default::default() };
-        Ok(Auth { mode: Mode::Jwt { keys, validation: Box::new(validation) }, allow_anonymous })
+        Ok(Auth { mode: Mode::Jwt { keys, validation: Box::new(validation), jwks }, allow_anonymous })
     }
 
+    /// The JWKS fetcher, when `auth.jwks_url` is set.
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        match &self.mode {
+            Mode::Jwt { jwks, .. } => jwks.as_ref(),
+            Mode::Dev => None,
+        }
+    }
+
+    /// The keys that may have signed a token with this header: the JWKS
+    /// key named by `kid`, else the configured key for the algorithm, else
+    /// (no `kid`) every JWKS key of the algorithm.
+    fn keys_for(&self, header: &Header) -> Result<Vec<DecodingKey>, KeyMiss> {
+        let Mode::Jwt { keys, jwks, validation } = &self.mode else { return Err(KeyMiss::NotAllowed) };
+        if !validation.algorithms.contains(&header.alg) {
+            return Err(KeyMiss::NotAllowed);
+        }
+        let fixed = keys.iter().find(|(a, _)| *a == header.alg).map(|(_, k)| k.clone());
+        match (jwks, &header.kid) {
+            (Some(j), Some(kid)) => match j.get(kid) {
+                Some((alg, k)) if alg == header.alg => Ok(vec![k]),
+                Some(_) => Err(KeyMiss::WrongAlgorithm),
+                None => match fixed {
+                    Some(k) => Ok(vec![k]),
+                    None => {
+                        // Perhaps a key rotated in after the last fetch.
+                        j.wake.notify_one();
+                        Err(KeyMiss::UnknownKid)
+                    }
+                },
+            },
+            (Some(j), None) => match fixed {
+                Some(k) => Ok(vec![k]),
+                None => Ok(j.by_alg(header.alg)),
+            },
+            (None, _) => fixed.map(|k| vec![k]).ok_or(KeyMiss::NotAllowed),
+        }
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, DecodeFailure> {
+        let Mode::Jwt { validation, .. } = &self.mode else { return Err(DecodeFailure::Miss(KeyMiss::NotAllowed)) };
+        let header = jsonwebtoken::decode_header(token).map_err(|_| DecodeFailure::Malformed)?;
+        let keys = self.keys_for(&header).map_err(DecodeFailure::Miss)?;
+        // Checked against the pinned list above; jsonwebtoken wants every
+        // listed algorithm to fit the key, so list just this one.
+        let mut validation = validation.as_ref().clone();
+        validation.algorithms = vec![header.alg];
+        let mut last = None;
+        for key in &keys {
+            match jsonwebtoken::decode::<T>(token, key, &validation) {
+                Ok(d) => return Ok(d.claims),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(match last {
+            Some(e) => DecodeFailure::Invalid(e),
+            None => DecodeFailure::Miss(KeyMiss::UnknownKid),
+        })
+    }
+}
+
+/// Why no key could check a token.
+enum KeyMiss {
+    NotAllowed,
+    WrongAlgorithm,
+    UnknownKid,
+}
+
+enum DecodeFailure {
+    Malformed,
+    Miss(KeyMiss),
+    Invalid(jsonwebtoken::errors::Error),
+}
+
+impl DecodeFailure {
+    fn reply(self, code: ErrorCode, what: &str) -> ErrorReply {
+        match self {
+            DecodeFailure::Malformed => ErrorReply::with_message(code, format!("malformed {what}")),
+            DecodeFailure::Miss(KeyMiss::NotAllowed) => {
+                ErrorReply::with_message(code, format!("{what} algorithm not allowed"))
+            }
+            DecodeFailure::Miss(KeyMiss::WrongAlgorithm) => {
+                ErrorReply::with_message(code, format!("{what} algorithm does not match its key"))
+            }
+            // Temporary: the key set is being refetched; a retry may pass.
+            DecodeFailure::Miss(KeyMiss::UnknownKid) => ErrorReply::with_message(
+                ErrorCode::Unavailable,
+                format!("{what} signed with an unknown key id; refreshing keys, retry"),
+            ),
+            DecodeFailure::Invalid(e) => match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature if what == "token" => {
+                    ErrorReply::with_message(ErrorCode::TokenExpired, "token expired")
+                }
+                _ => ErrorReply::with_message(code, format!("invalid {what}: {e}")),
+            },
+        }
+    }
+}
+
+impl Auth {
     /// Whether tokens are checked (else development mode).
     pub fn is_jwt(&self) -> bool {
         matches!(self.mode, Mode::Jwt { .. })
@@ -119,18 +360,8 @@ impl Auth {
         let id = match &self.mode {
             Mode::Dev => Identity { user: token.to_string(), ..Identity::default() },
             Mode::Jwt { .. } if token.is_empty() => Identity::default(),
-            Mode::Jwt { keys, validation } => {
-                let header = jsonwebtoken::decode_header(token).map_err(|_| unauthorized("malformed token"))?;
-                let Some((_, key)) = keys.iter().find(|(a, _)| *a == header.alg) else {
-                    return Err(unauthorized("token algorithm not allowed"));
-                };
-                let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
-                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
-                        ErrorReply::with_message(ErrorCode::TokenExpired, "token expired")
-                    }
-                    _ => unauthorized(&format!("invalid token: {e}")),
-                })?;
-                let c = data.claims;
+            Mode::Jwt { .. } => {
+                let c: Claims = self.decode(token).map_err(|f| f.reply(ErrorCode::Unauthorized, "token"))?;
                 Identity {
                     user: c.sub,
                     info: c.info.map(|v| Bytes(serde_json::to_vec(&v).unwrap_or_default())),
@@ -161,20 +392,15 @@ pub struct SubscriptionClaims {
 impl Auth {
     /// Check a subscription token for `user` and `channel`.
     pub fn verify_subscription(&self, token: &str, user: &str, channel: &str) -> Result<(), ErrorReply> {
-        let Mode::Jwt { keys, validation } = &self.mode else {
+        if !self.is_jwt() {
             return Err(ErrorReply::with_message(
                 ErrorCode::PermissionDenied,
                 "private channels need signed tokens (configure [auth])",
             ));
-        };
+        }
         let denied = |m: &str| ErrorReply::with_message(ErrorCode::PermissionDenied, m);
-        let header = jsonwebtoken::decode_header(token).map_err(|_| denied("malformed subscription token"))?;
-        let Some((_, key)) = keys.iter().find(|(a, _)| *a == header.alg) else {
-            return Err(denied("subscription token algorithm not allowed"));
-        };
-        let c = jsonwebtoken::decode::<SubscriptionClaims>(token, key, validation)
-            .map_err(|e| denied(&format!("invalid subscription token: {e}")))?
-            .claims;
+        let c: SubscriptionClaims =
+            self.decode(token).map_err(|f| f.reply(ErrorCode::PermissionDenied, "subscription token"))?;
         if c.sub != user || c.channel != channel {
             return Err(denied("subscription token is for another user or channel"));
         }

@@ -88,7 +88,8 @@ impl TlsConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhookConfig {
-    /// `http://host:port/path` of the receiver; empty = webhooks off.
+    /// `http://` or `https://` URL of the receiver; empty = webhooks off.
+    /// HTTPS trusts the public web roots and `tls.ca_file`.
     pub url: String,
     /// HMAC-SHA256 key for the `X-Ferry-Signature` header.
     pub secret: String,
@@ -153,6 +154,12 @@ pub struct AuthConfig {
     pub ec_public_key: Option<String>,
     /// Accepted algorithms (default: those with a key); `none` is never accepted.
     pub algorithms: Option<Vec<String>>,
+    /// URL of a JSON Web Key Set (`http(s)://`): RS256/ES256 keys chosen by
+    /// the token's `kid`, refetched every `jwks_refresh_secs` and soon after
+    /// an unknown `kid` (whose token is refused as temporary meanwhile).
+    pub jwks_url: Option<String>,
+    /// Seconds between JWKS refetches (at least 10).
+    pub jwks_refresh_secs: u64,
     /// Clock skew tolerated on `exp`, seconds.
     pub leeway_secs: u64,
     /// Refuse tokens without `exp`.
@@ -166,6 +173,8 @@ impl Default for AuthConfig {
             rsa_public_key: None,
             ec_public_key: None,
             algorithms: None,
+            jwks_url: None,
+            jwks_refresh_secs: 300,
             leeway_secs: 5,
             require_exp: true,
         }
@@ -366,6 +375,9 @@ impl Config {
             "tls.cert and tls.key go together: set both for TLS, or neither"
         );
         anyhow::ensure!(!self.tls.api || self.tls.enabled(), "tls.api needs tls.cert and tls.key");
+        if !self.webhooks.url.is_empty() {
+            crate::http_client::Url::parse(&self.webhooks.url).map_err(|e| anyhow::anyhow!("webhooks.url: {e}"))?;
+        }
         for (name, ns) in &self.namespaces {
             anyhow::ensure!(ns.max_qos <= 2, "namespaces.{name}.max_qos must be 0, 1 or 2");
             anyhow::ensure!(ns.history_size > 0, "namespaces.{name}.history_size must be positive");

@@ -388,6 +388,9 @@ impl Conn {
             Err(e) => {
                 let close = if e.code == ErrorCode::TokenExpired as u16 {
                     CloseCode::TokenExpired
+                } else if e.code == ErrorCode::Unavailable as u16 {
+                    // The key may be known after a refetch: reconnect allowed.
+                    CloseCode::ServerError
                 } else {
                     CloseCode::Unauthorized
                 };

@@ -202,10 +202,19 @@ impl Hub {
         let (tx, rx) = std::sync::mpsc::channel();
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let broker = Arc::new(LocalBroker { hub: std::sync::OnceLock::new() });
-        let webhooks = (!cfg.webhooks.url.is_empty())
-            .then(|| crate::webhooks::Webhooks::start(cfg.webhooks.clone(), metrics.clone()));
-        let auth = crate::auth::Auth::from_config(&cfg.auth, cfg.allow_anonymous)
-            .map_err(|e| crate::store::StoreError::Engine(format!("auth config: {e}")))?;
+        let config_error = |what: &str, e: anyhow::Error| crate::store::StoreError::Engine(format!("{what}: {e}"));
+        let http = crate::http_client::HttpClient::new(
+            crate::tls::client_config(cfg.tls.ca_file.as_deref()).map_err(|e| config_error("tls config", e))?,
+        );
+        let webhooks = match cfg.webhooks.url.is_empty() {
+            true => None,
+            false => Some(
+                crate::webhooks::Webhooks::start(cfg.webhooks.clone(), http.clone(), metrics.clone())
+                    .map_err(|e| config_error("webhooks config", e))?,
+            ),
+        };
+        let auth = crate::auth::Auth::from_config_with(&cfg.auth, cfg.allow_anonymous, Some(http))
+            .map_err(|e| config_error("auth config", e))?;
         let hub = Arc::new(Hub {
             auth,
             cfg,

@@ -19,6 +19,7 @@ pub mod auth;
 pub mod channel;
 pub mod config;
 pub mod conn;
+pub mod http_client;
 pub mod hub;
 pub mod metrics;
 pub mod presence;
@@ -97,6 +98,21 @@ pub async fn serve(
     let hub = Hub::start(Arc::new(cfg), Arc::new(store))?;
     let weak_hub = Arc::downgrade(&hub);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(jwks) = hub.auth().jwks().cloned() {
+        // Keys before the first connection; a failure is not fatal (the
+        // refresher retries, tokens wait for it with a reconnect code).
+        match jwks.fetch().await {
+            Ok(n) => tracing::info!(keys = n, "JWKS fetched"),
+            Err(e) => tracing::warn!("JWKS fetch failed, will retry: {e}"),
+        }
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = jwks.run() => {}
+                _ = stop.changed() => {}
+            }
+        });
+    }
     let live = Arc::new(LiveConns::default());
     let api_task = api.map(|l| {
         let router = api::router(hub.clone(), hub.config().api.keys.clone());

@@ -89,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Genconfig => {
-            print!("{}", genconfig(&secret(48)?, &secret(32)?));
+            print!("{}", genconfig(&secret(48)?, &secret(32)?, &secret(32)?));
             Ok(())
         }
         Cmd::ShowConfig { config } => {
@@ -191,7 +191,7 @@ fn secret(bytes: usize) -> anyhow::Result<String> {
     Ok(ferry_core::base64::encode(&buf).replace(['+', '/'], "_").trim_end_matches('=').to_string())
 }
 
-fn genconfig(hmac: &str, api_key: &str) -> String {
+fn genconfig(hmac: &str, api_key: &str, hook_secret: &str) -> String {
     format!(
         r#"# Ferry configuration. Every value below is the default unless marked;
 # every option can also be set as FERRY_<SECTION>_<FIELD> in the environment
@@ -207,9 +207,21 @@ allowed_origins = []             # browser origins allowed; empty = any
 hmac_secret = "{hmac}"
 # rsa_public_key = "/etc/ferry/rsa_public.pem"
 # ec_public_key = "/etc/ferry/ec_public.pem"
-# algorithms = ["HS256"]         # pinned; default: those with a key
+# jwks_url = "https://auth.example.com/.well-known/jwks.json" # RS256/ES256 keys by kid
+# jwks_refresh_secs = 300
+# algorithms = ["HS256"]         # pinned; default: those with a key (+ RS256, ES256 with jwks_url)
 leeway_secs = 5
 require_exp = true
+
+[webhooks]                       # off while url is empty
+url = ""                         # http:// or https:// endpoint of your backend
+secret = "{hook_secret}"         # generated: HMAC-SHA256 key of X-Ferry-Signature
+events = ["online", "offline"]   # also: subscribe, unsubscribe, publish
+publish_namespaces = []          # namespaces whose client publishes are sent
+queue = 10000
+retries = 5
+retry_initial_ms = 500
+timeout_ms = 5000
 
 [tls]                            # off unless cert and key are set
 # cert = "/etc/ferry/fullchain.pem" # PEM chain, leaf first: the port serves wss:// and https://

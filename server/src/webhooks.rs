@@ -13,8 +13,9 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+
+use crate::http_client::{HttpClient, Url};
 
 use crate::config::WebhookConfig;
 use crate::metrics::Metrics;
@@ -71,10 +72,11 @@ pub struct Webhooks {
 
 impl Webhooks {
     /// Start the worker (inside a tokio runtime).
-    pub fn start(cfg: WebhookConfig, metrics: Arc<Metrics>) -> Arc<Webhooks> {
+    pub fn start(cfg: WebhookConfig, http: HttpClient, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Webhooks>> {
+        let url = Url::parse(&cfg.url).map_err(|e| anyhow::anyhow!("webhooks.url: {e}"))?;
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
-        tokio::spawn(worker(cfg.clone(), rx, metrics));
-        Arc::new(Webhooks { cfg, tx, users: Default::default() })
+        tokio::spawn(worker(cfg.clone(), url, http, rx, metrics));
+        Ok(Arc::new(Webhooks { cfg, tx, users: Default::default() }))
     }
 
     fn wants(&self, h: &Hook) -> bool {
@@ -168,7 +170,13 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
-async fn worker(cfg: WebhookConfig, mut rx: mpsc::Receiver<(Hook, u64)>, metrics: Arc<Metrics>) {
+async fn worker(
+    cfg: WebhookConfig,
+    url: Url,
+    http: HttpClient,
+    mut rx: mpsc::Receiver<(Hook, u64)>,
+    metrics: Arc<Metrics>,
+) {
     let mut seq = 0u64;
     while let Some((hook, at)) = rx.recv().await {
         seq += 1;
@@ -183,12 +191,15 @@ async fn worker(cfg: WebhookConfig, mut rx: mpsc::Receiver<(Hook, u64)>, metrics
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(60));
             }
-            match post(&cfg, &body).await {
-                Ok(status) if (200..300).contains(&status) => {
+            let sig = sign(&cfg.secret, body.as_bytes());
+            let headers = [("Content-Type", "application/json"), ("X-Ferry-Signature", sig.as_str())];
+            let timeout = Duration::from_millis(cfg.timeout_ms);
+            match http.request("POST", &url, &headers, body.as_bytes(), timeout, 64 * 1024).await {
+                Ok(r) if (200..300).contains(&r.status) => {
                     ok = true;
                     break;
                 }
-                Ok(status) => tracing::warn!(status, attempt, "webhook refused"),
+                Ok(r) => tracing::warn!(status = r.status, attempt, "webhook refused"),
                 Err(e) => tracing::warn!(attempt, "webhook failed: {e}"),
             }
         }
@@ -196,28 +207,4 @@ async fn worker(cfg: WebhookConfig, mut rx: mpsc::Receiver<(Hook, u64)>, metrics
             metrics.webhook_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
-}
-
-/// POST the body; plain HTTP/1.1 (the receiver is the business backend
-/// beside Ferry; terminate TLS in front of it if it is remote).
-async fn post(cfg: &WebhookConfig, body: &str) -> Result<u16, String> {
-    let rest = cfg.url.strip_prefix("http://").ok_or("webhooks.url must start with http://")?;
-    let (host, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let call = async {
-        let mut s = tokio::net::TcpStream::connect(host).await.map_err(|e| e.to_string())?;
-        let sig = sign(&cfg.secret, body.as_bytes());
-        let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nX-Ferry-Signature: {sig}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
-        let mut head = vec![0u8; 64];
-        let n = s.read(&mut head).await.map_err(|e| e.to_string())?;
-        let line = String::from_utf8_lossy(&head[..n]);
-        line.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("bad response {line:?}"))
-    };
-    tokio::time::timeout(Duration::from_millis(cfg.timeout_ms), call).await.map_err(|_| "timed out".to_string())?
 }

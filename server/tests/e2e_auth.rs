@@ -241,3 +241,79 @@ async fn token_channels_are_subscribed_on_connect() {
     // An ordinary subscription: durable, so a restored session resubscribes it itself.
     assert!(bob.session.snapshot().subs.iter().any(|s| s.channel == "feed:news"));
 }
+
+/// A JWKS endpoint serving `body`; `fetches` counts the answers.
+async fn jwks_server(body: std::sync::Arc<std::sync::Mutex<String>>) -> (String, tokio::sync::watch::Receiver<usize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/.well-known/jwks.json", l.local_addr().unwrap());
+    let (f, fetches) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let b = body.lock().unwrap().clone();
+            // Chunked, as many real servers answer.
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+                b.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.shutdown().await;
+            f.send_modify(|n| *n += 1);
+        }
+    });
+    (url, fetches)
+}
+
+#[tokio::test]
+async fn jwks_keys_by_kid_with_rotation_and_no_confusion() {
+    let read = |n: &str| std::fs::read_to_string(fixture(n)).unwrap();
+    let body = std::sync::Arc::new(std::sync::Mutex::new(read("jwks_rsa.json")));
+    let (url, fetches) = jwks_server(body.clone()).await;
+    let srv = TestServer::start(config(AuthConfig { jwks_url: Some(url), ..AuthConfig::default() })).await;
+    let url = srv.url();
+    let rsa = EncodingKey::from_rsa_pem(read("rsa_private.pem").as_bytes()).unwrap();
+    let ec = EncodingKey::from_ec_pem(read("ec_private.pem").as_bytes()).unwrap();
+    let with_kid = |alg: Algorithm, kid: &str, key: &EncodingKey, user: &str| {
+        let mut h = Header::new(alg);
+        h.kid = Some(kid.into());
+        jsonwebtoken::encode(&h, &claims(user, 60), key).unwrap()
+    };
+    // A key of the set, chosen by kid.
+    assert_eq!(try_token(&url, &with_kid(Algorithm::RS256, "rsa-1", &rsa, "u1")).await, None);
+    // No kid: tried against the set's keys of that algorithm.
+    assert_eq!(try_token(&url, &sign(Algorithm::RS256, &rsa, &claims("u2", 60))).await, None);
+    // A kid the server has not seen: refused as temporary (3001, the client
+    // reconnects) and the set is refetched; after rotation it passes.
+    let rotated = with_kid(Algorithm::ES256, "ec-1", &ec, "u3");
+    *body.lock().unwrap() = read("jwks_rsa_ec.json");
+    let before = *fetches.borrow();
+    let mut c = TestClient::new(&url, TestClient::config("r", &rotated, Encoding::Json));
+    c.connect().await;
+    assert!(c.run_until(T, |c| c.session.is_connected()).await, "{:?}", c.events);
+    let first = c.events.iter().find_map(|e| if let Event::Disconnected { code, .. } = e { Some(*code) } else { None });
+    assert_eq!(first, Some(CloseCode::ServerError as u16), "refused as temporary until the refetch");
+    assert!(*fetches.borrow() > before, "the unknown kid triggered a refetch");
+    // The kid of an RSA key with another algorithm: refused for good.
+    assert_eq!(
+        try_token(&url, &with_kid(Algorithm::ES256, "rsa-1", &ec, "u4")).await,
+        Some(CloseCode::Unauthorized as u16)
+    );
+    // The set's symmetric key is ignored: HS256 is not accepted from a URL.
+    let hs = with_kid(Algorithm::HS256, "hmac-1", &EncodingKey::from_secret(b"secret"), "u5");
+    assert_eq!(try_token(&url, &hs).await, Some(CloseCode::Unauthorized as u16));
+    // `alg: none` never.
+    let none = format!(
+        "{}.{}.",
+        ferry_core::base64::encode(br#"{"alg":"none","typ":"JWT","kid":"rsa-1"}"#).replace(['+', '/', '='], ""),
+        ferry_core::base64::encode(serde_json::to_string(&claims("u6", 60)).unwrap().as_bytes()).replace('=', "")
+    );
+    assert_eq!(try_token(&url, &none).await, Some(CloseCode::Unauthorized as u16));
+}

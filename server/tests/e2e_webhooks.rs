@@ -24,12 +24,33 @@ struct Received {
 
 /// A receiver that answers 500 to the first `fail` calls, then 200.
 async fn receiver(fail: usize) -> (String, Arc<Mutex<Received>>) {
+    let (url, got, _) = receiver_on(fail, None).await;
+    (url, got)
+}
+
+/// The same over TLS with the test certificate when `tls`; `notify`
+/// fires after each call is answered.
+async fn receiver_on(
+    fail: usize,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> (String, Arc<Mutex<Received>>, Arc<tokio::sync::Notify>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hooks", l.local_addr().unwrap());
+    let scheme = if tls.is_some() { "https://localhost" } else { "http://127.0.0.1" };
+    let url = format!("{scheme}:{}/hooks", l.local_addr().unwrap().port());
     let got = Arc::new(Mutex::new(Received::default()));
+    let notify = Arc::new(tokio::sync::Notify::new());
     let g = got.clone();
+    let n = notify.clone();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
+        while let Ok((tcp, _)) = l.accept().await {
+            let mut s: Box<dyn ferry_server::tls::Stream> = match &acceptor {
+                Some(a) => match a.accept(tcp).await {
+                    Ok(t) => Box::new(t),
+                    Err(_) => continue,
+                },
+                None => Box::new(tcp),
+            };
             let mut buf = Vec::new();
             let mut chunk = [0u8; 4096];
             // Read headers, then the body by Content-Length.
@@ -69,9 +90,11 @@ async fn receiver(fail: usize) -> (String, Arc<Mutex<Received>>) {
             let _ = s
                 .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())
                 .await;
+            let _ = s.shutdown().await;
+            n.notify_one();
         }
     });
-    (url, got)
+    (url, got, notify)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,4 +154,63 @@ async fn signed_ordered_retried_and_graceful() {
     }
     // The first event needed two retries.
     assert_eq!(got.lock().unwrap().attempts, events.len() + 2);
+}
+
+#[tokio::test]
+async fn https_receiver_trusted_through_tls_ca_file() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+    let tls =
+        ferry_server::tls::server_config(format!("{dir}/server.pem").as_ref(), format!("{dir}/server.key").as_ref())
+            .unwrap();
+    let (url, got, called) = receiver_on(0, Some(tls)).await;
+    let mut cfg = test_config();
+    cfg.tls.ca_file = Some(format!("{dir}/ca.pem").into());
+    cfg.webhooks =
+        WebhookConfig { url, secret: "s3".into(), events: vec!["online".into()], ..WebhookConfig::default() };
+    let srv = TestServer::start(cfg).await;
+    let mut c = TestClient::new(&srv.url(), TestClient::config("d", "carol", Encoding::Json));
+    c.connect().await;
+    assert!(c.connected().await);
+    tokio::time::timeout(T, called.notified()).await.expect("the HTTPS webhook arrives");
+    let r = got.lock().unwrap();
+    let (sig, body) = &r.accepted[0];
+    assert_eq!(sig, &ferry_server::webhooks::sign("s3", body.as_bytes()));
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!((v["event"].as_str(), v["user"].as_str()), (Some("online"), Some("carol")));
+}
+
+#[tokio::test]
+async fn https_receiver_with_an_untrusted_certificate_is_never_called() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+    let tls =
+        ferry_server::tls::server_config(format!("{dir}/server.pem").as_ref(), format!("{dir}/server.key").as_ref())
+            .unwrap();
+    let (url, got, _) = receiver_on(0, Some(tls)).await;
+    let mut cfg = test_config();
+    // No tls.ca_file: the test CA is not among the public roots.
+    cfg.webhooks = WebhookConfig {
+        url,
+        secret: "s3".into(),
+        events: vec!["online".into()],
+        retries: 1,
+        retry_initial_ms: 10,
+        ..WebhookConfig::default()
+    };
+    let srv = TestServer::start_with_api(cfg).await;
+    let mut c = TestClient::new(&srv.url(), TestClient::config("d", "dave", Encoding::Json));
+    c.connect().await;
+    assert!(c.connected().await);
+    // Both attempts fail the certificate check and are counted.
+    let metrics = format!("http://{}/metrics", srv.addr);
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (_, text) = http(srv.addr, "GET", "/metrics", None, None).await;
+        let text = text.as_str().unwrap_or_default().to_string();
+        if text.lines().any(|l| l == "ferry_webhook_failures_total 1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}: {text}");
+        c.run_for(Duration::from_millis(20)).await;
+    }
+    assert!(got.lock().unwrap().accepted.is_empty());
 }
