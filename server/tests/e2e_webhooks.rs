@@ -22,14 +22,9 @@ struct Received {
     accepted: Vec<(String, String)>,
 }
 
-/// A receiver that answers 500 to the first `fail` calls, then 200.
-async fn receiver(fail: usize) -> (String, Arc<Mutex<Received>>) {
-    let (url, got, _) = receiver_on(fail, None).await;
-    (url, got)
-}
-
-/// The same over TLS with the test certificate when `tls`; `notify`
-/// fires after each call is answered.
+/// A receiver that answers 500 to the first `fail` calls, then 200, over
+/// TLS with the given server config when `tls`; `notify` fires after each
+/// call is answered.
 async fn receiver_on(
     fail: usize,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
@@ -99,7 +94,7 @@ async fn receiver_on(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_ordered_retried_and_graceful() {
-    let (url, got) = receiver(2).await;
+    let (url, got, answered) = receiver_on(2, None).await;
     let mut cfg = test_config();
     cfg.presence_grace_ms = 400;
     cfg.webhooks = WebhookConfig {
@@ -126,15 +121,16 @@ async fn signed_ordered_retried_and_graceful() {
     let now = c.now();
     c.session.disconnect(now);
     c.run_for(Duration::from_millis(100)).await;
-    let deadline = std::time::Instant::now() + T;
+    // Each answered call wakes the test; offline comes last.
+    let deadline = tokio::time::Instant::now() + T;
     let events = loop {
         let events: Vec<serde_json::Value> =
             got.lock().unwrap().accepted.iter().map(|(_, b)| serde_json::from_str(b).unwrap()).collect();
         if events.iter().any(|e| e["event"] == "offline") {
             break events;
         }
-        assert!(std::time::Instant::now() < deadline, "no offline: {events:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let woke = tokio::time::timeout_at(deadline, answered.notified()).await;
+        assert!(woke.is_ok(), "no offline: {events:?}");
     };
     let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
     // The reconnect re-subscribes (unsubscribe + subscribe) but is not offline/online.
