@@ -29,7 +29,7 @@ enum Cmd {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
-        /// Channels to grant (repeatable).
+        /// Channels to grant and subscribe the client to (repeatable).
         #[arg(long)]
         channel: Vec<String>,
     },
