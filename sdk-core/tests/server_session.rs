@@ -391,7 +391,13 @@ fn subscribe_limits_and_duplicates() {
     s.accept(
         t0,
         1,
-        Accept { client: ClientInfo::default(), expires_in: Some(Duration::from_secs(5)), subs: vec![], time_ms: 0, subscribe: vec![] },
+        Accept {
+            client: ClientInfo::default(),
+            expires_in: Some(Duration::from_secs(5)),
+            subs: vec![],
+            time_ms: 0,
+            subscribe: vec![],
+        },
     );
     drain(&mut s, t0);
     let sub = |ch: &str| {
