@@ -108,22 +108,10 @@ async fn wss_refuses_an_unknown_certificate_and_plain_ws_gets_nothing() {
 }
 
 async fn https_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use rustls_pki_types::pem::PemObject;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&ca()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let cfg = ferry_server::tls::client_config(Some(&fixture("ca.pem"))).unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    let mut s = ferry_server::tls::connect(cfg, "localhost", tcp).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();

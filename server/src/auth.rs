@@ -325,7 +325,8 @@ enum DecodeFailure {
 }
 
 impl DecodeFailure {
-    fn reply(self, code: ErrorCode, what: &str) -> ErrorReply {
+    /// `code` for a bad token, `expired` for one past its `exp`.
+    fn reply(self, code: ErrorCode, expired: ErrorCode, what: &str) -> ErrorReply {
         match self {
             DecodeFailure::Malformed => ErrorReply::with_message(code, format!("malformed {what}")),
             DecodeFailure::Miss(KeyMiss::NotAllowed) => {
@@ -340,8 +341,8 @@ impl DecodeFailure {
                 format!("{what} signed with an unknown key id; refreshing keys, retry"),
             ),
             DecodeFailure::Invalid(e) => match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature if what == "token" => {
-                    ErrorReply::with_message(ErrorCode::TokenExpired, "token expired")
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                    ErrorReply::with_message(expired, format!("{what} expired"))
                 }
                 _ => ErrorReply::with_message(code, format!("invalid {what}: {e}")),
             },
@@ -361,7 +362,9 @@ impl Auth {
             Mode::Dev => Identity { user: token.to_string(), ..Identity::default() },
             Mode::Jwt { .. } if token.is_empty() => Identity::default(),
             Mode::Jwt { .. } => {
-                let c: Claims = self.decode(token).map_err(|f| f.reply(ErrorCode::Unauthorized, "token"))?;
+                let c: Claims = self
+                    .decode(token)
+                    .map_err(|f| f.reply(ErrorCode::Unauthorized, ErrorCode::TokenExpired, "token"))?;
                 Identity {
                     user: c.sub,
                     info: c.info.map(|v| Bytes(serde_json::to_vec(&v).unwrap_or_default())),
@@ -399,8 +402,9 @@ impl Auth {
             ));
         }
         let denied = |m: &str| ErrorReply::with_message(ErrorCode::PermissionDenied, m);
-        let c: SubscriptionClaims =
-            self.decode(token).map_err(|f| f.reply(ErrorCode::PermissionDenied, "subscription token"))?;
+        let c: SubscriptionClaims = self
+            .decode(token)
+            .map_err(|f| f.reply(ErrorCode::PermissionDenied, ErrorCode::PermissionDenied, "subscription token"))?;
         if c.sub != user || c.channel != channel {
             return Err(denied("subscription token is for another user or channel"));
         }

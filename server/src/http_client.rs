@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
 
 /// A parsed `http(s)://host[:port]/path` URL.
@@ -84,9 +84,6 @@ pub struct HttpClient {
     tls: Arc<rustls::ClientConfig>,
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
 impl HttpClient {
     /// With the TLS client configuration (see [`crate::tls::client_config`]).
     pub fn new(tls: Arc<rustls::ClientConfig>) -> HttpClient {
@@ -109,7 +106,7 @@ impl HttpClient {
                 .await
                 .map_err(|e| format!("connect {}:{}: {e}", url.host, url.port))?;
             let _ = tcp.set_nodelay(true);
-            let mut s: Box<dyn Io> = if url.https {
+            let mut s: Box<dyn crate::tls::Stream> = if url.https {
                 Box::new(crate::tls::connect(self.tls.clone(), &url.host, tcp).await.map_err(|e| format!("TLS: {e}"))?)
             } else {
                 Box::new(tcp)

@@ -152,15 +152,19 @@ async fn signed_ordered_retried_and_graceful() {
     assert_eq!(got.lock().unwrap().attempts, events.len() + 2);
 }
 
+const TLS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+
+/// The test leaf certificate for localhost (signed by `ca.pem`).
+fn test_certificate() -> Arc<tokio_rustls::rustls::ServerConfig> {
+    let (cert, key) = (format!("{TLS_DIR}/server.pem"), format!("{TLS_DIR}/server.key"));
+    ferry_server::tls::server_config(cert.as_ref(), key.as_ref()).unwrap()
+}
+
 #[tokio::test]
 async fn https_receiver_trusted_through_tls_ca_file() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
-    let tls =
-        ferry_server::tls::server_config(format!("{dir}/server.pem").as_ref(), format!("{dir}/server.key").as_ref())
-            .unwrap();
-    let (url, got, called) = receiver_on(0, Some(tls)).await;
+    let (url, got, called) = receiver_on(0, Some(test_certificate())).await;
     let mut cfg = test_config();
-    cfg.tls.ca_file = Some(format!("{dir}/ca.pem").into());
+    cfg.tls.ca_file = Some(format!("{TLS_DIR}/ca.pem").into());
     cfg.webhooks =
         WebhookConfig { url, secret: "s3".into(), events: vec!["online".into()], ..WebhookConfig::default() };
     let srv = TestServer::start(cfg).await;
@@ -177,11 +181,7 @@ async fn https_receiver_trusted_through_tls_ca_file() {
 
 #[tokio::test]
 async fn https_receiver_with_an_untrusted_certificate_is_never_called() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
-    let tls =
-        ferry_server::tls::server_config(format!("{dir}/server.pem").as_ref(), format!("{dir}/server.key").as_ref())
-            .unwrap();
-    let (url, got, _) = receiver_on(0, Some(tls)).await;
+    let (url, got, _) = receiver_on(0, Some(test_certificate())).await;
     let mut cfg = test_config();
     // No tls.ca_file: the test CA is not among the public roots.
     cfg.webhooks = WebhookConfig {
