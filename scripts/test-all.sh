@@ -34,3 +34,9 @@ fi
 
 step "cargo test (workspace; --nocapture shows the property-test fault mix and scenario figures)"
 cargo test --workspace -- --nocapture
+
+step "sdk-wasm: wasm-pack build (web, bundler, nodejs); browser, Node, mini-program and web-chat tests against the real server"
+FERRY_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/ferry" bash sdk-wasm/test.sh
+
+step "sdk-ffi: cargo xtask bindings (drift check + generation); Python end-to-end and Kotlin JVM smoke against the real server"
+bash sdk-ffi/test.sh

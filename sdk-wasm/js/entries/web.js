@@ -1,0 +1,21 @@
+// Entry for browsers and workers (wasm-pack --target web): the .wasm file is
+// fetched next to this module on first use, or from what `initFerry` names.
+import init, * as glue from './ferry_wasm.js';
+import { _setGlueLoader } from '../ferry.js';
+
+let source;
+
+/**
+ * Where to load the WebAssembly module from (a URL, Response, BufferSource
+ * or WebAssembly.Module). Optional; call before creating the first client.
+ */
+export function initFerry(moduleOrPath) {
+  source = moduleOrPath;
+}
+
+_setGlueLoader(async () => {
+  await init(source === undefined ? undefined : { module_or_path: source });
+  return glue;
+});
+
+export * from '../ferry.js';

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Build the Ferry wasm SDK (web, bundler and nodejs targets) and run its
+# tests against the real `ferry` server: browser end-to-end (headless
+# Chromium), Node end-to-end, the mini-program adapter, the chat example,
+# and a TypeScript check of the published types. Installs what it needs,
+# idempotently: the wasm32 target, wasm-bindgen-cli matching Cargo.lock,
+# wasm-pack, Debian's chromium, and playwright-core/typescript from npm.
+#
+#   sdk-wasm/test.sh            # from anywhere
+#   FERRY_BIN=/path/to/ferry sdk-wasm/test.sh   # use an existing server binary
+#
+# Honours CARGO_TARGET_DIR (else the workspace's target/).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+start=$(date +%s)
+export PATH="$HOME/.cargo/bin:$PATH"
+
+step() { printf '\n== %s (%ss)\n' "$1" "$(($(date +%s) - start))"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+step "tools"
+rustup target add wasm32-unknown-unknown >/dev/null
+
+# wasm-pack drives the wasm-bindgen on PATH, which must match the crate
+# version in Cargo.lock exactly. --debug builds in ~5 min instead of ~10
+# with the same output; no --locked (a pinned dependency is missing from
+# the registry mirror).
+wb_version="$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' "$repo/Cargo.lock")"
+if [ -z "$wb_version" ]; then
+  echo "wasm-bindgen is not in Cargo.lock" >&2
+  exit 1
+fi
+if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$wb_version" ]; then
+  echo "installing wasm-bindgen-cli $wb_version"
+  cargo install wasm-bindgen-cli --version "$wb_version" --debug --force
+fi
+if ! command -v wasm-pack >/dev/null; then
+  # Never the npm wasm-pack: its postinstall downloads a binary.
+  cargo install wasm-pack --version 0.15.1
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  as_root apt-get update
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+fi
+command -v node >/dev/null || { echo "node (>= 20) is required" >&2; exit 1; }
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+if [ "$node_major" -lt 20 ]; then
+  echo "node >= 20 is required (found $(node --version))" >&2
+  exit 1
+fi
+cd "$here"
+if [ ! -d node_modules/playwright-core ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund
+fi
+
+step "wasm-pack build (web, bundler, nodejs)"
+./build.sh
+wasm="$here/pkg/web/ferry_wasm_bg.wasm"
+raw=$(wc -c <"$wasm")
+gz=$(gzip -9 -c "$wasm" | wc -c)
+
+step "clippy (wasm32)"
+(cd "$repo" && cargo clippy -p ferry-wasm --target wasm32-unknown-unknown -- -D warnings)
+
+step "ferry server"
+if [ -z "${FERRY_BIN:-}" ]; then
+  (cd "$repo" && cargo build -p ferry-server --bin ferry)
+  FERRY_BIN="${CARGO_TARGET_DIR:-$repo/target}/debug/ferry"
+fi
+export FERRY_BIN
+test -x "$FERRY_BIN" || { echo "no ferry binary at $FERRY_BIN" >&2; exit 1; }
+
+step "TypeScript types"
+node_modules/.bin/tsc -p tests/types/tsconfig.json
+
+rm -rf tests/out
+mkdir -p tests/out
+# Node 20 has a global WebSocket only behind a flag (Node >= 22: always).
+node_flags=()
+[ "$node_major" -lt 22 ] && node_flags+=(--experimental-websocket)
+
+step "npm package (pack, install, import by name)"
+(cd pkg && npm pack --silent --pack-destination ../tests/out >/dev/null)
+mkdir -p tests/out/consumer
+(cd tests/out/consumer && echo '{"name":"consumer","private":true,"type":"module"}' >package.json \
+  && npm install --silent --no-audit --no-fund --no-save ../ferry-client-*.tgz \
+  && node --input-type=module -e "
+    const m = await import('@ferry/client');
+    for (const n of ['FerryClient', 'FerryError', 'indexedDbStorage', 'miniProgramTransport']) {
+      if (typeof m[n] !== 'function') throw new Error('@ferry/client lacks ' + n);
+    }
+    const s = m.memoryStorage();
+    s.save('k', 'v');
+    if (s.load('k') !== 'v') throw new Error('memoryStorage');
+    console.log('@ferry/client imports by name (node condition):', Object.keys(m).length, 'exports');
+  ")
+
+step "Node end-to-end (nodejs build)"
+node "${node_flags[@]}" tests/node.test.mjs
+step "bundler build (Node's ES-module wasm integration)"
+node "${node_flags[@]}" --experimental-wasm-modules --no-warnings=ExperimentalWarning tests/bundler.test.mjs
+step "mini-program adapter (wx.connectSocket shim)"
+node "${node_flags[@]}" tests/miniprogram.test.mjs
+step "browser end-to-end (headless Chromium)"
+node tests/browser.test.mjs
+step "web-chat example"
+node tests/webchat.test.mjs
+
+step "figures"
+printf 'wasm size (one module for all targets, wasm-opt -Os): %s bytes raw, %s bytes gzip -9\n' "$raw" "$gz"
+cat tests/out/figures.txt
+echo "sdk-wasm/test.sh passed in $(($(date +%s) - start)) s"

@@ -1,0 +1,264 @@
+// Node end-to-end test of the nodejs build against the real `ferry` server.
+// Node 20 runs it with --experimental-websocket (the global WebSocket).
+import { test } from 'node:test';
+import { createHmac } from 'node:crypto';
+import assert from 'node:assert/strict';
+
+import { FerryServer } from './lib/server.mjs';
+import { figure } from './lib/figures.mjs';
+import { FerryClient, FerryError, memoryStorage } from '../pkg/node/index.mjs';
+
+const WAIT = 20000;
+
+/** Resolve when `pred()` holds, checking on every client event; reject after `ms`. */
+function until(client, pred, what, ms = WAIT) {
+  return new Promise((resolve, reject) => {
+    const stops = [];
+    const done = (err) => {
+      clearTimeout(timer);
+      for (const s of stops) s();
+      err ? reject(err) : resolve();
+    };
+    const check = () => {
+      try {
+        if (pred()) done();
+      } catch (e) {
+        done(e);
+      }
+    };
+    const timer = setTimeout(() => done(new Error(`timed out waiting for ${what}`)), ms);
+    for (const ev of ['state', 'publication', 'ack', 'subscribed', 'join', 'leave', 'publishFailed']) {
+      stops.push(client.on(ev, check));
+    }
+    check();
+  });
+}
+
+function client(url, user, extra = {}) {
+  const c = new FerryClient(url, { token: user, backoff: { minMs: 100, maxMs: 500 }, ...extra });
+  const seen = [];
+  const errors = [];
+  c.on('error', (e) => errors.push(e.message));
+  return { c, seen, errors };
+}
+
+test('nodejs build: publish at QoS 0/1/2, receive, history, presence, typed errors', async () => {
+  const srv = await FerryServer.start();
+  const a = client(srv.url, 'alice');
+  const b = client(srv.url, 'bob', { encoding: 'json' });
+  try {
+    for (const x of [a, b]) {
+      x.live = false;
+      x.c.subscribe('news', { qos: 2, onPublication: (p) => x.seen.push(p), onSubscribed: () => (x.live = true) });
+      x.c.connect();
+    }
+    // Both subscriptions live before anything is published (QoS 0 is not replayed).
+    await until(a.c, () => a.live, 'alice subscribed');
+    await until(b.c, () => b.live, 'bob subscribed');
+
+    const acks = [];
+    acks.push(await a.c.publish('news', { n: 0 }, { qos: 0 }));
+    acks.push(await a.c.publish('news', { n: 1 }, { qos: 1 }));
+    acks.push(await b.c.publish('news', { n: 2 }, { qos: 2 }));
+    acks.push(await a.c.publish('news', new Uint8Array([9, 8, 7]), { qos: 2 }));
+    assert.deepEqual(
+      acks.map((x) => x.offset),
+      [1, 2, 3, 4],
+    );
+    for (const x of [a, b]) {
+      await until(x.c, () => x.seen.length >= 4, 'four publications');
+      assert.deepEqual(
+        x.seen.map((p) => p.offset),
+        [1, 2, 3, 4],
+      );
+      assert.deepEqual(x.seen[2].json(), { n: 2 });
+      assert.deepEqual(Array.from(x.seen[3].data), [9, 8, 7]);
+    }
+    const h = await b.c.history('news', { limit: 2, reverse: true });
+    assert.deepEqual(
+      h.publications.map((p) => p.offset),
+      [4, 3],
+    );
+    assert.equal(h.top.offset, 4);
+    const who = (await a.c.presence('news')).map((c) => c.user).sort();
+    assert.deepEqual(who, ['alice', 'bob']);
+
+    // Typed errors: a payload over the limit, and QoS 0 while disconnected.
+    await assert.rejects(a.c.publish('news', new Uint8Array(200 * 1024), { qos: 1 }), (e) => {
+      assert.ok(e instanceof FerryError);
+      assert.equal(e.code, 'too_large');
+      return true;
+    });
+    a.c.disconnect();
+    await assert.rejects(a.c.publish('news', { late: true }, { qos: 0 }), (e) => e.code === 'not_connected');
+    await assert.rejects(a.c.history('news'), (e) => e.code === 'not_connected');
+    assert.deepEqual(a.errors, []);
+    assert.deepEqual(b.errors, []);
+    figure('node: messages exchanged (QoS 0/1/2, binary+JSON)', 8);
+  } finally {
+    a.c.close();
+    b.c.close();
+    await srv.stop();
+  }
+});
+
+test('nodejs build: outbox survives a client restart (memoryStorage) and a server kill -9', async () => {
+  const srv = await FerryServer.start();
+  const storage = memoryStorage();
+  const opts = { storage, deviceId: 'node-pub' };
+  const sub = client(srv.url, 'bob');
+  let pub = client(srv.url, 'alice', opts);
+  try {
+    sub.c.subscribe('jobs', { qos: 2, onPublication: (p) => sub.seen.push(p) });
+    sub.c.connect();
+    pub.c.connect();
+    await until(pub.c, () => pub.c.state === 'connected', 'publisher connected');
+    await until(sub.c, () => sub.c.state === 'connected', 'subscriber connected');
+    await pub.c.publish('jobs', { i: 0 }, { qos: 1 });
+
+    await srv.kill9();
+    await until(pub.c, () => pub.c.state !== 'connected', 'publisher notices the kill');
+    const queued = [1, 2, 3, 4, 5].map((i) => pub.c.publish('jobs', { i }, { qos: i % 2 ? 2 : 1 }));
+    for (const p of queued) p.catch(() => {});
+    assert.equal(pub.c.outbox().length, 5);
+    // "Restart the app": a new client on the same storage takes over the outbox.
+    pub.c.close();
+    for (const p of queued) await assert.rejects(p, (e) => e.code === 'closed');
+    pub = client(srv.url, 'alice', opts);
+    await pub.c.ready;
+    assert.equal(pub.c.outbox().length, 5, 'outbox restored from storage');
+    pub.c.connect();
+
+    const t0 = Date.now();
+    await srv.restart();
+    const acked = [];
+    pub.c.on('ack', (a) => acked.push(a));
+    await until(pub.c, () => acked.length >= 5, 'restored publishes acknowledged');
+    await until(sub.c, () => sub.seen.length >= 6, 'subscriber has everything');
+    figure('node: kill -9 -> outbox delivered after restart (ms)', Date.now() - t0);
+    assert.deepEqual(
+      sub.seen.map((p) => p.json().i),
+      [0, 1, 2, 3, 4, 5],
+    );
+    assert.equal(new Set(sub.seen.map((p) => p.messageId)).size, 6);
+    assert.equal(pub.c.outbox().length, 0);
+  } finally {
+    pub.c.close();
+    sub.c.close();
+    await srv.stop();
+  }
+});
+
+test('callbacks may call back into the client: events are queued, never re-entrant', async () => {
+  const srv = await FerryServer.start();
+  const echo = client(srv.url, 'echo');
+  const asker = client(srv.url, 'asker');
+  const N = 50;
+  try {
+    // The echo client answers every question from inside its publication
+    // callback, i.e. while the driver is delivering events; a re-entrant
+    // call into the core would throw ("recursive use of an object").
+    let echoLive = false;
+    let askerLive = false;
+    const replies = [];
+    echo.c.subscribe('q', {
+      qos: 1,
+      onPublication: (p) => {
+        echo.seen.push(p);
+        const reply = echo.c.publish('a', { re: p.json().i }, { qos: 1 });
+        // The last one is cut short by close() below, on purpose.
+        reply.catch(() => {});
+        replies.push(reply);
+      },
+      onSubscribed: () => (echoLive = true),
+    });
+    asker.c.subscribe('a', {
+      qos: 1,
+      onPublication: (p) => asker.seen.push(p.json().re),
+      onSubscribed: () => (askerLive = true),
+    });
+    echo.c.connect();
+    asker.c.connect();
+    await until(echo.c, () => echoLive, 'echo subscribed');
+    await until(asker.c, () => askerLive, 'asker subscribed');
+    for (let i = 0; i < N; i++) asker.c.publish('q', { i }, { qos: 1 });
+    await until(asker.c, () => asker.seen.length >= N, 'all answers');
+    assert.deepEqual(
+      asker.seen,
+      Array.from({ length: N }, (_, i) => i),
+      'answers in order, each once',
+    );
+    const acks = await Promise.all(replies);
+    assert.equal(acks.length, N);
+    assert.equal(new Set(acks.map((a) => a.offset)).size, N);
+    assert.deepEqual(echo.errors, []);
+    assert.deepEqual(asker.errors, []);
+
+    // close() from inside a callback is safe too.
+    let closedInside = false;
+    echo.c.on('publication', () => {
+      if (!closedInside) {
+        closedInside = true;
+        echo.c.close();
+      }
+    });
+    await asker.c.publish('q', { i: N }, { qos: 1 });
+    await until(asker.c, () => closedInside, 'echo closed from its callback');
+    assert.equal(echo.c.outbox().length, 0);
+  } finally {
+    echo.c.close();
+    asker.c.close();
+    await srv.stop();
+  }
+});
+
+/** An HS256 JWT for `sub`, valid for `ttlSecs`. */
+function jwt(secret, sub, ttlSecs) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub, exp: Math.floor(Date.now() / 1000) + ttlSecs })}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
+}
+
+test('getToken: first token from the provider, refreshed before expiry without a reconnect', async () => {
+  const secret = 'test-secret-test-secret-test-secret-0123';
+  const srv = await FerryServer.start(`\n[auth]\nhmac_secret = "${secret}"\nleeway_secs = 0\n`);
+  let calls = 0;
+  let fourth;
+  const refreshed = new Promise((resolve) => (fourth = resolve));
+  const t = client(srv.url, undefined, {
+    getToken: async () => {
+      calls += 1;
+      // The first call fails (say, the app starts offline): retried.
+      if (calls === 1) throw new Error('token service unreachable');
+      if (calls === 5) fourth();
+      return jwt(secret, 'dana', 4);
+    },
+  });
+  const disconnects = [];
+  t.c.on('disconnected', (d) => disconnects.push(d));
+  try {
+    t.c.connect();
+    await until(t.c, () => t.c.state === 'connected', 'connected with the provider token');
+    const t0 = Date.now();
+    assert.equal(calls, 2);
+    assert.deepEqual(t.errors, ['getToken failed: token service unreachable']);
+    // Tokens live 4 s and are refreshed at half-life: three refreshes take
+    // the connection well past the first token's expiry.
+    let timer;
+    await Promise.race([
+      refreshed,
+      new Promise((_, reject) => (timer = setTimeout(() => reject(new Error(`only ${calls} getToken calls`)), WAIT))),
+    ]);
+    clearTimeout(timer);
+    assert.ok(Date.now() - t0 > 4000, 'past the first token expiry');
+    assert.equal(t.c.state, 'connected');
+    assert.deepEqual(disconnects, [], 'refresh happened on the live connection');
+    const ack = await t.c.publish('tok', { still: 'here' }, { qos: 1 });
+    assert.equal(ack.offset, 1);
+    assert.equal(t.errors.length, 1);
+    figure('node: token refreshes on one connection', calls - 2);
+  } finally {
+    t.c.close();
+    await srv.stop();
+  }
+});
