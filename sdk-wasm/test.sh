@@ -101,7 +101,7 @@ step "Node end-to-end (nodejs build)"
 node "${node_flags[@]}" tests/node.test.mjs
 step "bundler build (Node's ES-module wasm integration)"
 node "${node_flags[@]}" --experimental-wasm-modules --no-warnings=ExperimentalWarning tests/bundler.test.mjs
-step "mini-program adapter (wx.connectSocket shim)"
+step "mini-program adapter (wx.connectSocket shim) and React Native adapter (RN-shaped WebSocket)"
 node "${node_flags[@]}" tests/miniprogram.test.mjs
 step "browser end-to-end (headless Chromium)"
 node tests/browser.test.mjs

@@ -354,7 +354,7 @@ export function miniProgramTransport(
 export function memoryStorage(): StorageAdapter;
 /** `localStorage` (synchronous). */
 export function localStorageStorage(ls?: Storage): StorageAdapter;
-/** IndexedDB (asynchronous; frames wait for each commit). */
+/** IndexedDB (asynchronous; frames and events wait for each commit, so nothing is shown before it is stored). */
 export function indexedDbStorage(dbName?: string, idb?: IDBFactory): StorageAdapter;
 /** Mini-program key-value storage (`wx.setStorageSync` / `uni.setStorageSync`). */
 export function miniProgramStorage(api: {

@@ -194,7 +194,7 @@ export function localStorageStorage(ls = globalThis.localStorage) {
   };
 }
 
-/** State in IndexedDB (asynchronous: frames wait for the transaction to commit). */
+/** State in IndexedDB (asynchronous: frames and app events wait for the transaction to commit). */
 export function indexedDbStorage(dbName = 'ferry', idb = globalThis.indexedDB) {
   if (!idb) throw new FerryError('no_storage', 'indexedDB is not available here');
   let dbp = null;

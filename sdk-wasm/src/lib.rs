@@ -139,8 +139,18 @@ struct Inner {
     save_callbacks: Vec<Closure<dyn FnMut(JsValue)>>,
     /// Frames waiting for durable state to be written.
     held: VecDeque<(ConnId, Vec<u8>)>,
-    /// App events from the current step, handed to `Shared::events` at its end.
+    /// How many leading `held` frames the write in flight covers (they go
+    /// when it ends; later ones wait for the next write). Without this
+    /// prefix, steady traffic would keep a write always in flight and hold
+    /// every frame until the traffic paused.
+    held_covered: usize,
+    /// App events not yet handed to `Shared::events`: those of the current
+    /// step, and all events while a storage write is in flight.
     events: Vec<JsValue>,
+    /// How many leading `events` the write in flight covers.
+    events_covered: usize,
+    /// How many leading `events` may be handed over at the end of this step.
+    events_ready: usize,
 }
 
 /// The low-level driver behind `FerryClient`: owns one `ClientSession`,
@@ -152,9 +162,14 @@ struct Inner {
 /// write is in flight are held and sent, in order, only after the write
 /// finished (synchronously, or when its promise settles). So a publish never
 /// reaches the server before its outbox entry is stored, and an ack never
-/// confirms a delivery whose position is not stored. A failed write is
-/// reported as a `storage_error` event and the frames go anyway (the state
-/// then survives only in memory).
+/// confirms a delivery whose position is not stored. App events wait the
+/// same way, so with asynchronous storage (IndexedDB) a publication reaches
+/// the app only once its position is committed: an app killed mid-write
+/// gets it again on the next start and has never shown it, rather than
+/// showing it twice. `close()` releases waiting events at once (the write
+/// in flight still commits). A failed write is reported as a
+/// `storage_error` event and the frames go anyway (the state then survives
+/// only in memory).
 #[wasm_bindgen]
 pub struct Driver {
     shared: Rc<Shared>,
@@ -261,7 +276,10 @@ impl Driver {
                 saving: false,
                 save_callbacks: Vec::new(),
                 held: VecDeque::new(),
+                held_covered: 0,
                 events: Vec::new(),
+                events_covered: 0,
+                events_ready: 0,
             }),
             inbox: RefCell::new(VecDeque::new()),
             events: RefCell::new(VecDeque::new()),
@@ -376,9 +394,20 @@ impl Driver {
         i.saving || i.dirty
     }
 
-    /// Stop: disconnect, cancel the timer, unhook the transport.
+    /// Stop: disconnect, cancel the timer, unhook the transport, and hand
+    /// over events still waiting for a storage write.
     pub fn close(&self) {
         self.shared.step(|i, now| i.session.disconnect(now));
+        // The app is stopping: it sees what was received now, since the write
+        // in flight still commits and nothing would deliver these again.
+        let waiting: Vec<JsValue> = {
+            let mut i = self.shared.inner.borrow_mut();
+            i.events_covered = 0;
+            i.events_ready = 0;
+            i.events.drain(..).collect()
+        };
+        self.shared.events.borrow_mut().extend(waiting);
+        self.shared.deliver();
         let mut i = self.shared.inner.borrow_mut();
         if let Some(t) = i.timer.take() {
             host::clear_timeout(&t.handle);
@@ -440,7 +469,10 @@ impl Shared {
                 None => break,
             }
         }
-        self.events.borrow_mut().extend(inner.events.drain(..));
+        let ready = inner.events_ready.min(inner.events.len());
+        self.events.borrow_mut().extend(inner.events.drain(..ready));
+        inner.events_covered = inner.events_covered.saturating_sub(ready);
+        inner.events_ready = 0;
     }
 
     /// Hand queued events to JavaScript, one at a time, outside any borrow.
@@ -504,8 +536,15 @@ impl Inner {
                 self.saving = false;
                 self.save_callbacks.clear();
                 if let Err(e) = result {
-                    self.events.push(convert::simple("storage_error", &e));
+                    // Reported with what the failed write covered, not after later events.
+                    let at = self.events_covered.min(self.events.len());
+                    self.events.insert(at, convert::simple("storage_error", &e));
+                    self.events_covered = at + 1;
                 }
+                // What the write covered goes now; the rest waits for `drain`.
+                let covered = std::mem::take(&mut self.held_covered);
+                self.flush(covered);
+                self.events_ready = self.events_ready.max(std::mem::take(&mut self.events_covered));
             }
         }
     }
@@ -533,9 +572,16 @@ impl Inner {
         self.arm(deadline);
         if self.dirty && !self.saving {
             self.save();
+            if self.saving {
+                // The snapshot being written includes every change behind
+                // the frames and events so far.
+                self.held_covered = self.held.len();
+                self.events_covered = self.events.len();
+            }
         }
         if !self.saving {
-            self.flush();
+            self.flush(self.held.len());
+            self.events_ready = self.events.len();
         }
     }
 
@@ -589,9 +635,11 @@ impl Inner {
         }
     }
 
-    /// Send held frames on the current link; frames for an older link are dropped.
-    fn flush(&mut self) {
-        while let Some((conn, data)) = self.held.pop_front() {
+    /// Send the first `n` held frames on the current link; frames for an
+    /// older link are dropped.
+    fn flush(&mut self, n: usize) {
+        for _ in 0..n {
+            let Some((conn, data)) = self.held.pop_front() else { break };
             let Some(link) = self.link.as_ref().filter(|l| l.conn == conn) else {
                 continue;
             };
@@ -605,6 +653,7 @@ impl Inner {
             if let Err(e) = link.socket.send(&msg) {
                 let reason = format!("send failed: {}", host::describe(&e));
                 self.held.clear();
+                self.held_covered = 0;
                 if let Some(s) = self.weak.upgrade() {
                     s.inbox.borrow_mut().push_back(HostInput::Closed(conn, None, reason));
                 }
@@ -616,9 +665,21 @@ impl Inner {
     fn close_link(&mut self, conn: ConnId, code: u16, reason: &str) {
         if !self.saving {
             // Frames the session queued before deciding to close still go first.
-            self.flush();
+            self.flush(self.held.len());
         }
-        self.held.retain(|(c, _)| *c != conn);
+        // Drop this link's frames, keeping the covered prefix count right.
+        let covered = self.held_covered;
+        let mut kept_covered = 0;
+        let mut i = 0;
+        self.held.retain(|(c, _)| {
+            let keep = *c != conn;
+            if keep && i < covered {
+                kept_covered += 1;
+            }
+            i += 1;
+            keep
+        });
+        self.held_covered = kept_covered;
         if self.link.as_ref().is_some_and(|l| l.conn == conn) {
             if let Some(l) = self.link.take() {
                 l.shut(code, reason);

@@ -15,7 +15,9 @@ assert.equal(typeof RealWebSocket, 'function', 'run with node --experimental-web
 delete globalThis.WebSocket;
 assert.equal(typeof globalThis.window, 'undefined');
 
-const { FerryClient, miniProgramTransport, miniProgramStorage } = await import('../pkg/node/index.mjs');
+const { FerryClient, miniProgramTransport, miniProgramStorage, reactNativeTransport } = await import(
+  '../pkg/node/index.mjs'
+);
 
 const WAIT = 20000;
 
@@ -121,3 +123,81 @@ for (const encoding of ['binary', 'json']) {
     }
   });
 }
+
+/**
+ * A React Native-shaped WebSocket constructor: `new WebSocket(url, protocols,
+ * { headers })` (RN's third argument), recording each call, backed by a real
+ * WebSocket. It is handed to the adapter explicitly, as an app would when the
+ * global one is wrapped.
+ */
+function makeRnWebSocket() {
+  const calls = [];
+  class RnWebSocket {
+    constructor(url, protocols, options) {
+      calls.push({ url, protocols, options });
+      const ws = new RealWebSocket(url, protocols);
+      this._ws = ws;
+      this.onopen = this.onmessage = this.onclose = this.onerror = null;
+      ws.addEventListener('open', (e) => this.onopen?.(e));
+      ws.addEventListener('message', (e) => this.onmessage?.({ data: e.data }));
+      ws.addEventListener('close', (e) => this.onclose?.({ code: e.code, reason: e.reason }));
+      ws.addEventListener('error', (e) => this.onerror?.(e));
+    }
+    get protocol() {
+      return this._ws.protocol;
+    }
+    get readyState() {
+      return this._ws.readyState;
+    }
+    set binaryType(v) {
+      this._ws.binaryType = v;
+    }
+    get binaryType() {
+      return this._ws.binaryType;
+    }
+    send(data) {
+      this._ws.send(data);
+    }
+    close(code, reason) {
+      this._ws.close(code, reason);
+    }
+  }
+  return { RnWebSocket, calls };
+}
+
+test('React Native adapter: headers and subprotocol reach the constructor; publish, receive, reconnect', async () => {
+  const srv = await FerryServer.start();
+  const { RnWebSocket, calls } = makeRnWebSocket();
+  const got = [];
+  let live = 0;
+  const client = new FerryClient(srv.url, {
+    token: 'rn',
+    deviceId: 'rn-device',
+    transport: reactNativeTransport({ WebSocket: RnWebSocket, headers: { 'X-App': 'ferry-rn-test' } }),
+    backoff: { minMs: 100, maxMs: 500 },
+  });
+  const errors = [];
+  client.on('error', (e) => errors.push(e.message));
+  try {
+    client.subscribe('rn', { qos: 1, onPublication: (p) => got.push(p.json()), onSubscribed: () => live++ });
+    client.connect();
+    await until(client, () => live === 1, 'subscribed');
+    assert.deepEqual(calls[0].protocols, ['ferry.v1']);
+    assert.deepEqual(calls[0].options, { headers: { 'X-App': 'ferry-rn-test' } });
+    assert.equal((await client.publish('rn', { n: 1 }, { qos: 1 })).offset, 1);
+    await until(client, () => got.length === 1, 'first publication');
+
+    await srv.kill9();
+    await until(client, () => client.state !== 'connected', 'disconnect noticed');
+    const queued = client.publish('rn', { n: 2 }, { qos: 1 });
+    await srv.restart();
+    assert.equal((await queued).offset, 2);
+    await until(client, () => got.length === 2, 'second publication');
+    assert.deepEqual(got, [{ n: 1 }, { n: 2 }]);
+    assert.ok(calls.length >= 2, 'a new socket after the restart');
+    assert.deepEqual(errors, []);
+  } finally {
+    client.close();
+    await srv.stop();
+  }
+});

@@ -262,3 +262,204 @@ test('getToken: first token from the provider, refreshed before expiry without a
     await srv.stop();
   }
 });
+
+/**
+ * An asynchronous storage adapter (like IndexedDB) whose writes commit only
+ * when the test says so. `committed` is what survives a crash.
+ */
+function manualStorage() {
+  const st = {
+    committed: null,
+    manual: false,
+    pending: [],
+    waiters: [],
+    load: async () => st.committed,
+    save(_key, value) {
+      return new Promise((resolve) => {
+        const commit = () => {
+          st.committed = value;
+          resolve();
+        };
+        if (!st.manual) return queueMicrotask(commit);
+        st.pending.push(commit);
+        for (const w of st.waiters.splice(0)) w();
+      });
+    },
+    /** Resolves when the next write starts (manual mode). */
+    nextWrite: () => new Promise((r) => st.waiters.push(r)),
+  };
+  return st;
+}
+
+test('asynchronous storage: a publication reaches the app only once its position is committed', async () => {
+  const srv = await FerryServer.start();
+  const storage = manualStorage();
+  const opts = { storage, deviceId: 'bob-phone' };
+  const pub = client(srv.url, 'alice');
+  // What the user saw, across "app runs"; a crashed run sees nothing more.
+  const shown = [];
+  let run = 1;
+  const start = async (n) => {
+    const s = client(srv.url, 'bob', opts);
+    await s.c.ready;
+    let live = false;
+    s.c.subscribe('feed', {
+      qos: 1,
+      onPublication: (p) => run === n && shown.push(p.json().n),
+      onSubscribed: () => (live = true),
+    });
+    s.c.connect();
+    await until(s.c, () => live, `run ${n} subscribed`);
+    return s;
+  };
+  let sub = await start(1);
+  try {
+    pub.c.connect();
+    await pub.c.publish('feed', { n: 1 }, { qos: 1 });
+    await until(sub.c, () => shown.length === 1, 'first publication');
+
+    // The position write for n=2 is in flight: the app must not see n=2 yet.
+    storage.manual = true;
+    let write = storage.nextWrite();
+    await pub.c.publish('feed', { n: 2 }, { qos: 1 });
+    await write;
+    assert.deepEqual(shown, [1], 'not shown before its position is committed');
+    storage.pending.shift()();
+    await until(sub.c, () => shown.length === 2, 'shown once committed');
+
+    // n=3's write never commits: the app is killed first. The next run gets
+    // n=3 from the server, and the user sees it once.
+    write = storage.nextWrite();
+    await pub.c.publish('feed', { n: 3 }, { qos: 1 });
+    await write;
+    assert.deepEqual(shown, [1, 2]);
+    run = 2; // the killed run's callbacks no longer reach the user
+    storage.pending = [];
+    sub.c.close();
+    storage.manual = false;
+    sub = await start(2);
+    await until(sub.c, () => shown.length === 3, 'n=3 after the crash');
+
+    // A graceful close with a write in flight: the app sees n=4 at close, the
+    // write commits, and the next run does not show it again.
+    storage.manual = true;
+    write = storage.nextWrite();
+    await pub.c.publish('feed', { n: 4 }, { qos: 1 });
+    await write;
+    assert.deepEqual(shown, [1, 2, 3]);
+    sub.c.close();
+    assert.deepEqual(shown, [1, 2, 3, 4], 'close hands over what was received');
+    for (const commit of storage.pending.splice(0)) commit();
+    storage.manual = false;
+    run = 3;
+    sub = await start(3);
+    await pub.c.publish('feed', { n: 5 }, { qos: 1 });
+    await until(sub.c, () => shown.length >= 5, 'n=5');
+    assert.deepEqual(shown, [1, 2, 3, 4, 5], 'each publication shown exactly once');
+  } finally {
+    sub.c.close();
+    pub.c.close();
+    await srv.stop();
+  }
+});
+
+/**
+ * A transport over the global WebSocket that records the frames the client
+ * sends and received, and calls `until` checks after the client has handled
+ * each received frame.
+ */
+function spyTransport() {
+  const spy = { sent: [], received: [], checks: new Set() };
+  spy.transport = {
+    open(url, protocol) {
+      const ws = new WebSocket(url, protocol);
+      const sock = {
+        onopen: null,
+        onmessage: null,
+        onclose: null,
+        onerror: null,
+        get protocol() {
+          return ws.protocol;
+        },
+        send(d) {
+          spy.sent.push(String(d));
+          ws.send(d);
+        },
+        close: (c, r) => ws.close(c, r),
+      };
+      ws.onopen = (e) => sock.onopen?.(e);
+      ws.onclose = (e) => sock.onclose?.(e);
+      ws.onerror = (e) => sock.onerror?.(e);
+      ws.onmessage = (e) => {
+        sock.onmessage?.(e);
+        spy.received.push(String(e.data));
+        for (const c of [...spy.checks]) c();
+      };
+      return sock;
+    },
+  };
+  spy.until = (pred, what) =>
+    new Promise((resolve, reject) => {
+      const check = () => {
+        if (!pred()) return;
+        spy.checks.delete(check);
+        clearTimeout(timer);
+        resolve();
+      };
+      const timer = setTimeout(() => {
+        spy.checks.delete(check);
+        reject(new Error(`timed out waiting for ${what}`));
+      }, WAIT);
+      spy.checks.add(check);
+      check();
+    });
+  return spy;
+}
+
+test('asynchronous storage: a finished write releases what it covered even when the next write starts at once', async () => {
+  const srv = await FerryServer.start();
+  const storage = manualStorage();
+  const spy = spyTransport();
+  const pub = client(srv.url, 'alice');
+  // JSON encoding, so the test can read the frames.
+  const sub = client(srv.url, 'bob', { storage, deviceId: 'bob-steady', encoding: 'json', transport: spy.transport });
+  const shown = [];
+  let live = false;
+  const publications = () => spy.received.filter((t) => t.includes('"publication"')).length;
+  const acked = (offset) => spy.sent.some((t) => t.startsWith('{"ack"') && t.includes(`"offset":${offset}`));
+  try {
+    await sub.c.ready;
+    sub.c.subscribe('steady', { qos: 1, onPublication: (p) => shown.push(p.json().n), onSubscribed: () => (live = true) });
+    sub.c.connect();
+    pub.c.connect();
+    await until(sub.c, () => live, 'subscribed');
+
+    // Steady traffic: n=2 arrives while the write for n=1 (W1) is in flight,
+    // so a second write (W2) is due the moment W1 ends.
+    storage.manual = true;
+    let write = storage.nextWrite();
+    await pub.c.publish('steady', { n: 1 }, { qos: 1 });
+    await write;
+    await pub.c.publish('steady', { n: 2 }, { qos: 1 });
+    await spy.until(() => publications() === 2, 'n=2 received while W1 is in flight');
+    assert.deepEqual(shown, []);
+    assert.ok(!acked(1), 'no ack before its position is stored');
+
+    write = storage.nextWrite();
+    storage.pending.shift()(); // W1 commits; W2 starts
+    await write;
+    await until(sub.c, () => shown.length === 1, 'n=1 released by W1');
+    assert.ok(acked(1), 'the ack W1 covered is sent');
+    assert.ok(!acked(2), 'the ack W2 covers waits for W2');
+    assert.deepEqual(shown, [1], 'n=2 waits for W2');
+
+    storage.pending.shift()(); // W2 commits
+    await until(sub.c, () => shown.length === 2, 'n=2 released by W2');
+    assert.ok(acked(2));
+    assert.deepEqual(sub.errors, []);
+  } finally {
+    sub.c.close();
+    pub.c.close();
+    await srv.stop();
+  }
+});
