@@ -141,9 +141,9 @@ impl Deliver {
 /// A Ferry client: one connection, reconnecting by itself, with durable
 /// outbox and stream positions.
 ///
-/// Named methods avoid `close`: UniFFI's Kotlin objects implement
-/// `AutoCloseable.close()` (which frees the native object), so a Rust
-/// `close` would clash; the graceful stop is [`FerryClient::shutdown`].
+/// The graceful stop is [`FerryClient::close`]. Kotlin sees it as
+/// `shutdown` (renamed in `uniffi.toml`): UniFFI's Kotlin objects already
+/// have `AutoCloseable.close()`, which frees the native object.
 #[derive(uniffi::Object)]
 pub struct FerryClient {
     client: fc::Client,
@@ -419,11 +419,12 @@ impl FerryClient {
         self.client.unacked().await
     }
 
-    /// Stop: wait up to `flush_ms` for the outbox to drain, then disconnect.
-    /// Returns the message ids still unacknowledged; they stay in durable
-    /// storage and the next client with the same storage sends them.
-    /// (Not named `close`: see the type's documentation.)
-    pub async fn shutdown(&self, flush_ms: u64) -> Vec<String> {
+    /// Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
+    /// then disconnect. Returns the message ids still unacknowledged; they
+    /// stay in durable storage and the next client with the same storage
+    /// sends them. Named `shutdown` in Kotlin (see the type's documentation).
+    #[uniffi::method(default(flush_ms = 1000))]
+    pub async fn close(&self, flush_ms: u64) -> Vec<String> {
         self.client.close(ms(flush_ms)).await.unacked
     }
 }

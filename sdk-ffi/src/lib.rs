@@ -14,7 +14,7 @@
 //! await client.connect()
 //! ack = await client.publish("chat:lobby", b"hi", Qos.EXACTLY_ONCE)   # ack.offset
 //! handle.cancel()                      # or drop it
-//! await client.shutdown(1000)
+//! await client.close()                # flushes the outbox (1 s by default)
 //! ```
 //!
 //! Threads: the client's driver runs on a small tokio runtime owned by this

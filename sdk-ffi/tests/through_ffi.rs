@@ -131,8 +131,8 @@ async fn subscribe_publish_receive_and_cancel_through_the_ffi_types() {
     assert!(!handle.is_active());
     let stats = bob.presence_stats("chat:ffi".into()).await.unwrap();
     assert!(stats.clients <= 1, "alice unsubscribed or leaving");
-    assert_eq!(alice.shutdown(1000).await, Vec::<String>::new());
+    assert_eq!(alice.close(1000).await, Vec::<String>::new());
     assert!(matches!(alice.publish("chat:ffi".into(), vec![1], FfiQos::AtLeastOnce).await, Err(FerryError::Closed)));
-    bob.shutdown(1000).await;
+    bob.close(1000).await;
     println!("[ffi-rust] {n} QoS 2 publications through the FFI types, in order on one callback thread");
 }

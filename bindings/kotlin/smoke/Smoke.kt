@@ -122,7 +122,7 @@ fun main() {
             handle.cancel()
             check(!handle.isActive(), "cancelled handle is inactive")
             handle.close()
-            check(alice.shutdown(1000uL).isEmpty(), "nothing unacknowledged")
+            check(alice.shutdown().isEmpty(), "nothing unacknowledged")
             carol.shutdown(1000uL)
             alice.close()
             carol.close()

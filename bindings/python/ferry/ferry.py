@@ -529,6 +529,8 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_ferry_ffi_checksum_method_ferryclient_app_foreground() != 32097:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_ferry_ffi_checksum_method_ferryclient_close() != 19750:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_ferry_ffi_checksum_method_ferryclient_connect() != 12929:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_ferry_ffi_checksum_method_ferryclient_history() != 3823:
@@ -546,8 +548,6 @@ def _uniffi_check_api_checksums(lib):
     if lib.uniffi_ferry_ffi_checksum_method_ferryclient_presence_stats() != 47808:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_ferry_ffi_checksum_method_ferryclient_publish() != 62189:
-        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_ferry_ffi_checksum_method_ferryclient_shutdown() != 10252:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_ferry_ffi_checksum_method_ferryclient_state() != 48379:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -614,6 +614,9 @@ _UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_app_background.restype =
 _UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_app_foreground.argtypes = (
 )
 _UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_app_foreground.restype = ctypes.c_uint16
+_UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_close.argtypes = (
+)
+_UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_close.restype = ctypes.c_uint16
 _UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_connect.argtypes = (
 )
 _UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_connect.restype = ctypes.c_uint16
@@ -641,9 +644,6 @@ _UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_presence_stats.restype =
 _UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_publish.argtypes = (
 )
 _UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_publish.restype = ctypes.c_uint16
-_UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_shutdown.argtypes = (
-)
-_UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_shutdown.restype = ctypes.c_uint16
 _UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_state.argtypes = (
 )
 _UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_state.restype = ctypes.c_uint16
@@ -699,6 +699,11 @@ _UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_app_foreground.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_app_foreground.restype = None
+_UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_close.argtypes = (
+    ctypes.c_uint64,
+    ctypes.c_uint64,
+)
+_UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_close.restype = ctypes.c_uint64
 _UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_connect.argtypes = (
     ctypes.c_uint64,
 )
@@ -746,11 +751,6 @@ _UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_publish.argtypes = (
     _UniffiRustBuffer,
 )
 _UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_publish.restype = ctypes.c_uint64
-_UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_shutdown.argtypes = (
-    ctypes.c_uint64,
-    ctypes.c_uint64,
-)
-_UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_shutdown.restype = ctypes.c_uint64
 _UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_state.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -3053,6 +3053,29 @@ class _UniffiFfiConverterTypeFerryError(_UniffiConverterRustBuffer):
             buf.write_i32(13)
             _UniffiFfiConverterString.write(value.reason, buf)
 
+class _UniffiFfiConverterSequenceString(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        for item in value:
+            _UniffiFfiConverterString.check_lower(item)
+
+    @classmethod
+    def write(cls, value, buf):
+        items = len(value)
+        buf.write_i32(items)
+        for item in value:
+            _UniffiFfiConverterString.write(item, buf)
+
+    @classmethod
+    def read(cls, buf):
+        count = buf.read_i32()
+        if count < 0:
+            raise InternalError("Unexpected negative sequence length")
+
+        return [
+            _UniffiFfiConverterString.read(buf) for i in range(count)
+        ]
+
 class _UniffiFfiConverterOptionalTypeDisconnect(_UniffiConverterRustBuffer):
     @classmethod
     def check_lower(cls, value):
@@ -3349,29 +3372,6 @@ class _UniffiFfiConverterSequenceTypeClientInfo(_UniffiConverterRustBuffer):
 
         return [
             _UniffiFfiConverterTypeClientInfo.read(buf) for i in range(count)
-        ]
-
-class _UniffiFfiConverterSequenceString(_UniffiConverterRustBuffer):
-    @classmethod
-    def check_lower(cls, value):
-        for item in value:
-            _UniffiFfiConverterString.check_lower(item)
-
-    @classmethod
-    def write(cls, value, buf):
-        items = len(value)
-        buf.write_i32(items)
-        for item in value:
-            _UniffiFfiConverterString.write(item, buf)
-
-    @classmethod
-    def read(cls, buf):
-        count = buf.read_i32()
-        if count < 0:
-            raise InternalError("Unexpected negative sequence length")
-
-        return [
-            _UniffiFfiConverterString.read(buf) for i in range(count)
         ]
 
 
@@ -3798,9 +3798,9 @@ class FerryClientProtocol(typing.Protocol):
     A Ferry client: one connection, reconnecting by itself, with durable
     outbox and stream positions.
 
-    Named methods avoid `close`: UniFFI's Kotlin objects implement
-    `AutoCloseable.close()` (which frees the native object), so a Rust
-    `close` would clash; the graceful stop is [`FerryClient::shutdown`].
+    The graceful stop is [`FerryClient::close`]. Kotlin sees it as
+    `shutdown` (renamed in `uniffi.toml`): UniFFI's Kotlin objects already
+    have `AutoCloseable.close()`, which frees the native object.
 """
     
     def app_background(self, ) -> None:
@@ -3815,6 +3815,14 @@ class FerryClientProtocol(typing.Protocol):
         The app came to the foreground: reconnect at once if not connected
         (recovery then delivers what arrived meanwhile). A live connection
         is left alone.
+"""
+        raise NotImplementedError
+    async def close(self, flush_ms: int = 1000) -> typing.List[str]:
+        """
+        Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
+        then disconnect. Returns the message ids still unacknowledged; they
+        stay in durable storage and the next client with the same storage
+        sends them. Named `shutdown` in Kotlin (see the type's documentation).
 """
         raise NotImplementedError
     async def connect(self, ) -> None:
@@ -3869,14 +3877,6 @@ class FerryClientProtocol(typing.Protocol):
         QoS 1/2 publishes wait in the durable outbox while disconnected.
 """
         raise NotImplementedError
-    async def shutdown(self, flush_ms: int) -> typing.List[str]:
-        """
-        Stop: wait up to `flush_ms` for the outbox to drain, then disconnect.
-        Returns the message ids still unacknowledged; they stay in durable
-        storage and the next client with the same storage sends them.
-        (Not named `close`: see the type's documentation.)
-"""
-        raise NotImplementedError
     def state(self, ) -> ConnectionState:
         """
         The connection state now.
@@ -3901,9 +3901,9 @@ class FerryClient(FerryClientProtocol):
     A Ferry client: one connection, reconnecting by itself, with durable
     outbox and stream positions.
 
-    Named methods avoid `close`: UniFFI's Kotlin objects implement
-    `AutoCloseable.close()` (which frees the native object), so a Rust
-    `close` would clash; the graceful stop is [`FerryClient::shutdown`].
+    The graceful stop is [`FerryClient::close`]. Kotlin sees it as
+    `shutdown` (renamed in `uniffi.toml`): UniFFI's Kotlin objects already
+    have `AutoCloseable.close()`, which frees the native object.
 """
     
     _handle: ctypes.c_uint64
@@ -3990,6 +3990,29 @@ class FerryClient(FerryClientProtocol):
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
+    async def close(self, flush_ms: int = 1000) -> typing.List[str]:
+        """
+        Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
+        then disconnect. Returns the message ids still unacknowledged; they
+        stay in durable storage and the next client with the same storage
+        sends them. Named `shutdown` in Kotlin (see the type's documentation).
+"""
+        
+        _UniffiFfiConverterUInt64.check_lower(flush_ms)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterUInt64.lower(flush_ms),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterSequenceString.lift
+        _uniffi_error_converter = None
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_close(*_uniffi_lowered_args),
+            _UniffiLib.ffi_ferry_ffi_rust_future_poll_rust_buffer,
+            _UniffiLib.ffi_ferry_ffi_rust_future_complete_rust_buffer,
+            _UniffiLib.ffi_ferry_ffi_rust_future_free_rust_buffer,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     async def connect(self, ) -> None:
         """
         Start connecting and wait until connected. On `Timeout` the client
@@ -4157,29 +4180,6 @@ class FerryClient(FerryClientProtocol):
         _uniffi_error_converter = _UniffiFfiConverterTypeFerryError
         return await _uniffi_rust_call_async(
             _UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_publish(*_uniffi_lowered_args),
-            _UniffiLib.ffi_ferry_ffi_rust_future_poll_rust_buffer,
-            _UniffiLib.ffi_ferry_ffi_rust_future_complete_rust_buffer,
-            _UniffiLib.ffi_ferry_ffi_rust_future_free_rust_buffer,
-            _uniffi_lift_return,
-            _uniffi_error_converter,
-        )
-    async def shutdown(self, flush_ms: int) -> typing.List[str]:
-        """
-        Stop: wait up to `flush_ms` for the outbox to drain, then disconnect.
-        Returns the message ids still unacknowledged; they stay in durable
-        storage and the next client with the same storage sends them.
-        (Not named `close`: see the type's documentation.)
-"""
-        
-        _UniffiFfiConverterUInt64.check_lower(flush_ms)
-        _uniffi_lowered_args = (
-            self._uniffi_clone_handle(),
-            _UniffiFfiConverterUInt64.lower(flush_ms),
-        )
-        _uniffi_lift_return = _UniffiFfiConverterSequenceString.lift
-        _uniffi_error_converter = None
-        return await _uniffi_rust_call_async(
-            _UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_shutdown(*_uniffi_lowered_args),
             _UniffiLib.ffi_ferry_ffi_rust_future_poll_rust_buffer,
             _UniffiLib.ffi_ferry_ffi_rust_future_complete_rust_buffer,
             _UniffiLib.ffi_ferry_ffi_rust_future_free_rust_buffer,

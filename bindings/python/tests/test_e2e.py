@@ -41,7 +41,7 @@ class E2E(unittest.IsolatedAsyncioTestCase):
 
     async def asyncTearDown(self):
         for c in self.clients:
-            await c.shutdown(0)
+            await c.close(0)
         for s in self.servers:
             s.stop()
         for d in self.dirs:
@@ -181,7 +181,7 @@ class E2E(unittest.IsolatedAsyncioTestCase):
         for i in range(5):
             await bob.publish("inbox:carol", f"early{i}".encode(), Qos.EXACTLY_ONCE)
         await until(rec1, lambda r: len(r.publications()) >= 5, "5 publications")
-        self.assertEqual(await first.shutdown(1000), [])
+        self.assertEqual(await first.close(), [])
         handle1.cancel()
 
         missed = [f"late{i}".encode() for i in range(30)]
@@ -200,7 +200,7 @@ class E2E(unittest.IsolatedAsyncioTestCase):
 
         # The outbox is durable too: a publish that was never sent goes out
         # with the next instance.
-        await second.shutdown(1000)
+        await second.close(1000)
         offline_client = ferry.FerryClient(srv.url, carol_cfg, None)
         pending = asyncio.ensure_future(offline_client.publish("inbox:carol", b"from the outbox", Qos.EXACTLY_ONCE))
         unacked = []
@@ -211,7 +211,7 @@ class E2E(unittest.IsolatedAsyncioTestCase):
             if unacked:
                 break
         self.assertEqual(len(unacked), 1)
-        self.assertEqual(await offline_client.shutdown(0), unacked, "still unacknowledged at shutdown")
+        self.assertEqual(await offline_client.close(0), unacked, "still unacknowledged at shutdown")
         with self.assertRaises(FerryError.Closed):
             await pending
         bob_rec, _bh = await self.subscribed(bob, "inbox:carol", connect=False)
@@ -310,7 +310,7 @@ class E2E(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(e.exception.timeout_ms, 300)
         seen.append(e.exception)
 
-        await erin.shutdown(0)
+        await erin.close(0)
         with self.assertRaises(FerryError.Closed) as e:
             await erin.publish("chat:errors", b"after shutdown", Qos.AT_LEAST_ONCE)
         seen.append(e.exception)

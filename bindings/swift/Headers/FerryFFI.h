@@ -364,6 +364,11 @@ void uniffi_ferry_ffi_fn_method_ferryclient_app_background(uint64_t ptr, RustCal
 void uniffi_ferry_ffi_fn_method_ferryclient_app_foreground(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_FN_METHOD_FERRYCLIENT_CLOSE
+#define UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_FN_METHOD_FERRYCLIENT_CLOSE
+uint64_t uniffi_ferry_ffi_fn_method_ferryclient_close(uint64_t ptr, uint64_t flush_ms
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_FN_METHOD_FERRYCLIENT_CONNECT
 #define UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_FN_METHOD_FERRYCLIENT_CONNECT
 uint64_t uniffi_ferry_ffi_fn_method_ferryclient_connect(uint64_t ptr
@@ -407,11 +412,6 @@ uint64_t uniffi_ferry_ffi_fn_method_ferryclient_presence_stats(uint64_t ptr, Rus
 #ifndef UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_FN_METHOD_FERRYCLIENT_PUBLISH
 #define UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_FN_METHOD_FERRYCLIENT_PUBLISH
 uint64_t uniffi_ferry_ffi_fn_method_ferryclient_publish(uint64_t ptr, RustBuffer channel, RustBuffer data, RustBuffer qos
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_FN_METHOD_FERRYCLIENT_SHUTDOWN
-#define UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_FN_METHOD_FERRYCLIENT_SHUTDOWN
-uint64_t uniffi_ferry_ffi_fn_method_ferryclient_shutdown(uint64_t ptr, uint64_t flush_ms
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_FN_METHOD_FERRYCLIENT_STATE
@@ -811,6 +811,12 @@ uint16_t uniffi_ferry_ffi_checksum_method_ferryclient_app_foreground(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_CHECKSUM_METHOD_FERRYCLIENT_CLOSE
+#define UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_CHECKSUM_METHOD_FERRYCLIENT_CLOSE
+uint16_t uniffi_ferry_ffi_checksum_method_ferryclient_close(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_CHECKSUM_METHOD_FERRYCLIENT_CONNECT
 #define UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_CHECKSUM_METHOD_FERRYCLIENT_CONNECT
 uint16_t uniffi_ferry_ffi_checksum_method_ferryclient_connect(void
@@ -862,12 +868,6 @@ uint16_t uniffi_ferry_ffi_checksum_method_ferryclient_presence_stats(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_CHECKSUM_METHOD_FERRYCLIENT_PUBLISH
 #define UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_CHECKSUM_METHOD_FERRYCLIENT_PUBLISH
 uint16_t uniffi_ferry_ffi_checksum_method_ferryclient_publish(void
-    
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_CHECKSUM_METHOD_FERRYCLIENT_SHUTDOWN
-#define UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_CHECKSUM_METHOD_FERRYCLIENT_SHUTDOWN
-uint16_t uniffi_ferry_ffi_checksum_method_ferryclient_shutdown(void
     
 );
 #endif

@@ -611,9 +611,9 @@ fileprivate struct FfiConverterData: FfiConverterRustBuffer {
  * A Ferry client: one connection, reconnecting by itself, with durable
  * outbox and stream positions.
  *
- * Named methods avoid `close`: UniFFI's Kotlin objects implement
- * `AutoCloseable.close()` (which frees the native object), so a Rust
- * `close` would clash; the graceful stop is [`FerryClient::shutdown`].
+ * The graceful stop is [`FerryClient::close`]. Kotlin sees it as
+ * `shutdown` (renamed in `uniffi.toml`): UniFFI's Kotlin objects already
+ * have `AutoCloseable.close()`, which frees the native object.
  */
 public protocol FerryClientProtocol: AnyObject, Sendable {
     
@@ -630,6 +630,14 @@ public protocol FerryClientProtocol: AnyObject, Sendable {
      * is left alone.
      */
     func appForeground() 
+    
+    /**
+     * Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
+     * then disconnect. Returns the message ids still unacknowledged; they
+     * stay in durable storage and the next client with the same storage
+     * sends them. Named `shutdown` in Kotlin (see the type's documentation).
+     */
+    func close(flushMs: UInt64) async  -> [String]
     
     /**
      * Start connecting and wait until connected. On `Timeout` the client
@@ -684,14 +692,6 @@ public protocol FerryClientProtocol: AnyObject, Sendable {
     func publish(channel: String, data: Data, qos: Qos) async throws  -> PublishAck
     
     /**
-     * Stop: wait up to `flush_ms` for the outbox to drain, then disconnect.
-     * Returns the message ids still unacknowledged; they stay in durable
-     * storage and the next client with the same storage sends them.
-     * (Not named `close`: see the type's documentation.)
-     */
-    func shutdown(flushMs: UInt64) async  -> [String]
-    
-    /**
      * The connection state now.
      */
     func state()  -> ConnectionState
@@ -714,9 +714,9 @@ public protocol FerryClientProtocol: AnyObject, Sendable {
  * A Ferry client: one connection, reconnecting by itself, with durable
  * outbox and stream positions.
  *
- * Named methods avoid `close`: UniFFI's Kotlin objects implement
- * `AutoCloseable.close()` (which frees the native object), so a Rust
- * `close` would clash; the graceful stop is [`FerryClient::shutdown`].
+ * The graceful stop is [`FerryClient::close`]. Kotlin sees it as
+ * `shutdown` (renamed in `uniffi.toml`): UniFFI's Kotlin objects already
+ * have `AutoCloseable.close()`, which frees the native object.
  */
 open class FerryClient: FerryClientProtocol, @unchecked Sendable {
     fileprivate let handle: UInt64
@@ -817,6 +817,29 @@ open func appForeground()  {try! rustCall() {
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 }
+}
+    
+    /**
+     * Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
+     * then disconnect. Returns the message ids still unacknowledged; they
+     * stay in durable storage and the next client with the same storage
+     * sends them. Named `shutdown` in Kotlin (see the type's documentation).
+     */
+open func close(flushMs: UInt64 = UInt64(1000))async  -> [String]  {
+    return
+        try!  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_ferry_ffi_fn_method_ferryclient_close(
+                        self.uniffiCloneHandle(),FfiConverterUInt64.lower(flushMs)
+                )
+            },
+            pollFunc: ffi_ferry_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_ferry_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_ferry_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterSequenceString.lift,
+            errorHandler: nil
+            
+        )
 }
     
     /**
@@ -965,29 +988,6 @@ open func publish(channel: String, data: Data, qos: Qos)async throws  -> Publish
             freeFunc: ffi_ferry_ffi_rust_future_free_rust_buffer,
             liftFunc: FfiConverterTypePublishAck_lift,
             errorHandler: FfiConverterTypeFerryError_lift
-        )
-}
-    
-    /**
-     * Stop: wait up to `flush_ms` for the outbox to drain, then disconnect.
-     * Returns the message ids still unacknowledged; they stay in durable
-     * storage and the next client with the same storage sends them.
-     * (Not named `close`: see the type's documentation.)
-     */
-open func shutdown(flushMs: UInt64)async  -> [String]  {
-    return
-        try!  await uniffiRustCallAsync(
-            rustFutureFunc: {
-                uniffi_ferry_ffi_fn_method_ferryclient_shutdown(
-                        self.uniffiCloneHandle(),FfiConverterUInt64.lower(flushMs)
-                )
-            },
-            pollFunc: ffi_ferry_ffi_rust_future_poll_rust_buffer,
-            completeFunc: ffi_ferry_ffi_rust_future_complete_rust_buffer,
-            freeFunc: ffi_ferry_ffi_rust_future_free_rust_buffer,
-            liftFunc: FfiConverterSequenceString.lift,
-            errorHandler: nil
-            
         )
 }
     
@@ -4158,6 +4158,9 @@ private let initializationResult: InitializationResult = {
     if (uniffi_ferry_ffi_checksum_method_ferryclient_app_foreground() != 32097) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_ferry_ffi_checksum_method_ferryclient_close() != 19750) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_ferry_ffi_checksum_method_ferryclient_connect() != 12929) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -4183,9 +4186,6 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_ferry_ffi_checksum_method_ferryclient_publish() != 62189) {
-        return InitializationResult.apiChecksumMismatch
-    }
-    if (uniffi_ferry_ffi_checksum_method_ferryclient_shutdown() != 10252) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_ferry_ffi_checksum_method_ferryclient_state() != 48379) {

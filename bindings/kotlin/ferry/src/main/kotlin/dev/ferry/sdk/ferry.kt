@@ -788,6 +788,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_ferry_ffi_checksum_method_ferryclient_app_foreground(
     ): Int
+    external fun uniffi_ferry_ffi_checksum_method_ferryclient_close(
+    ): Int
     external fun uniffi_ferry_ffi_checksum_method_ferryclient_connect(
     ): Int
     external fun uniffi_ferry_ffi_checksum_method_ferryclient_history(
@@ -805,8 +807,6 @@ internal object IntegrityCheckingUniffiLib {
     external fun uniffi_ferry_ffi_checksum_method_ferryclient_presence_stats(
     ): Int
     external fun uniffi_ferry_ffi_checksum_method_ferryclient_publish(
-    ): Int
-    external fun uniffi_ferry_ffi_checksum_method_ferryclient_shutdown(
     ): Int
     external fun uniffi_ferry_ffi_checksum_method_ferryclient_state(
     ): Int
@@ -871,6 +871,8 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_ferry_ffi_fn_method_ferryclient_app_foreground(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_ferry_ffi_fn_method_ferryclient_close(`ptr`: Long,`flushMs`: Long,
+    ): Long
     external fun uniffi_ferry_ffi_fn_method_ferryclient_connect(`ptr`: Long,
     ): Long
     external fun uniffi_ferry_ffi_fn_method_ferryclient_history(`ptr`: Long,`request`: RustBuffer.ByValue,
@@ -888,8 +890,6 @@ internal object UniffiLib {
     external fun uniffi_ferry_ffi_fn_method_ferryclient_presence_stats(`ptr`: Long,`channel`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_ferry_ffi_fn_method_ferryclient_publish(`ptr`: Long,`channel`: RustBuffer.ByValue,`data`: RustBuffer.ByValue,`qos`: RustBuffer.ByValue,
-    ): Long
-    external fun uniffi_ferry_ffi_fn_method_ferryclient_shutdown(`ptr`: Long,`flushMs`: Long,
     ): Long
     external fun uniffi_ferry_ffi_fn_method_ferryclient_state(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
@@ -1066,6 +1066,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_ferry_ffi_checksum_method_ferryclient_app_foreground() and 0xFFFF) != 32097) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_ferry_ffi_checksum_method_ferryclient_close() and 0xFFFF) != 19750) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_ferry_ffi_checksum_method_ferryclient_connect() and 0xFFFF) != 12929) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -1091,9 +1094,6 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_ferry_ffi_checksum_method_ferryclient_publish() and 0xFFFF) != 62189) {
-        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    }
-    if ((lib.uniffi_ferry_ffi_checksum_method_ferryclient_shutdown() and 0xFFFF) != 10252) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_ferry_ffi_checksum_method_ferryclient_state() and 0xFFFF) != 48379) {
@@ -1641,9 +1641,9 @@ public object FfiConverterByteArray: FfiConverterRustBuffer<ByteArray> {
  * A Ferry client: one connection, reconnecting by itself, with durable
  * outbox and stream positions.
  *
- * Named methods avoid `close`: UniFFI's Kotlin objects implement
- * `AutoCloseable.close()` (which frees the native object), so a Rust
- * `close` would clash; the graceful stop is [`FerryClient::shutdown`].
+ * The graceful stop is [`FerryClient::close`]. Kotlin sees it as
+ * `shutdown` (renamed in `uniffi.toml`): UniFFI's Kotlin objects already
+ * have `AutoCloseable.close()`, which frees the native object.
  */
 public interface FerryClientInterface {
     
@@ -1660,6 +1660,14 @@ public interface FerryClientInterface {
      * is left alone.
      */
     fun `appForeground`()
+    
+    /**
+     * Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
+     * then disconnect. Returns the message ids still unacknowledged; they
+     * stay in durable storage and the next client with the same storage
+     * sends them. Named `shutdown` in Kotlin (see the type's documentation).
+     */
+    suspend fun `shutdown`(`flushMs`: kotlin.ULong = 1000uL): List<kotlin.String>
     
     /**
      * Start connecting and wait until connected. On `Timeout` the client
@@ -1714,14 +1722,6 @@ public interface FerryClientInterface {
     suspend fun `publish`(`channel`: kotlin.String, `data`: kotlin.ByteArray, `qos`: Qos): PublishAck
     
     /**
-     * Stop: wait up to `flush_ms` for the outbox to drain, then disconnect.
-     * Returns the message ids still unacknowledged; they stay in durable
-     * storage and the next client with the same storage sends them.
-     * (Not named `close`: see the type's documentation.)
-     */
-    suspend fun `shutdown`(`flushMs`: kotlin.ULong): List<kotlin.String>
-    
-    /**
      * The connection state now.
      */
     fun `state`(): ConnectionState
@@ -1746,9 +1746,9 @@ public interface FerryClientInterface {
  * A Ferry client: one connection, reconnecting by itself, with durable
  * outbox and stream positions.
  *
- * Named methods avoid `close`: UniFFI's Kotlin objects implement
- * `AutoCloseable.close()` (which frees the native object), so a Rust
- * `close` would clash; the graceful stop is [`FerryClient::shutdown`].
+ * The graceful stop is [`FerryClient::close`]. Kotlin sees it as
+ * `shutdown` (renamed in `uniffi.toml`): UniFFI's Kotlin objects already
+ * have `AutoCloseable.close()`, which frees the native object.
  */
 open class FerryClient: Disposable, AutoCloseable, FerryClientInterface
 {
@@ -1906,6 +1906,33 @@ open class FerryClient: Disposable, AutoCloseable, FerryClientInterface
     }
     
     
+
+    
+    /**
+     * Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
+     * then disconnect. Returns the message ids still unacknowledged; they
+     * stay in durable storage and the next client with the same storage
+     * sends them. Named `shutdown` in Kotlin (see the type's documentation).
+     */
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `shutdown`(`flushMs`: kotlin.ULong) : List<kotlin.String> {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_close(
+                uniffiHandle,
+                
+        FfiConverterULong.lower(`flushMs`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_ferry_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_ferry_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_ferry_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterSequenceString.lift(it) },
+        // Error FFI converter
+        UniffiNullRustCallStatusErrorHandler,
+    )
+    }
 
     
     /**
@@ -2101,33 +2128,6 @@ open class FerryClient: Disposable, AutoCloseable, FerryClientInterface
         { FfiConverterTypePublishAck.lift(it) },
         // Error FFI converter
         FerryException.ErrorHandler,
-    )
-    }
-
-    
-    /**
-     * Stop: wait up to `flush_ms` for the outbox to drain, then disconnect.
-     * Returns the message ids still unacknowledged; they stay in durable
-     * storage and the next client with the same storage sends them.
-     * (Not named `close`: see the type's documentation.)
-     */
-    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
-    override suspend fun `shutdown`(`flushMs`: kotlin.ULong) : List<kotlin.String> {
-        return uniffiRustCallAsync(
-        callWithHandle { uniffiHandle ->
-            UniffiLib.uniffi_ferry_ffi_fn_method_ferryclient_shutdown(
-                uniffiHandle,
-                
-        FfiConverterULong.lower(`flushMs`),
-            )
-        },
-        { future, callback, continuation -> UniffiLib.ffi_ferry_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
-        { future, continuation -> UniffiLib.ffi_ferry_ffi_rust_future_complete_rust_buffer(future, continuation) },
-        { future -> UniffiLib.ffi_ferry_ffi_rust_future_free_rust_buffer(future) },
-        // lift function
-        { FfiConverterSequenceString.lift(it) },
-        // Error FFI converter
-        UniffiNullRustCallStatusErrorHandler,
     )
     }
 
