@@ -166,8 +166,9 @@ struct Inner {
 /// same way, so with asynchronous storage (IndexedDB) a publication reaches
 /// the app only once its position is committed: an app killed mid-write
 /// gets it again on the next start and has never shown it, rather than
-/// showing it twice. `close()` releases waiting events at once (the write
-/// in flight still commits). A failed write is reported as a
+/// showing it twice. `close()` releases at once the events the write in
+/// flight covers (it still commits) and drops later ones, which the next
+/// start receives again. A failed write is reported as a
 /// `storage_error` event and the frames go anyway (the state then survives
 /// only in memory).
 #[wasm_bindgen]
@@ -395,16 +396,22 @@ impl Driver {
     }
 
     /// Stop: disconnect, cancel the timer, unhook the transport, and hand
-    /// over events still waiting for a storage write.
+    /// over the events the storage write in flight covers.
     pub fn close(&self) {
         self.shared.step(|i, now| i.session.disconnect(now));
-        // The app is stopping: it sees what was received now, since the write
-        // in flight still commits and nothing would deliver these again.
+        // The write in flight still commits, and nothing would deliver what it
+        // covers again, so the app sees that now. Later events are dropped:
+        // no write will store their positions (the driver is going away), so
+        // the next start gets them from the server; showing them now would
+        // show them twice.
         let waiting: Vec<JsValue> = {
             let mut i = self.shared.inner.borrow_mut();
+            let covered = i.events_ready.max(i.events_covered).min(i.events.len());
             i.events_covered = 0;
             i.events_ready = 0;
-            i.events.drain(..).collect()
+            let waiting = i.events.drain(..covered).collect();
+            i.events.clear();
+            waiting
         };
         self.shared.events.borrow_mut().extend(waiting);
         self.shared.deliver();

@@ -294,13 +294,16 @@ function manualStorage() {
 test('asynchronous storage: a publication reaches the app only once its position is committed', async () => {
   const srv = await FerryServer.start();
   const storage = manualStorage();
-  const opts = { storage, deviceId: 'bob-phone' };
+  // JSON encoding, so the spy transport below can read the frames.
+  const opts = { storage, deviceId: 'bob-phone', encoding: 'json' };
+  const spy = spyTransport();
+  const publications = () => spy.received.filter((t) => t.includes('"publication"')).length;
   const pub = client(srv.url, 'alice');
   // What the user saw, across "app runs"; a crashed run sees nothing more.
   const shown = [];
   let run = 1;
-  const start = async (n) => {
-    const s = client(srv.url, 'bob', opts);
+  const start = async (n, extra = {}) => {
+    const s = client(srv.url, 'bob', { ...opts, ...extra });
     await s.c.ready;
     let live = false;
     s.c.subscribe('feed', {
@@ -337,25 +340,31 @@ test('asynchronous storage: a publication reaches the app only once its position
     storage.pending = [];
     sub.c.close();
     storage.manual = false;
-    sub = await start(2);
+    sub = await start(2, { transport: spy.transport });
     await until(sub.c, () => shown.length === 3, 'n=3 after the crash');
 
-    // A graceful close with a write in flight: the app sees n=4 at close, the
-    // write commits, and the next run does not show it again.
+    // A graceful close with a write in flight: the app sees n=4 (covered by
+    // that write) at close; n=5, received after the write began, is not shown
+    // since no write stores its position. The next run gets n=5 from the
+    // server and shows nothing twice.
     storage.manual = true;
     write = storage.nextWrite();
     await pub.c.publish('feed', { n: 4 }, { qos: 1 });
     await write;
+    const before = publications();
+    await pub.c.publish('feed', { n: 5 }, { qos: 1 });
+    await spy.until(() => publications() === before + 1, 'n=5 received while the write for n=4 is in flight');
     assert.deepEqual(shown, [1, 2, 3]);
     sub.c.close();
-    assert.deepEqual(shown, [1, 2, 3, 4], 'close hands over what was received');
+    assert.deepEqual(shown, [1, 2, 3, 4], 'close hands over what the write in flight covers, and only that');
     for (const commit of storage.pending.splice(0)) commit();
     storage.manual = false;
     run = 3;
     sub = await start(3);
-    await pub.c.publish('feed', { n: 5 }, { qos: 1 });
-    await until(sub.c, () => shown.length >= 5, 'n=5');
-    assert.deepEqual(shown, [1, 2, 3, 4, 5], 'each publication shown exactly once');
+    await until(sub.c, () => shown.length >= 5, 'n=5 on the next start');
+    await pub.c.publish('feed', { n: 6 }, { qos: 1 });
+    await until(sub.c, () => shown.length >= 6, 'n=6');
+    assert.deepEqual(shown, [1, 2, 3, 4, 5, 6], 'each publication shown exactly once');
   } finally {
     sub.c.close();
     pub.c.close();
