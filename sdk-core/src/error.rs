@@ -1,6 +1,11 @@
 //! Error codes (in replies) and close codes (in `disconnect` pushes and
 //! WebSocket close frames), with the retry rule for each.
 
+/// Start of the message of error 107 when a message id is reused by a
+/// publish that is not a retry of the first (another channel or other
+/// data). Message ids are unique per server, not per channel.
+pub const MESSAGE_ID_REUSED: &str = "message id already used by another publish";
+
 /// Error codes carried by [`crate::frame::ErrorReply`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]

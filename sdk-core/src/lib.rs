@@ -34,5 +34,5 @@ pub mod server;
 mod time;
 mod timer;
 
-pub use error::{CloseCode, ErrorCode};
+pub use error::{CloseCode, ErrorCode, MESSAGE_ID_REUSED};
 pub use time::Instant;

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::codec::{self, Batcher, DecodeError, Encoding};
 use crate::compress;
-use crate::error::{CloseCode, ErrorCode};
+use crate::error::{CloseCode, ErrorCode, MESSAGE_ID_REUSED};
 use crate::frame::*;
 use crate::time::ms;
 use crate::timer::Timers;
@@ -328,8 +328,9 @@ pub struct ServerSession {
     client_compress: bool,
     subs: BTreeMap<String, Sub>,
     pending: HashMap<RequestId, PendingKind>,
-    /// Message ids handed to the host and not yet answered → waiting requests.
-    publishing: HashMap<String, Vec<RequestId>>,
+    /// Message ids handed to the host and not yet answered → (fingerprint
+    /// of channel and data, waiting requests).
+    publishing: HashMap<String, (u64, Vec<RequestId>)>,
     seen_reqs: (VecDeque<RequestId>, HashSet<RequestId>),
     inflight_total: usize,
     out: Batcher,
@@ -553,7 +554,7 @@ impl ServerSession {
         let Some(PendingKind::Publish(mid)) = self.pending.remove(&req) else {
             return;
         };
-        let waiting = self.publishing.remove(&mid).unwrap_or_default();
+        let (_, waiting) = self.publishing.remove(&mid).unwrap_or_default();
         for (i, r) in waiting.into_iter().enumerate() {
             self.pending.remove(&r);
             let body = ReplyBody::Published { epoch: epoch.clone(), offset, duplicate: duplicate || i > 0 };
@@ -572,7 +573,7 @@ impl ServerSession {
     pub fn reply_error(&mut self, _now: Instant, req: RequestId, err: ErrorReply) {
         match self.pending.remove(&req) {
             Some(PendingKind::Publish(mid)) => {
-                for r in self.publishing.remove(&mid).unwrap_or_default() {
+                for r in self.publishing.remove(&mid).unwrap_or_default().1 {
                     self.pending.remove(&r);
                     self.send_frame(&ServerFrame::Reply { id: r, outcome: Outcome::Error(err.clone()) });
                 }
@@ -786,7 +787,14 @@ impl ServerSession {
                     return self
                         .reply_err(id, ErrorReply::with_message(ErrorCode::BadRequest, "compression not agreed"));
                 }
-                if let Some(waiting) = self.publishing.get_mut(&message_id) {
+                let print = publish_fingerprint(&channel, &data);
+                if let Some((first, waiting)) = self.publishing.get_mut(&message_id) {
+                    if *first != print {
+                        // Same rule as the host's dedup: only a retry of the
+                        // same publish shares its result.
+                        let msg = format!("{MESSAGE_ID_REUSED}: {message_id:?} is being published with another channel or data; use a fresh id");
+                        return self.reply_err(id, ErrorReply::with_message(ErrorCode::BadRequest, msg));
+                    }
                     // A retry of a publish the host is still storing: answer
                     // both with the one result instead of storing twice.
                     waiting.push(id);
@@ -794,7 +802,7 @@ impl ServerSession {
                     self.stats.coalesced_publishes += 1;
                     return;
                 }
-                self.publishing.insert(message_id.clone(), vec![id]);
+                self.publishing.insert(message_id.clone(), (print, vec![id]));
                 self.pending.insert(id, PendingKind::Publish(message_id.clone()));
                 self.events.push_back(ServerOutput::Event(ServerEvent::Publish {
                     req: id,
@@ -967,6 +975,17 @@ impl ServerSession {
         self.publishing.clear();
         self.events.push_back(ServerOutput::Event(ServerEvent::Closed { code, reason }));
     }
+}
+
+/// Tells publishes apart that share a message id on one connection. Only
+/// compared in memory while a publish is pending, so any stable-per-process
+/// hash does (collisions could only come from the client itself).
+fn publish_fingerprint(channel: &str, data: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    channel.hash(&mut h);
+    data.hash(&mut h);
+    h.finish()
 }
 
 fn subscribed(channel: &str, s: &StreamStart) -> Subscribed {

@@ -232,6 +232,54 @@ fn publish_acknowledged_only_after_durable_write_and_retries_coalesce() {
 }
 
 #[test]
+fn a_pending_publish_shares_its_result_only_with_true_retries() {
+    let (mut s, _) = live(Encoding::Binary, vec![]);
+    let now = Instant(100);
+    let publish = |id, channel: &str, data: &[u8]| {
+        req(
+            id,
+            Command::Publish {
+                channel: channel.into(),
+                message_id: "m-1".into(),
+                qos: Qos::ExactlyOnce,
+                payload: Payload { z: false, data: Bytes(data.to_vec()) },
+            },
+        )
+    };
+    let d = send(&mut s, now, &[publish(2, "a", b"x")]);
+    assert_eq!(d.events.len(), 1);
+    // While request 2 is being stored: the same id on another channel, or
+    // with other data, is refused at once (107), not answered with 2's offset.
+    let d = send(&mut s, now, &[publish(3, "b", b"x"), publish(4, "a", b"y"), publish(5, "a", b"x")]);
+    assert!(d.events.is_empty(), "nothing more is handed to the host: {:?}", d.events);
+    let refused: Vec<_> = d
+        .frames
+        .iter()
+        .map(|f| match f {
+            ServerFrame::Reply { id, outcome: Outcome::Error(e) } => {
+                assert!(e.message.starts_with(ferry_core::MESSAGE_ID_REUSED), "{e:?}");
+                (*id, e.code)
+            }
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(refused, vec![(3, 107), (4, 107)]);
+    s.publish_ok(now, 2, "e".into(), 1, false);
+    let d = drain(&mut s, now);
+    let ok: Vec<_> = d
+        .frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Reply { id, outcome: Outcome::Ok(ReplyBody::Published { offset, duplicate, .. }) } => {
+                Some((*id, *offset, *duplicate))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ok, vec![(2, 1, false), (5, 1, true)], "the true retry shares the result");
+}
+
+#[test]
 fn bad_payloads_get_error_replies() {
     let (mut s, _) = live(Encoding::Binary, vec![]);
     let bomb = miniz_oxide::deflate::compress_to_vec(&vec![0u8; 8 << 20], 6);

@@ -262,6 +262,12 @@ pub struct Namespace {
     /// Subscribing needs a subscription token for the channel, or the
     /// channel listed in the connection token's `channels` claim.
     pub private: bool,
+    /// Clients may publish into other users' personal channels
+    /// (`#user:<id>`, governed by `[namespaces.user]` or `default`), for
+    /// user-to-user delivery; each publication carries its verified
+    /// publisher. Off by default: only the backend API publishes there,
+    /// so no client can inject into someone's offline inbox (error 103).
+    pub personal_publish: bool,
 }
 
 impl Default for Namespace {
@@ -275,6 +281,7 @@ impl Default for Namespace {
             max_qos: 2,
             offline: true,
             private: false,
+            personal_publish: false,
         }
     }
 }

@@ -331,6 +331,16 @@ impl Conn {
                     return self.session.reply_error(now, req, err);
                 }
                 let ns = self.hub.config().namespace(&channel);
+                if channel::personal_owner(&channel).is_some() && !ns.personal_publish {
+                    return self.session.reply_error(
+                        now,
+                        req,
+                        ErrorReply::with_message(
+                            ErrorCode::PermissionDenied,
+                            "personal channels take publishes from the backend API only (see personal_publish)",
+                        ),
+                    );
+                }
                 if !ns.client_publish {
                     return self.session.reply_error(
                         now,

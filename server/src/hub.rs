@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry_core::frame::*;
 use ferry_core::server::{FetchEnd, SharedPublication, StreamStart};
-use ferry_core::{CloseCode, ErrorCode};
+use ferry_core::{CloseCode, ErrorCode, MESSAGE_ID_REUSED};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::channel;
@@ -848,6 +848,44 @@ pub fn cursor_key(user: &str, device: &str, channel: &str) -> String {
     format!("{user}\u{0}{device}\u{0}{channel}")
 }
 
+/// What identifies a publish's content for dedup: the first 16 bytes of
+/// the SHA-256 of its (uncompressed) data. Stable across builds, since it
+/// is stored with the message id.
+fn payload_digest(data: &[u8]) -> [u8; 16] {
+    use sha2::Digest;
+    let full = sha2::Sha256::digest(data);
+    let mut d = [0; 16];
+    d.copy_from_slice(&full[..16]);
+    d
+}
+
+/// Design: message ids are unique per server, not per channel (`release`
+/// names only the id). A retry of the same publish (same channel, same
+/// data) is a duplicate; any other publish with a used id is refused with
+/// 107 instead of being silently answered with the first publish's offset.
+fn same_publish(
+    id: &str,
+    first_channel: &str,
+    first_digest: Option<[u8; 16]>,
+    channel: &str,
+    digest: &[u8; 16],
+) -> Result<(), ErrorReply> {
+    if first_channel != channel {
+        return Err(ErrorReply::with_message(
+            ErrorCode::BadRequest,
+            format!("{MESSAGE_ID_REUSED}: {id:?} was published into another channel; use a fresh id"),
+        ));
+    }
+    // Entries from before digests were stored can only be checked by channel.
+    if first_digest.is_some_and(|d| d != *digest) {
+        return Err(ErrorReply::with_message(
+            ErrorCode::BadRequest,
+            format!("{MESSAGE_ID_REUSED}: {id:?} was published with other data; use a fresh id"),
+        ));
+    }
+    Ok(())
+}
+
 /// The sequencer loop: batch, assign offsets, dedup, commit, fan out.
 fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
     const MAX_BATCH: usize = 1024;
@@ -870,7 +908,7 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
         let mut batch = Batch::default();
         let mut replies = Vec::new();
         let mut headers: BTreeMap<String, StreamHeader> = BTreeMap::new();
-        let mut fresh: HashMap<String, Stored> = HashMap::new();
+        let mut fresh: HashMap<String, (Stored, String, [u8; 16])> = HashMap::new();
         let mut hot_trim = HashMap::new();
         if now >= last_expiry + EXPIRY_EVERY_MS {
             last_expiry = now;
@@ -882,14 +920,20 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
         for r in reqs {
             match r {
                 SeqReq::Publish { channel, message_id, qos, data, publisher, reply } => {
-                    if let Some(s) = fresh.get(&message_id) {
-                        replies.push((reply, Ok(Stored { duplicate: true, ..s.clone() })));
+                    let digest = payload_digest(&data);
+                    if let Some((s, first_channel, first_digest)) = fresh.get(&message_id) {
+                        let r = same_publish(&message_id, first_channel, Some(*first_digest), &channel, &digest)
+                            .map(|()| Stored { duplicate: true, ..s.clone() });
+                        replies.push((reply, r));
                         continue;
                     }
                     match hub.store.dedup(&message_id) {
                         Ok(Some(e)) if e.expires_ms > now => {
-                            hub.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                            replies.push((reply, Ok(Stored { epoch: e.epoch, offset: e.offset, duplicate: true })));
+                            let r = same_publish(&message_id, &e.channel, e.digest, &channel, &digest).map(|()| {
+                                hub.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                                Stored { epoch: e.epoch, offset: e.offset, duplicate: true }
+                            });
+                            replies.push((reply, r));
                             continue;
                         }
                         Ok(_) => {}
@@ -922,6 +966,7 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
                             epoch: h.epoch.clone(),
                             offset: h.top,
                             expires_ms: now + hold,
+                            digest: Some(digest),
                         },
                     ));
                     batch.appends.push(Publication {
@@ -934,7 +979,7 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
                         time_ms: now,
                         payload: Payload { z: false, data: Bytes(data) },
                     });
-                    fresh.insert(message_id, stored.clone());
+                    fresh.insert(message_id, (stored.clone(), channel, digest));
                     replies.push((reply, Ok(stored)));
                 }
                 SeqReq::Release(id) => {

@@ -64,6 +64,37 @@ pub struct DedupEntry {
     pub offset: u64,
     /// Forget after this wall time, Unix ms.
     pub expires_ms: u64,
+    /// Digest of the payload the id was first stored with (`None` for
+    /// entries written before digests were kept): a reuse of the id with
+    /// other data is refused instead of answered as a duplicate.
+    pub digest: Option<[u8; 16]>,
+}
+
+/// The record layout before `digest` existed; still read so that ids
+/// stored by an older server keep deduplicating after an upgrade.
+#[derive(Deserialize)]
+struct DedupEntryV0 {
+    channel: String,
+    epoch: String,
+    offset: u64,
+    expires_ms: u64,
+}
+
+impl DedupEntry {
+    /// Decode either layout.
+    fn decode(b: &[u8]) -> Result<DedupEntry, StoreError> {
+        if let Ok(e) = postcard::from_bytes::<DedupEntry>(b) {
+            return Ok(e);
+        }
+        let v0: DedupEntryV0 = dec(b)?;
+        Ok(DedupEntry {
+            channel: v0.channel,
+            epoch: v0.epoch,
+            offset: v0.offset,
+            expires_ms: v0.expires_ms,
+            digest: None,
+        })
+    }
 }
 
 /// A stored publication, without the fields the key carries.
@@ -263,7 +294,7 @@ impl Store for RedbStore {
         let txn = self.db().begin_read()?;
         let t = txn.open_table(DEDUP)?;
         match t.get(message_id)? {
-            Some(v) => Ok(Some(dec(v.value())?)),
+            Some(v) => Ok(Some(DedupEntry::decode(v.value())?)),
             None => Ok(None),
         }
     }
@@ -275,5 +306,27 @@ impl Store for RedbStore {
             Some(v) => Ok(Some(dec(v.value())?)),
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_entries_written_before_digests_still_decode() {
+        #[derive(Serialize)]
+        struct V0<'a> {
+            channel: &'a str,
+            epoch: &'a str,
+            offset: u64,
+            expires_ms: u64,
+        }
+        let old = enc(&V0 { channel: "chat:1", epoch: "e1", offset: 7, expires_ms: 99 });
+        let e = DedupEntry::decode(&old).unwrap();
+        assert_eq!((e.channel.as_str(), e.offset, e.expires_ms, e.digest), ("chat:1", 7, 99, None));
+        let new = DedupEntry { digest: Some([3; 16]), ..e };
+        assert_eq!(DedupEntry::decode(&enc(&new)).unwrap(), new);
+        assert!(DedupEntry::decode(b"\x05ab").is_err());
     }
 }

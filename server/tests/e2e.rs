@@ -368,3 +368,192 @@ async fn metrics_and_readiness() {
     assert!(value("ferry_store_commit_seconds_count") >= 1.0);
     assert!(value("ferry_bytes_in_total") > 0.0 && value("ferry_bytes_out_total") > 0.0);
 }
+
+/// Send one message of frames and collect the outcome of each request id
+/// in it (bounded by the server's answering within `T` per message).
+async fn outcomes(ws: &mut Ws, frames: &[ClientFrame]) -> std::collections::BTreeMap<u32, Outcome> {
+    let want: Vec<u32> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ClientFrame::Request { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    send_json(ws, frames).await;
+    let mut got = std::collections::BTreeMap::new();
+    while got.len() < want.len() {
+        for f in recv_json(ws).await {
+            if let ServerFrame::Reply { id, outcome } = f {
+                got.insert(id, outcome);
+            }
+        }
+    }
+    got
+}
+
+fn history_frame(id: u32, ch: &str) -> ClientFrame {
+    ClientFrame::Request {
+        id,
+        cmd: Command::History(HistoryRequest {
+            channel: ch.into(),
+            since: None,
+            until: None,
+            limit: 100,
+            reverse: false,
+        }),
+    }
+}
+
+fn stored(o: &Outcome) -> Option<(u64, bool)> {
+    match o {
+        Outcome::Ok(ReplyBody::Published { offset, duplicate, .. }) => Some((*offset, *duplicate)),
+        _ => None,
+    }
+}
+
+fn error_code(o: &Outcome) -> Option<u16> {
+    match o {
+        Outcome::Error(e) => Some(e.code),
+        _ => None,
+    }
+}
+
+fn history_len(o: &Outcome) -> usize {
+    match o {
+        Outcome::Ok(ReplyBody::History { publications, .. }) => publications.len(),
+        other => panic!("history: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_message_id_reused_on_another_channel_or_with_other_data_is_refused_not_silently_deduplicated() {
+    let srv = TestServer::start(test_config()).await;
+    let mut ws = raw_ws(&srv.url(), Encoding::Json).await;
+    send_json(&mut ws, &[connect_frame(1, "alice")]).await;
+    recv_json(&mut ws).await;
+    let r = outcomes(&mut ws, &[publish_frame(2, "news:a", "m-1", Qos::AtLeastOnce, b"x")]).await;
+    assert_eq!(stored(&r[&2]), Some((1, false)));
+    // The same id on another channel: refused with 107, nothing stored there.
+    let r = outcomes(&mut ws, &[publish_frame(3, "news:b", "m-1", Qos::AtLeastOnce, b"x")]).await;
+    assert_eq!(error_code(&r[&3]), Some(107), "{:?}", r[&3]);
+    // A true retry (same channel, same data) is still a duplicate.
+    let r = outcomes(&mut ws, &[publish_frame(4, "news:a", "m-1", Qos::AtLeastOnce, b"x")]).await;
+    assert_eq!(stored(&r[&4]), Some((1, true)));
+    // The same id and channel with other data, at QoS 2: refused.
+    let r = outcomes(&mut ws, &[publish_frame(5, "news:a", "m-1", Qos::ExactlyOnce, b"y")]).await;
+    assert_eq!(error_code(&r[&5]), Some(107), "{:?}", r[&5]);
+    // Inside one batch the same rules hold (the sequencer's in-batch table).
+    let r = outcomes(
+        &mut ws,
+        &[
+            publish_frame(6, "news:c", "m-2", Qos::ExactlyOnce, b"p"),
+            publish_frame(7, "news:d", "m-2", Qos::ExactlyOnce, b"p"),
+            publish_frame(8, "news:c", "m-2", Qos::ExactlyOnce, b"q"),
+            publish_frame(9, "news:c", "m-2", Qos::ExactlyOnce, b"p"),
+        ],
+    )
+    .await;
+    assert_eq!(stored(&r[&6]), Some((1, false)));
+    assert_eq!(error_code(&r[&7]), Some(107), "{:?}", r[&7]);
+    assert_eq!(error_code(&r[&8]), Some(107), "{:?}", r[&8]);
+    assert_eq!(stored(&r[&9]), Some((1, true)));
+    let h = outcomes(&mut ws, &[history_frame(10, "news:a"), history_frame(11, "news:b"), history_frame(12, "news:d")])
+        .await;
+    assert_eq!((history_len(&h[&10]), history_len(&h[&11]), history_len(&h[&12])), (1, 0, 0));
+    // The rule survives a restart: digests are stored with the ids.
+    let dir = srv.stop().await;
+    let srv = TestServer::start_in(test_config(), dir).await;
+    let mut ws = raw_ws(&srv.url(), Encoding::Json).await;
+    send_json(&mut ws, &[connect_frame(1, "alice")]).await;
+    recv_json(&mut ws).await;
+    let r = outcomes(
+        &mut ws,
+        &[
+            publish_frame(2, "news:a", "m-1", Qos::AtLeastOnce, b"x"),
+            publish_frame(3, "news:a", "m-2", Qos::AtLeastOnce, b"p"),
+        ],
+    )
+    .await;
+    assert_eq!(stored(&r[&2]), Some((1, true)));
+    assert_eq!(error_code(&r[&3]), Some(107), "{:?}", r[&3]);
+}
+
+#[tokio::test]
+async fn clients_cannot_publish_into_personal_channels_unless_the_namespace_allows_it() {
+    let srv = TestServer::start(test_config()).await;
+    let mut bob = raw_ws(&srv.url(), Encoding::Json).await;
+    send_json(&mut bob, &[connect_frame(1, "bob")]).await;
+    recv_json(&mut bob).await;
+    let mut mallory = raw_ws(&srv.url(), Encoding::Json).await;
+    send_json(&mut mallory, &[connect_frame(1, "mallory")]).await;
+    recv_json(&mut mallory).await;
+    for (id, ch) in [(2, "#user:bob"), (3, "#user:mallory")] {
+        let r = outcomes(&mut mallory, &[publish_frame(id, ch, &format!("inject-{id}"), Qos::AtLeastOnce, b"x")]).await;
+        assert_eq!(error_code(&r[&id]), Some(103), "{ch}: {:?}", r[&id]);
+    }
+    let h = outcomes(&mut bob, &[history_frame(2, "#user:bob")]).await;
+    assert_eq!(history_len(&h[&2]), 0, "nothing reached bob's inbox");
+    drop(srv);
+
+    // Allowed explicitly: delivered, and it says who sent it.
+    let mut cfg = test_config();
+    cfg.namespaces
+        .insert("user".into(), ferry_server::config::Namespace { personal_publish: true, ..Default::default() });
+    let srv = TestServer::start(cfg).await;
+    let mut bob = raw_ws(&srv.url(), Encoding::Json).await;
+    send_json(&mut bob, &[connect_frame(1, "bob")]).await;
+    recv_json(&mut bob).await;
+    let sub = ClientFrame::Request {
+        id: 2,
+        cmd: Command::Subscribe(SubscribeRequest {
+            channel: "#user:bob".into(),
+            qos: Qos::AtMostOnce,
+            since: None,
+            token: String::new(),
+        }),
+    };
+    outcomes(&mut bob, &[sub]).await;
+    let mut mallory = raw_ws(&srv.url(), Encoding::Json).await;
+    send_json(&mut mallory, &[connect_frame(1, "mallory")]).await;
+    recv_json(&mut mallory).await;
+    let r = outcomes(&mut mallory, &[publish_frame(2, "#user:bob", "dm-1", Qos::AtLeastOnce, b"hi bob")]).await;
+    assert_eq!(stored(&r[&2]), Some((1, false)));
+    let p = loop {
+        if let Some(p) = recv_json(&mut bob).await.into_iter().find_map(|f| match f {
+            ServerFrame::Push(Push::Publication(p)) => Some(p),
+            _ => None,
+        }) {
+            break p;
+        }
+    };
+    assert_eq!(p.payload.data.0, b"hi bob");
+    assert_eq!(p.publisher.map(|c| c.user).as_deref(), Some("mallory"), "the verified publisher");
+}
+
+#[tokio::test]
+async fn a_client_whose_message_ids_collide_with_stored_ones_is_told_instead_of_losing_its_publish() {
+    use ferry_core::client::{Event, PublishError};
+    let srv = TestServer::start(test_config()).await;
+    // Two sessions with the same device id and seed generate the same ids
+    // (an app that wiped its storage and seeds its RNG the same way).
+    let cfg = || TestClient::config("phone", "alice", Encoding::Json);
+    let mut first = TestClient::new_seeded(&srv.url(), cfg(), 7);
+    first.connect().await;
+    let id = first.publish("notes:1", b"first".to_vec(), Qos::AtLeastOnce).await;
+    assert!(first.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::PublishAcked { .. }))).await);
+    drop(first);
+    let mut second = TestClient::new_seeded(&srv.url(), cfg(), 7);
+    second.connect().await;
+    let again = second.publish("notes:1", b"second".to_vec(), Qos::AtLeastOnce).await;
+    assert_eq!(again, id, "the ids collide");
+    let done =
+        |c: &TestClient| c.events.iter().any(|e| matches!(e, Event::PublishAcked { .. } | Event::PublishFailed { .. }));
+    assert!(second.run_until(T, done).await);
+    let failed = second.events.iter().find_map(|e| match e {
+        Event::PublishFailed { error: PublishError::Rejected(r), .. } => Some(r.clone()),
+        _ => None,
+    });
+    let r = failed.unwrap_or_else(|| panic!("the publish must fail, not pass as a duplicate: {:?}", second.events));
+    assert_eq!(r.code, 107);
+    assert!(r.message.starts_with(ferry_core::MESSAGE_ID_REUSED), "{r:?}");
+}

@@ -80,7 +80,12 @@ async fn kill9_five_times_loses_no_acknowledged_publish() {
 
 #[tokio::test]
 async fn offline_device_catches_up_from_its_server_cursor() {
-    let srv = TestServer::start(test_config()).await;
+    // "boss" writes into u42's personal channel: user-to-user delivery is
+    // off unless the namespace allows it.
+    let mut cfg = test_config();
+    cfg.namespaces
+        .insert("user".into(), ferry_server::config::Namespace { personal_publish: true, ..Default::default() });
+    let srv = TestServer::start(cfg).await;
     // The device subscribes and sees a first message, then its app is removed
     // from memory (no client-side state kept at all).
     let mut dev = TestClient::new(&srv.url(), TestClient::config("phone-1", "u42", Encoding::Binary));

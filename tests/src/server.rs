@@ -119,6 +119,9 @@ pub struct Settings {
     /// `auth.hmac_secret`: HS256 tokens (with `exp`, no leeway) instead of
     /// development auth, where the token is the user id.
     pub hmac_secret: Option<String>,
+    /// `personal_publish` in `[namespaces.user]`: clients may publish into
+    /// other users' `#user:<id>` (off by default, as in the server).
+    pub personal_publish: bool,
 }
 
 impl Default for Settings {
@@ -130,6 +133,7 @@ impl Default for Settings {
             history_size: 100_000,
             join_leave: Vec::new(),
             hmac_secret: None,
+            personal_publish: false,
         }
     }
 }
@@ -144,6 +148,12 @@ impl Settings {
         );
         if let Some(secret) = &self.hmac_secret {
             t.push_str(&format!("\n[auth]\nhmac_secret = {secret:?}\nleeway_secs = 0\n"));
+        }
+        if self.personal_publish {
+            t.push_str(&format!(
+                "\n[namespaces.user]\nhistory_size = {}\npersonal_publish = true\n",
+                self.history_size
+            ));
         }
         for ns in &self.join_leave {
             t.push_str(&format!("\n[namespaces.{ns}]\nhistory_size = {}\njoin_leave = true\n", self.history_size));

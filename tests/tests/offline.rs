@@ -21,7 +21,9 @@ fn seqs(pubs: &[ferry_client::Publication]) -> Vec<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_device_gets_everything_once_in_order_then_live() {
     let mut rng = Rng::new(seed("offline"));
-    let srv = FerryServer::start(&Settings::default()).await;
+    // The boss writes into u42's personal channel: user-to-user delivery,
+    // which the server allows only when configured to.
+    let srv = FerryServer::start(&Settings { personal_publish: true, ..Settings::default() }).await;
     let storage = TempDir::new("phone-storage");
     let phone = |seed| builder(&srv.url(), "u42", "phone-1", seed).storage_dir(storage.path()).build().unwrap();
 

@@ -210,6 +210,14 @@ impl TestClient {
         Self::with_session(url, session, enc, snapshot)
     }
 
+    /// A fresh session with a chosen seed (two sessions with the same seed
+    /// and device id generate the same message ids).
+    pub fn new_seeded(url: &str, cfg: ClientConfig, seed: u64) -> Self {
+        let enc = cfg.encoding;
+        let snapshot = Snapshot { seen_cap: cfg.dedup_window, ..Snapshot::default() };
+        Self::with_session(url, ClientSession::new(cfg, seed), enc, snapshot)
+    }
+
     pub fn restore(url: &str, cfg: ClientConfig, snapshot: Snapshot) -> Self {
         let enc = cfg.encoding;
         let session = ClientSession::restore(cfg, 99, &snapshot, Instant(0));
