@@ -6,13 +6,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant};
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferry_core::frame::{HistoryBound, HistoryRequest, Publication, Qos, ReplyBody};
 use ferry_core::{CloseCode, ErrorCode};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -35,11 +37,13 @@ struct Api {
     idem: Arc<Mutex<IdempotencyTable>>,
 }
 
+/// Largest request body, bytes (a batch of 1000 small publishes fits).
+pub const MAX_BODY: usize = 4 << 20;
+
 /// The API router.
 pub fn router(hub: Arc<Hub>, keys: Vec<String>) -> Router {
     let api = Api { hub, keys: Arc::new(keys), started: StdInstant::now(), idem: Default::default() };
     Router::new()
-        .route("/api/openapi.json", get(|| async { ([("content-type", "application/json")], OPENAPI) }))
         .route("/api/info", get(info))
         .route("/api/channels", get(channels))
         .route("/api/publish", post(publish))
@@ -51,7 +55,78 @@ pub fn router(hub: Arc<Hub>, keys: Vec<String>) -> Router {
         .route("/api/disconnect", post(disconnect))
         .route("/api/unsubscribe", post(unsubscribe))
         .route("/api/batch", post(batch))
+        // Design: the key is checked before the body is read, so a caller
+        // without it learns nothing from validation errors.
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), require_key))
+        .route("/api/openapi.json", get(|| async { ([("content-type", "application/json")], OPENAPI) }))
+        .fallback(|| async {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                ErrorCode::MethodNotFound as u16,
+                "no such route; see /api/openapi.json".into(),
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::MethodNotFound as u16,
+                "method not allowed on this route; see /api/openapi.json".into(),
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(api)
+}
+
+async fn require_key(State(api): State<Api>, req: Request, next: Next) -> Response {
+    match api.check_key(req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A JSON request body, strictly read: `Content-Type: application/json`
+/// (else 415), at most [`MAX_BODY`] bytes (else 413), valid JSON of the
+/// expected shape with no unknown fields (else 400 naming the problem).
+/// Every refusal is the documented error envelope.
+struct ApiJson<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let mime = ctype.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if mime != "application/json" {
+            return Err(ApiError(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::BadRequest as u16,
+                format!(
+                    "Content-Type must be application/json (got {})",
+                    if ctype.is_empty() { "none" } else { ctype }
+                ),
+            ));
+        }
+        let body = axum::body::Bytes::from_request(req, state).await.map_err(|e| {
+            let status = e.status();
+            let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                ErrorCode::MessageTooLarge
+            } else {
+                ErrorCode::BadRequest
+            };
+            ApiError(status, code as u16, format!("request body: {}", e.body_text()))
+        })?;
+        parse(&body).map(ApiJson)
+    }
+}
+
+/// Parse a JSON value of the expected shape; the message names the field.
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))
+}
+
+/// The same for an already parsed value (batch items).
+fn parse_value<T: DeserializeOwned>(what: &str, v: Value) -> Result<T, ApiError> {
+    serde_json::from_value(v).map_err(|e| bad(format!("{what}: {e}")))
 }
 
 /// An API error: HTTP status plus Ferry's error code.
@@ -96,6 +171,7 @@ impl Api {
 
 /// Message data: JSON (`data`) or base64 bytes (`b64data`).
 #[derive(Deserialize, Serialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
 struct PublishBody {
     channel: Option<String>,
     #[serde(default)]
@@ -119,8 +195,7 @@ fn payload(b: &PublishBody) -> Result<Vec<u8>, ApiError> {
     }
 }
 
-async fn info(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    api.check_key(&headers)?;
+async fn info(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": api.started.elapsed().as_secs(),
@@ -129,8 +204,7 @@ async fn info(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>,
     })))
 }
 
-async fn channels(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    api.check_key(&headers)?;
+async fn channels(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "channels": api.hub.active_channels() })))
 }
 
@@ -140,7 +214,15 @@ async fn publish_one(api: &Api, channel: &str, data: Vec<u8>, qos: u8, key: Opti
     // The idempotency key is the message id: a retry inside the dedup window
     // is answered with the first result and stored once.
     let id = key.unwrap_or_else(|| format!("api:{:x}:{}", crate::hub::now_ms(), rand_suffix()));
-    let stored = api.hub.publish_wait(channel, &id, qos, data).await.map_err(from_reply)?;
+    let stored = api.hub.publish_wait(channel, &id, qos, data).await.map_err(|e| {
+        // The key was used for another publish (maybe by a WebSocket client
+        // as its message id): a conflict, like a reused key with another body.
+        if e.code == ErrorCode::BadRequest as u16 && e.message.starts_with(ferry_core::MESSAGE_ID_REUSED) {
+            ApiError(StatusCode::CONFLICT, e.code, e.message)
+        } else {
+            from_reply(e)
+        }
+    })?;
     Ok(
         json!({"channel": channel, "epoch": stored.epoch, "offset": stored.offset, "duplicate": stored.duplicate, "message_id": id}),
     )
@@ -184,12 +266,7 @@ where
     Ok(resp)
 }
 
-async fn publish(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(b): Json<PublishBody>,
-) -> Result<Json<Value>, ApiError> {
-    api.check_key(&headers)?;
+async fn publish(State(api): State<Api>, ApiJson(b): ApiJson<PublishBody>) -> Result<Json<Value>, ApiError> {
     let channel = b.channel.clone().ok_or_else(|| bad("channel is required"))?;
     let data = payload(&b)?;
     let key = b.idempotency_key.clone();
@@ -197,12 +274,7 @@ async fn publish(
     Ok(Json(resp))
 }
 
-async fn broadcast(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(b): Json<PublishBody>,
-) -> Result<Json<Value>, ApiError> {
-    api.check_key(&headers)?;
+async fn broadcast(State(api): State<Api>, ApiJson(b): ApiJson<PublishBody>) -> Result<Json<Value>, ApiError> {
     if b.channels.is_empty() || b.channels.len() > 1000 {
         return Err(bad("channels: 1 to 1000 names"));
     }
@@ -224,6 +296,7 @@ async fn broadcast(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct HistoryBody {
     channel: String,
     since_offset: Option<u64>,
@@ -278,16 +351,12 @@ async fn history_value(api: &Api, b: HistoryBody) -> Result<Value, ApiError> {
     }
 }
 
-async fn history(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(b): Json<HistoryBody>,
-) -> Result<Json<Value>, ApiError> {
-    api.check_key(&headers)?;
+async fn history(State(api): State<Api>, ApiJson(b): ApiJson<HistoryBody>) -> Result<Json<Value>, ApiError> {
     Ok(Json(history_value(&api, b).await?))
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PresenceBody {
     channel: String,
     after: Option<String>,
@@ -299,12 +368,7 @@ fn thousand() -> usize {
     1000
 }
 
-async fn presence(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(b): Json<PresenceBody>,
-) -> Result<Json<Value>, ApiError> {
-    api.check_key(&headers)?;
+async fn presence(State(api): State<Api>, ApiJson(b): ApiJson<PresenceBody>) -> Result<Json<Value>, ApiError> {
     let list = api.hub.presence(&b.channel, b.after.as_deref(), b.limit.min(10_000)).map_err(from_reply)?;
     let next = if list.len() == b.limit { list.last().map(|c| c.client.clone()) } else { None };
     let clients: Vec<Value> = list.iter().map(|c| json!({"client": c.client, "user": c.user})).collect();
@@ -312,31 +376,28 @@ async fn presence(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ChannelBody {
     channel: String,
 }
 
-async fn presence_stats(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(b): Json<ChannelBody>,
-) -> Result<Json<Value>, ApiError> {
-    api.check_key(&headers)?;
+async fn presence_stats(State(api): State<Api>, ApiJson(b): ApiJson<ChannelBody>) -> Result<Json<Value>, ApiError> {
     let s = api.hub.presence_stats(&b.channel).map_err(from_reply)?;
     Ok(Json(json!({ "clients": s.clients, "users": s.users })))
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct UsersBody {
     users: Vec<String>,
 }
 
-async fn online(State(api): State<Api>, headers: HeaderMap, Json(b): Json<UsersBody>) -> Result<Json<Value>, ApiError> {
-    api.check_key(&headers)?;
+async fn online(State(api): State<Api>, ApiJson(b): ApiJson<UsersBody>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "online": api.hub.online(&b.users) })))
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DisconnectBody {
     user: String,
     client: Option<String>,
@@ -345,84 +406,79 @@ struct DisconnectBody {
     reconnect: bool,
 }
 
-async fn disconnect(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(b): Json<DisconnectBody>,
-) -> Result<Json<Value>, ApiError> {
-    api.check_key(&headers)?;
+async fn disconnect(State(api): State<Api>, ApiJson(b): ApiJson<DisconnectBody>) -> Result<Json<Value>, ApiError> {
     let code = if b.reconnect { CloseCode::ForceReconnect } else { CloseCode::ForceDisconnect };
     let n = api.hub.disconnect_user(&b.user, b.client.as_deref(), code);
     Ok(Json(json!({ "disconnected": n })))
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct UnsubscribeBody {
     user: String,
     channel: String,
 }
 
-async fn unsubscribe(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Json(b): Json<UnsubscribeBody>,
-) -> Result<Json<Value>, ApiError> {
-    api.check_key(&headers)?;
+async fn unsubscribe(State(api): State<Api>, ApiJson(b): ApiJson<UnsubscribeBody>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "unsubscribed": api.hub.unsubscribe_user(&b.user, &b.channel) })))
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BatchBody {
-    commands: Vec<BatchCommand>,
+    /// Parsed one by one, so that one malformed item gets its own error
+    /// reply instead of failing the whole batch.
+    commands: Vec<Value>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BatchCommand {
     method: String,
     params: Value,
 }
 
-async fn batch(State(api): State<Api>, headers: HeaderMap, Json(b): Json<BatchBody>) -> Result<Json<Value>, ApiError> {
-    api.check_key(&headers)?;
+async fn batch(State(api): State<Api>, ApiJson(b): ApiJson<BatchBody>) -> Result<Json<Value>, ApiError> {
     if b.commands.len() > 1000 {
         return Err(bad("at most 1000 commands per batch"));
     }
     let mut replies = Vec::with_capacity(b.commands.len());
-    for c in b.commands {
-        let r: Result<Value, ApiError> = match c.method.as_str() {
-            "publish" => match serde_json::from_value::<PublishBody>(c.params) {
-                Ok(p) => match (p.channel.clone(), payload(&p)) {
-                    (Some(ch), Ok(data)) => {
-                        let key = p.idempotency_key.clone();
-                        idempotent(&api, key.as_deref(), &p, || publish_one(&api, &ch, data, p.qos, key.clone())).await
-                    }
-                    (None, _) => Err(bad("channel is required")),
-                    (_, Err(e)) => Err(e),
-                },
-                Err(e) => Err(bad(e.to_string())),
-            },
-            "history" => match serde_json::from_value::<HistoryBody>(c.params) {
-                Ok(h) => history_value(&api, h).await,
-                Err(e) => Err(bad(e.to_string())),
-            },
-            "presence_stats" => match serde_json::from_value::<ChannelBody>(c.params) {
-                Ok(p) => api
-                    .hub
-                    .presence_stats(&p.channel)
-                    .map(|s| json!({"clients": s.clients, "users": s.users}))
-                    .map_err(from_reply),
-                Err(e) => Err(bad(e.to_string())),
-            },
-            "online" => match serde_json::from_value::<UsersBody>(c.params) {
-                Ok(u) => Ok(json!({"online": api.hub.online(&u.users)})),
-                Err(e) => Err(bad(e.to_string())),
-            },
-            other => Err(bad(format!("unknown method {other}"))),
-        };
-        replies.push(match r {
+    for (i, item) in b.commands.into_iter().enumerate() {
+        replies.push(match batch_one(&api, i, item).await {
             Ok(v) => json!({"result": v}),
             Err(ApiError(_, code, message)) => json!({"error": {"code": code, "message": message}}),
         });
     }
     Ok(Json(json!({ "replies": replies })))
+}
+
+async fn batch_one(api: &Api, i: usize, item: Value) -> Result<Value, ApiError> {
+    let c: BatchCommand = parse_value(&format!("commands[{i}]"), item)?;
+    let what = format!("commands[{i}].params");
+    match c.method.as_str() {
+        "publish" => {
+            let p: PublishBody = parse_value(&what, c.params)?;
+            let ch = p.channel.clone().ok_or_else(|| bad(format!("{what}: channel is required")))?;
+            let data = payload(&p)?;
+            let key = p.idempotency_key.clone();
+            idempotent(api, key.as_deref(), &p, || publish_one(api, &ch, data, p.qos, key.clone())).await
+        }
+        "history" => history_value(api, parse_value(&what, c.params)?).await,
+        "presence_stats" => {
+            let p: ChannelBody = parse_value(&what, c.params)?;
+            api.hub
+                .presence_stats(&p.channel)
+                .map(|s| json!({"clients": s.clients, "users": s.users}))
+                .map_err(from_reply)
+        }
+        "online" => {
+            let u: UsersBody = parse_value(&what, c.params)?;
+            Ok(json!({"online": api.hub.online(&u.users)}))
+        }
+        other => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::MethodNotFound as u16,
+            format!("commands[{i}]: unknown method {other:?} (publish, history, presence_stats, online)"),
+        )),
+    }
 }

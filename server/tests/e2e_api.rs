@@ -111,3 +111,161 @@ async fn api_sees_and_controls_connections() {
     let (_, online) = http(api, "POST", "/api/online", Some(&json!({"users": ["u7"]})), None).await;
     assert_eq!(online["online"], json!([]));
 }
+
+/// The documented error envelope, exactly: `{"error": {"code", "message"}}`.
+fn assert_envelope(what: &str, head: &str, body: &Value) -> (u64, String) {
+    assert!(head.contains("content-type: application/json"), "{what}: not JSON: {head}");
+    let obj = body.as_object().unwrap_or_else(|| panic!("{what}: not an object: {body}"));
+    assert_eq!(obj.len(), 1, "{what}: {body}");
+    let e = body["error"].as_object().unwrap_or_else(|| panic!("{what}: no error object: {body}"));
+    assert_eq!(e.len(), 2, "{what}: {body}");
+    let code = e["code"].as_u64().unwrap_or_else(|| panic!("{what}: code: {body}"));
+    let message = e["message"].as_str().unwrap_or_else(|| panic!("{what}: message: {body}")).to_string();
+    assert!(!message.is_empty(), "{what}");
+    (code, message)
+}
+
+const JSON: &str = "Content-Type: application/json\r\n";
+
+#[tokio::test]
+async fn unknown_fields_are_refused_and_named_on_every_route() {
+    let srv = TestServer::start_with_api(test_config()).await;
+    let api = srv.api.unwrap();
+    let spec = spec();
+    let mut checked = 0;
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        let Some(op) = ops.get("post") else { continue };
+        let mut body = op["requestBody"]["content"]["application/json"]["example"].clone();
+        body["qoss"] = json!(1);
+        let (status, head, resp) = http_raw(api, "POST", path, JSON, body.to_string().as_bytes()).await;
+        assert_eq!(status, 400, "POST {path} with an unknown field: {resp}");
+        let (code, message) = assert_envelope(path, &head, &resp);
+        assert_eq!(code, 107);
+        assert!(message.contains("qoss"), "POST {path}: the message names the field: {message}");
+        checked += 1;
+    }
+    assert!(checked >= 9, "{checked} POST routes");
+    // Nothing was published by the refused publishes.
+    let (_, h) = http(api, "POST", "/api/history", Some(&json!({"channel": "news:eu"})), None).await;
+    assert_eq!(h["publications"], json!([]), "{h}");
+    // Inside a batch: the item with an unknown field gets its own error.
+    let cmds = json!({"commands": [
+        {"method": "publish", "params": {"channel": "news:eu", "data": 1, "qoss": 2}},
+        {"method": "online", "params": {"users": []}, "extra": true},
+        {"method": "online", "params": {"users": ["u1"]}},
+    ]});
+    let (status, r) = http(api, "POST", "/api/batch", Some(&cmds), None).await;
+    assert_eq!(status, 200, "{r}");
+    let replies = r["replies"].as_array().unwrap();
+    assert_eq!(replies[0]["error"]["code"], 107, "{r}");
+    assert!(replies[0]["error"]["message"].as_str().unwrap().contains("qoss"), "{r}");
+    assert!(replies[1]["error"]["message"].as_str().unwrap().contains("extra"), "{r}");
+    assert_eq!(replies[2]["result"]["online"], json!([]), "{r}");
+}
+
+#[tokio::test]
+async fn every_api_error_is_the_json_envelope_with_the_right_status() {
+    let mut cfg = test_config();
+    cfg.api.keys = vec!["k-1".into()];
+    let srv = TestServer::start_with_api(cfg).await;
+    let api = srv.api.unwrap();
+    let key = "Authorization: apikey k-1\r\n";
+    let with_key = |extra: &str| format!("{key}{extra}");
+    let good = br#"{"channel":"a:1","data":1}"#;
+    let cases: Vec<(&str, &str, String, Vec<u8>, u16, u64)> = vec![
+        ("no key (checked before the body)", "/api/publish", JSON.to_string(), b"{oops".to_vec(), 401, 101),
+        ("no Content-Type", "/api/publish", with_key(""), good.to_vec(), 415, 107),
+        ("text/plain", "/api/publish", with_key("Content-Type: text/plain\r\n"), good.to_vec(), 415, 107),
+        ("malformed JSON", "/api/publish", with_key(JSON), b"{\"channel\":".to_vec(), 400, 107),
+        ("wrong type", "/api/publish", with_key(JSON), br#"{"channel":5,"data":1}"#.to_vec(), 400, 107),
+        ("not an object", "/api/history", with_key(JSON), b"[1,2]".to_vec(), 400, 107),
+        ("empty body", "/api/online", with_key(JSON), Vec::new(), 400, 107),
+        ("batch not a list", "/api/batch", with_key(JSON), br#"{"commands":{}}"#.to_vec(), 400, 107),
+        ("unknown route", "/api/nope", with_key(JSON), b"{}".to_vec(), 404, 104),
+        ("too large", "/api/publish", with_key(JSON), vec![b' '; 5 << 20], 413, 112),
+    ];
+    for (what, path, headers, body, status, code) in cases {
+        let (s, head, resp) = http_raw(api, "POST", path, &headers, &body).await;
+        assert_eq!(s, status, "{what}: {resp}");
+        let (c, _) = assert_envelope(what, &head, &resp);
+        assert_eq!(c, code, "{what}: {resp}");
+    }
+    // A known route with the wrong method.
+    let (s, head, resp) = http_raw(api, "GET", "/api/publish", key, b"").await;
+    assert_eq!(s, 405, "{resp}");
+    assert_envelope("wrong method", &head, &resp);
+    // charset parameters are fine.
+    let (s, _, resp) =
+        http_raw(api, "POST", "/api/publish", &with_key("Content-Type: application/json; charset=utf-8\r\n"), good)
+            .await;
+    assert_eq!(s, 200, "{resp}");
+    // Batch items of the wrong shape get an error each; the rest run.
+    let cmds = br#"{"commands":["publish",{"params":{}},{"method":"history","params":{"channel":"a:1"}},{"method":"drop","params":{}}]}"#;
+    let (s, _, r) = http_raw(api, "POST", "/api/batch", &with_key(JSON), cmds).await;
+    assert_eq!(s, 200, "{r}");
+    let replies = r["replies"].as_array().unwrap();
+    assert_eq!(replies.len(), 4);
+    for i in [0, 1, 3] {
+        let (code, _) = assert_envelope(&format!("batch item {i}"), "content-type: application/json", &replies[i]);
+        assert!(code == 107 || code == 104, "{r}");
+    }
+    assert_eq!(replies[2]["result"]["publications"].as_array().map(Vec::len), Some(1), "{r}");
+}
+
+#[tokio::test]
+async fn an_api_key_reused_as_a_websocket_message_id_elsewhere_is_a_conflict() {
+    use ferry_core::codec;
+    use ferry_core::frame::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let srv = TestServer::start_with_api(test_config()).await;
+    let api = srv.api.unwrap();
+    // A WebSocket client publishes with message id "order-1" into a:1.
+    let mut ws = raw_ws(&srv.url(), Encoding::Json).await;
+    let frames = [
+        ClientFrame::Request {
+            id: 1,
+            cmd: Command::Connect(Connect {
+                version: PROTOCOL_VERSION,
+                token: "shop".into(),
+                device_id: "d".into(),
+                client: ClientVersion { name: "raw".into(), version: "0".into() },
+                subs: vec![],
+                compression: false,
+            }),
+        },
+        ClientFrame::Request {
+            id: 2,
+            cmd: Command::Publish {
+                channel: "a:1".into(),
+                message_id: "order-1".into(),
+                qos: Qos::AtLeastOnce,
+                payload: Payload { z: false, data: Bytes(b"1".to_vec()) },
+            },
+        },
+    ];
+    // `connect` must travel alone, so one message per frame.
+    for f in &frames {
+        let mut msg = Vec::new();
+        codec::encode_into(Encoding::Json, f, &mut msg);
+        ws.send(Message::Text(String::from_utf8(msg).unwrap().into())).await.unwrap();
+    }
+    let mut stored = false;
+    while !stored {
+        let m = tokio::time::timeout(T, ws.next()).await.expect("answer").expect("open").expect("ok");
+        assert!(!m.is_close(), "{m:?}");
+        if let Message::Text(t) = m {
+            for f in codec::decode_server(Encoding::Json, t.as_bytes(), 1 << 20).unwrap() {
+                stored |= matches!(f, ServerFrame::Reply { id: 2, outcome: Outcome::Ok(ReplyBody::Published { .. }) });
+            }
+        }
+    }
+    // The backend uses the same string as an idempotency key for another
+    // channel: 409, not a "duplicate" answer with a:1's offset.
+    let body = json!({"channel": "b:1", "data": 1, "idempotency_key": "order-1"});
+    let (s, r) = http(api, "POST", "/api/publish", Some(&body), None).await;
+    assert_eq!(s, 409, "{r}");
+    assert_eq!(r["error"]["code"], 107, "{r}");
+    let (_, h) = http(api, "POST", "/api/history", Some(&json!({"channel": "b:1"})), None).await;
+    assert_eq!(h["publications"], json!([]), "nothing stored on b:1: {h}");
+}

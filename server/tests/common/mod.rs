@@ -529,6 +529,34 @@ pub async fn http(
     (status, json)
 }
 
+/// One HTTP/1.1 request with raw headers and body; returns the status, the
+/// response head (lower-cased) and the body parsed as JSON (or a string).
+pub async fn http_raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // The server may answer (413) before reading a large body: a failed
+    // write is then expected, the answer is what counts.
+    let _ = s.write_all(body).await;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut raw)).await.expect("http answered");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status: u16 = text.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let json = serde_json::from_str(rest).unwrap_or(serde_json::Value::String(rest.to_string()));
+    (status, head.to_ascii_lowercase(), json)
+}
+
 /// A config for tests: small timings where a test needs them.
 pub fn test_config() -> Config {
     Config::default()
