@@ -172,7 +172,9 @@ async fn every_api_error_is_the_json_envelope_with_the_right_status() {
     let key = "Authorization: apikey k-1\r\n";
     let with_key = |extra: &str| format!("{key}{extra}");
     let good = br#"{"channel":"a:1","data":1}"#;
-    let cases: Vec<(&str, &str, String, Vec<u8>, u16, u64)> = vec![
+    // (what, path, headers, body, status, code)
+    type Case<'a> = (&'a str, &'a str, String, Vec<u8>, u16, u64);
+    let cases: Vec<Case> = vec![
         ("no key (checked before the body)", "/api/publish", JSON.to_string(), b"{oops".to_vec(), 401, 101),
         ("no Content-Type", "/api/publish", with_key(""), good.to_vec(), 415, 107),
         ("text/plain", "/api/publish", with_key("Content-Type: text/plain\r\n"), good.to_vec(), 415, 107),
