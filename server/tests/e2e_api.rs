@@ -16,31 +16,144 @@ fn spec() -> Value {
     serde_json::from_str(include_str!("../../docs/openapi.json")).unwrap()
 }
 
-#[tokio::test]
-async fn every_documented_route_answers_as_documented() {
-    let srv = TestServer::start_with_api(test_config()).await;
-    let api = srv.api.unwrap();
-    let spec = spec();
-    let paths = spec["paths"].as_object().unwrap();
-    assert!(paths.len() >= 12);
-    for (path, ops) in paths {
-        for (method, op) in ops.as_object().unwrap() {
-            let example = &op["requestBody"]["content"]["application/json"]["example"];
-            let body = if example.is_null() { None } else { Some(example) };
-            let (status, resp) = http(api, &method.to_uppercase(), path, body, None).await;
-            assert_eq!(status, 200, "{method} {path}: {resp}");
-            let schema = &op["responses"]["200"]["content"]["application/json"]["schema"];
-            for field in schema["required"].as_array().unwrap() {
-                let f = field.as_str().unwrap();
-                assert!(resp.get(f).is_some(), "{method} {path}: missing {f} in {resp}");
+/// Check `v` against an OpenAPI schema of docs/openapi.json: types, required
+/// fields present, no undocumented field. Records `Schema.field` for every
+/// documented field seen, so the caller can check that each one occurs.
+fn conforms(spec: &Value, schema: &Value, v: &Value, at: &str, seen: &mut std::collections::BTreeSet<String>) {
+    let (name, schema) = match schema["$ref"].as_str() {
+        Some(r) => {
+            let name = r.rsplit('/').next().unwrap();
+            (name.to_string(), &spec["components"]["schemas"][name])
+        }
+        None => (at.to_string(), schema),
+    };
+    assert!(!schema.is_null(), "{at}: dangling schema {name}");
+    if v.is_null() {
+        assert!(schema["nullable"] == json!(true), "{at}: null where {name} is not nullable");
+        return;
+    }
+    match schema["type"].as_str() {
+        Some("integer") => assert!(v.is_u64() || v.is_i64(), "{at}: {v} is not an integer"),
+        Some("string") => assert!(v.is_string(), "{at}: {v} is not a string"),
+        Some("boolean") => assert!(v.is_boolean(), "{at}: {v} is not a boolean"),
+        Some("array") => {
+            let items = v.as_array().unwrap_or_else(|| panic!("{at}: {v} is not an array"));
+            for (i, item) in items.iter().enumerate() {
+                conforms(spec, &schema["items"], item, &format!("{at}[{i}]"), seen);
+            }
+        }
+        Some("object") => {
+            let obj = v.as_object().unwrap_or_else(|| panic!("{at}: {v} is not an object"));
+            let props = schema["properties"].as_object();
+            for f in schema["required"].as_array().into_iter().flatten() {
+                let f = f.as_str().unwrap();
+                assert!(obj.contains_key(f), "{at}: documented required field {name}.{f} missing in {v}");
+            }
+            let open = schema["additionalProperties"] == json!(true);
+            for (k, fv) in obj {
+                match props.and_then(|p| p.get(k)) {
+                    Some(fs) => {
+                        seen.insert(format!("{name}.{k}"));
+                        conforms(spec, fs, fv, &format!("{at}.{k}"), seen);
+                    }
+                    None => assert!(open, "{at}: field {k:?} is returned but not documented in {name}: {v}"),
+                }
+            }
+        }
+        Some(other) => panic!("{at}: unexpected type {other}"),
+        None => {} // any value
+    }
+}
+
+/// Every field of every schema reachable from `schema`.
+fn documented(spec: &Value, schema: &Value, out: &mut std::collections::BTreeSet<String>) {
+    let (name, schema) = match schema["$ref"].as_str() {
+        Some(r) => {
+            let name = r.rsplit('/').next().unwrap();
+            (name, &spec["components"]["schemas"][name])
+        }
+        None => ("", schema),
+    };
+    if let Some(props) = schema["properties"].as_object() {
+        for (k, fs) in props {
+            if !name.is_empty() && schema["additionalProperties"] != json!(true) && out.insert(format!("{name}.{k}")) {
+                documented(spec, fs, out);
             }
         }
     }
+    if !schema["items"].is_null() {
+        documented(spec, &schema["items"], out);
+    }
+}
+
+#[tokio::test]
+async fn every_documented_route_answers_as_documented() {
+    use std::collections::BTreeSet;
+    let mut cfg = test_config();
+    cfg.api.keys = vec!["k-doc".into()];
+    let srv = TestServer::start_with_api(cfg).await;
+    let api = srv.api.unwrap();
+    let key = Some("k-doc");
+    let spec = spec();
+    assert_eq!(spec["components"]["securitySchemes"]["apiKey"]["type"], "apiKey");
+    assert_eq!(spec["components"]["securitySchemes"]["apiKey"]["name"], "Authorization");
+    // A subscriber that published JSON, so history shows a publisher and
+    // data, and presence lists a connection.
+    let mut c = TestClient::new(&srv.url(), TestClient::config("phone", "u7", Encoding::Json));
+    c.subscribe("news:eu", Qos::AtLeastOnce).await;
+    c.connect().await;
+    assert!(c.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Subscribed { .. }))).await);
+    c.publish("news:eu", br#"{"text":"from a client"}"#.to_vec(), Qos::AtLeastOnce).await;
+    assert!(c.run_until(T, |c| c.session.outbox_len() == 0).await);
+
+    let paths = spec["paths"].as_object().unwrap();
+    assert!(paths.len() >= 12);
+    let mut seen = BTreeSet::new();
+    let mut all = BTreeSet::new();
+    let response = |op: &Value, status: &str| op["responses"][status]["content"]["application/json"]["schema"].clone();
+    for (path, ops) in paths {
+        for (method, op) in ops.as_object().unwrap() {
+            let m = method.to_uppercase();
+            let example = &op["requestBody"]["content"]["application/json"]["example"];
+            let body = if example.is_null() { None } else { Some(example) };
+            let ok = response(op, "200");
+            documented(&spec, &ok, &mut all);
+            let (status, resp) = http(api, &m, path, body, key).await;
+            assert_eq!(status, 200, "{method} {path}: {resp}");
+            conforms(&spec, &ok, &resp, &format!("{method} {path}"), &mut seen);
+            if op["security"] == json!([]) {
+                continue; // open route (this document)
+            }
+            // Without the key: 401, as documented.
+            let (status, resp) = http(api, &m, path, body, None).await;
+            assert_eq!(status, 401, "{method} {path}: {resp}");
+            conforms(&spec, &response(op, "401"), &resp, &format!("{method} {path} 401"), &mut seen);
+            if method == "post" {
+                let (status, resp) = http(api, &m, path, Some(&json!({"zzz": 1})), key).await;
+                assert_eq!(status, 400, "{method} {path}: {resp}");
+                conforms(&spec, &response(op, "400"), &resp, &format!("{method} {path} 400"), &mut seen);
+            }
+        }
+    }
+    // Answers whose optional fields the examples do not reach.
+    let op = |path: &str| spec["paths"][path]["post"].clone();
+    let extra = [
+        ("/api/broadcast", json!({"channels": ["news:eu", "bad name"], "data": 1})),
+        ("/api/batch", json!({"commands": [{"method": "nope", "params": {}}]})),
+        ("/api/presence", json!({"channel": "news:eu", "limit": 1})),
+    ];
+    for (path, body) in extra {
+        let (status, resp) = http(api, "POST", path, Some(&body), key).await;
+        assert_eq!(status, 200, "{path}: {resp}");
+        conforms(&spec, &response(&op(path), "200"), &resp, path, &mut seen);
+    }
+    let never: Vec<_> = all.difference(&seen).collect();
+    assert!(never.is_empty(), "documented response fields never returned: {never:?}");
     // The served document is the committed one.
     let (_, served) = http(api, "GET", "/api/openapi.json", None, None).await;
     assert_eq!(served, spec);
     // An undocumented route does not exist.
-    let (status, _) = http(api, "POST", "/api/drop_everything", Some(&json!({})), None).await;
+    let (status, _) = http(api, "POST", "/api/drop_everything", Some(&json!({})), key).await;
     assert_eq!(status, 404);
 }
 
