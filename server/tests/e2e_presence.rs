@@ -113,3 +113,61 @@ async fn join_leave_with_grace_and_silent_connection_eviction() {
     assert_eq!(stats(&mut a).await, (2, 2));
     drop(carol);
 }
+
+/// PROTOCOL.md 11.1 and SERVER.md state one presence model; this test
+/// checks both say it and that the server does it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_are_per_connection_and_join_leave_per_user_as_both_documents_say() {
+    const MODEL: &str = "lists are per connection, join/leave events are per user";
+    let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ").replace("**", "").to_lowercase();
+    for (name, text) in
+        [("PROTOCOL.md", include_str!("../../docs/PROTOCOL.md")), ("SERVER.md", include_str!("../../docs/SERVER.md"))]
+    {
+        assert!(squash(text).contains(MODEL), "{name} must state the presence model: {MODEL:?}");
+    }
+
+    let mut cfg = test_config();
+    cfg.presence_grace_ms = 300;
+    cfg.namespaces.insert("room".into(), Namespace { join_leave: true, ..Namespace::default() });
+    let srv = TestServer::start(cfg).await;
+    let mut watcher = TestClient::new(&srv.url(), TestClient::config("w", "watcher", Encoding::Json));
+    watcher.subscribe("room:p", Qos::AtMostOnce).await;
+    watcher.connect().await;
+    assert!(watcher.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Subscribed { .. }))).await);
+    // Alice in two tabs, and two anonymous visitors.
+    let mut cs = vec![watcher];
+    for (device, token) in [("tab1", "alice"), ("tab2", "alice"), ("v1", ""), ("v2", "")] {
+        let mut c = TestClient::new(&srv.url(), TestClient::config(device, token, Encoding::Binary));
+        c.subscribe("room:p", Qos::AtMostOnce).await;
+        c.connect().await;
+        cs.push(c);
+    }
+    let subscribed = |c: &TestClient| c.events.iter().any(|e| matches!(e, Event::Subscribed { .. }));
+    assert!(run_all(&mut cs, T, |cs| cs.iter().all(subscribed) && joins(&cs[0], "") == 2).await);
+    let mut w = cs.remove(0);
+    // Events per user: one join for alice's two tabs, one per anonymous visitor.
+    assert_eq!(joins(&w, "alice"), 1);
+    // Lists per connection, each with its user; stats both ways.
+    let list = match w.call(Command::Presence { channel: "room:p".into() }).await.unwrap() {
+        ReplyBody::Presence { clients } => clients,
+        other => panic!("{other:?}"),
+    };
+    let mut users: Vec<&str> = list.iter().map(|c| c.user.as_str()).collect();
+    users.sort();
+    assert_eq!(users, ["", "", "alice", "alice", "watcher"]);
+    assert_eq!(stats(&mut w).await, (5, 4), "5 connections, 4 users (each anonymous one counts)");
+    // Alice closes one tab: nothing announced; the other: leave after the grace.
+    let mut tab2 = cs.remove(1);
+    let now = tab2.now();
+    tab2.session.disconnect(now);
+    tab2.run_for(Duration::from_millis(20)).await;
+    let mut tab1 = cs.remove(0);
+    let closed = Instant::now();
+    let now = tab1.now();
+    tab1.session.disconnect(now);
+    tab1.run_for(Duration::from_millis(20)).await;
+    assert!(w.run_until(T, |c| leaves(c, "alice") == 1).await);
+    assert!(closed.elapsed() >= Duration::from_millis(250), "leave only after the grace period");
+    assert_eq!(leaves(&w, "alice"), 1, "one leave for two tabs");
+    assert_eq!(stats(&mut w).await, (3, 3));
+}
