@@ -99,6 +99,11 @@ mkdir -p tests/out/consumer
 
 step "Node end-to-end (nodejs build)"
 node "${node_flags[@]}" tests/node.test.mjs
+step "Node without a global WebSocket (a setup error, not a retry loop)"
+# No --experimental-websocket here on purpose; Node >= 22 needs it turned off.
+no_ws_flags=()
+[ "$node_major" -ge 22 ] && no_ws_flags+=(--no-experimental-websocket)
+node "${no_ws_flags[@]}" tests/no-websocket.test.mjs
 step "bundler build (Node's ES-module wasm integration)"
 node "${node_flags[@]}" --experimental-wasm-modules --no-warnings=ExperimentalWarning tests/bundler.test.mjs
 step "mini-program adapter (wx.connectSocket shim) and React Native adapter (RN-shaped WebSocket)"

@@ -135,6 +135,10 @@ pub enum CloseCode {
     UnsupportedVersion = 3504,
     /// Too many connections or floods: do not reconnect automatically.
     Banned = 3505,
+    /// Client side, never on the wire: the host cannot open a transport at
+    /// all (no WebSocket implementation in this runtime). A setup error, so
+    /// retrying cannot help.
+    TransportUnavailable = 3506,
 }
 
 impl CloseCode {
@@ -156,6 +160,7 @@ impl CloseCode {
         CloseCode::ForceDisconnect,
         CloseCode::UnsupportedVersion,
         CloseCode::Banned,
+        CloseCode::TransportUnavailable,
     ];
 
     /// From the wire number.
@@ -190,6 +195,7 @@ impl CloseCode {
             CloseCode::ForceDisconnect => "disconnected",
             CloseCode::UnsupportedVersion => "unsupported protocol version",
             CloseCode::Banned => "banned",
+            CloseCode::TransportUnavailable => "no transport available",
         }
     }
 }

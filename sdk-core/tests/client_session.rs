@@ -1,6 +1,6 @@
 //! ClientSession rules, driven frame by frame by a hand-written server.
 
-use ferry_core::client::{ClientConfig, ClientSession, ConnectionState, Event, Input, Output};
+use ferry_core::client::{ClientConfig, ClientSession, ConnectionState, Event, Input, Output, PublishError};
 use ferry_core::codec::{self, Encoding};
 use ferry_core::frame::*;
 use ferry_core::{CloseCode, Instant};
@@ -294,4 +294,72 @@ fn token_channels_in_connected_become_subscriptions() {
     assert_eq!(subs, vec![("feed:news".to_string(), Qos::AtLeastOnce)]);
     // It is durable like any subscription: a restored session asks for it again.
     assert!(s.snapshot().subs.iter().any(|x| x.channel == "feed:news" && x.qos == Qos::AtLeastOnce));
+}
+
+fn states(o: &Out) -> Vec<ConnectionState> {
+    o.events.iter().filter_map(|e| if let Event::State(s) = e { Some(s.clone()) } else { None }).collect()
+}
+
+#[test]
+fn close_is_terminal_and_disconnect_is_a_pause() {
+    let (mut s, conn) = live();
+    // disconnect(): a pause, in Idle, and connect() resumes.
+    s.disconnect(Instant(10));
+    let o = drain(&mut s, Instant(10));
+    assert_eq!(o.closed, Some(CloseCode::Normal as u16));
+    assert_eq!(states(&o), [ConnectionState::Idle]);
+    s.handle_input(Instant(11), Input::TransportClosed { conn, code: Some(1000), reason: String::new() });
+    s.connect(Instant(20));
+    let o = drain(&mut s, Instant(20));
+    let conn = o.opened.expect("connect after disconnect opens a transport");
+    assert_eq!(states(&o), [ConnectionState::Connecting]);
+    s.handle_input(Instant(21), Input::TransportOpened { conn });
+    drain(&mut s, Instant(21));
+
+    // close(): the transport closes with 1000, the last state is Closed, and
+    // no reconnect follows, not on a late close event, a network change or
+    // any timer.
+    s.publish(Instant(30), "ch", b"kept".to_vec(), Qos::AtLeastOnce).unwrap();
+    drain(&mut s, Instant(30));
+    s.close(Instant(40));
+    let o = drain(&mut s, Instant(40));
+    let closed = ConnectionState::Closed { code: 1000, reason: "client closed".into() };
+    assert_eq!(o.closed, Some(1000));
+    assert_eq!(states(&o), std::slice::from_ref(&closed));
+    s.handle_input(Instant(41), Input::TransportClosed { conn, code: Some(1000), reason: String::new() });
+    s.handle_input(Instant(42), Input::NetworkChanged { online: true });
+    s.handle_input(Instant(1_000_000), Input::Timeout);
+    let o = drain(&mut s, Instant(1_000_000));
+    assert!(o.opened.is_none() && o.events.is_empty(), "{o:?}");
+    assert_eq!(s.state(), closed);
+    assert_eq!(s.publish(Instant(43), "ch", b"x".to_vec(), Qos::AtLeastOnce), Err(PublishError::Closed));
+    assert_eq!(s.snapshot().outbox.len(), 1, "the outbox is kept for the next session");
+    // Closing twice changes nothing.
+    s.close(Instant(44));
+    assert!(drain(&mut s, Instant(44)).events.is_empty());
+}
+
+#[test]
+fn a_missing_transport_closes_for_good_instead_of_retrying() {
+    let mut cfg = ClientConfig::new("dev");
+    cfg.encoding = Encoding::Json;
+    let mut s = ClientSession::new(cfg, 1);
+    let t = Instant(0);
+    s.connect(t);
+    let conn = drain(&mut s, t).opened.expect("asks to open");
+    s.handle_input(t, Input::TransportUnavailable { conn, reason: "no global WebSocket".into() });
+    let o = drain(&mut s, t);
+    let code = CloseCode::TransportUnavailable as u16;
+    assert!(o.events.contains(&Event::Disconnected { code, reason: "no global WebSocket".into(), reconnect: false }));
+    assert_eq!(states(&o), [ConnectionState::Closed { code, reason: "no global WebSocket".into() }]);
+    assert_eq!(s.poll_output(t), Output::Timeout(None), "no reconnect timer");
+    s.handle_input(Instant(60_000), Input::Timeout);
+    s.handle_input(Instant(60_001), Input::NetworkChanged { online: true });
+    assert!(drain(&mut s, Instant(60_001)).opened.is_none(), "no further attempt");
+    // An input about another transport does not count.
+    let mut s2 = ClientSession::new(ClientConfig::new("dev"), 1);
+    s2.connect(t);
+    let conn2 = drain(&mut s2, t).opened.unwrap();
+    s2.handle_input(t, Input::TransportUnavailable { conn: conn2 + 1, reason: "stale".into() });
+    assert_eq!(s2.state(), ConnectionState::Connecting);
 }

@@ -419,10 +419,13 @@ impl FerryClient {
         self.client.unacked().await
     }
 
-    /// Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
-    /// then disconnect. Returns the message ids still unacknowledged; they
-    /// stay in durable storage and the next client with the same storage
-    /// sends them. Named `shutdown` in Kotlin (see the type's documentation).
+    /// Stop for good: wait up to `flush_ms` (default 1000) for the outbox to
+    /// drain, then close the connection. The state ends in `Closed` (code
+    /// 1000, reason "client closed"), the last state listeners get; later
+    /// calls fail with `Closed`. Returns the message ids still
+    /// unacknowledged; they stay in durable storage and the next client with
+    /// the same storage sends them. Named `shutdown` in Kotlin (see the
+    /// type's documentation).
     #[uniffi::method(default(flush_ms = 1000))]
     pub async fn close(&self, flush_ms: u64) -> Vec<String> {
         self.client.close(ms(flush_ms)).await.unacked

@@ -166,7 +166,7 @@ pub struct FfiGap {
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Enum)]
 #[uniffi(name = "ConnectionState")]
 pub enum FfiConnectionState {
-    /// Not started, or stopped.
+    /// Not started yet (`connect` not called).
     Idle,
     /// Waiting for the token provider.
     WaitingToken,
@@ -183,7 +183,9 @@ pub enum FfiConnectionState {
     },
     /// Offline (the app reported no network, or went to the background).
     Offline,
-    /// Stopped for good by a terminal close; will not reconnect.
+    /// Stopped for good; will not reconnect: after `close` (code 1000,
+    /// reason "client closed"; the last state listeners get), or after a
+    /// terminal close code from the server (3500-3999).
     Closed {
         /// Close code.
         code: u16,

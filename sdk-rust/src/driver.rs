@@ -142,9 +142,10 @@ impl Driver {
                 c = cmds.recv() => match c {
                     Some(c) => self.on_cmd(c),
                     None => {
-                        // Every handle is gone: stop cleanly.
+                        // Every handle is gone: stop cleanly, for good (a
+                        // state watcher may outlive the handles).
                         let now = self.now();
-                        self.session.disconnect(now);
+                        self.session.close(now);
                         self.closing = true;
                     }
                 },
@@ -244,7 +245,9 @@ impl Driver {
                 let _ = reply.send(self.session.snapshot().outbox.into_iter().map(|r| r.message_id).collect());
             }
             Cmd::Close { reply } => {
-                self.session.disconnect(now);
+                // Terminal: the last state the app sees is Closed, not a
+                // pausable Idle (this client cannot connect again).
+                self.session.close(now);
                 let unacked = self.session.snapshot().outbox.into_iter().map(|r| r.message_id).collect();
                 let _ = reply.send(unacked);
                 for (_, r) in self.publishes.drain() {

@@ -362,7 +362,8 @@ impl Client {
     }
 
     /// Start connecting; the client then reconnects by itself until
-    /// [`Client::close`] or a terminal close code.
+    /// [`Client::close`] or a terminal close code (both end in
+    /// [`ConnectionState::Closed`]).
     pub fn connect(&self) {
         let _ = self.send(Cmd::Connect);
     }
@@ -456,8 +457,12 @@ impl Client {
         rx.await.unwrap_or_default()
     }
 
-    /// Close: wait up to `flush` for the outbox to drain, then disconnect.
-    /// Whatever is still unacknowledged stays in durable storage.
+    /// Close for good: wait up to `flush` for the outbox to drain, then
+    /// close the connection and stop. The state ends in
+    /// [`ConnectionState::Closed`] `{ code: 1000, reason: "client closed" }`
+    /// (the last value [`Client::state`] watchers see); later calls fail
+    /// with [`Error::Closed`]. Whatever is still unacknowledged stays in
+    /// durable storage for the next client.
     pub async fn close(&self, flush: Duration) -> CloseReport {
         let end = tokio::time::Instant::now() + flush;
         while tokio::time::Instant::now() < end {

@@ -209,3 +209,29 @@ async fn state_is_kept_in_files_by_default() {
     assert_eq!(saved.outbox.len(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn close_ends_in_the_closed_state() {
+    let srv = server_at(temp("close"), "127.0.0.1:0").await;
+    let c = Client::builder(&srv.url).device_id("d-close").memory_storage().build().unwrap();
+    let mut st = c.state();
+    c.connect();
+    tokio::time::timeout(T, st.wait_for(|s| *s == ConnectionState::Connected)).await.unwrap().unwrap();
+    let seen = tokio::spawn(async move {
+        // Every state after Connected, until the driver is gone (the watch
+        // sender drops when the client's task ends, which close() awaits).
+        let mut states = Vec::new();
+        while st.changed().await.is_ok() {
+            states.push(st.borrow_and_update().clone());
+        }
+        states
+    });
+    c.close(Duration::from_millis(100)).await;
+    let states = tokio::time::timeout(T, seen).await.expect("the driver ends after close").unwrap();
+    let closed = ConnectionState::Closed { code: 1000, reason: "client closed".into() };
+    assert_eq!(states.last(), Some(&closed), "states after close: {states:?}");
+    assert_eq!(*c.state().borrow(), closed);
+    // Closed for good: nothing more is accepted.
+    assert_eq!(c.publish("ch:1", b"late".to_vec(), Qos::AtLeastOnce).await, Err(Error::Closed));
+    srv.stop().await;
+}

@@ -7,7 +7,14 @@ export type Qos = 0 | 1 | 2;
 /** A payload: bytes as they are, or any JSON-serialisable value (sent as UTF-8 JSON text). */
 export type PayloadInput = Uint8Array | ArrayBuffer | ArrayBufferView | unknown;
 
-/** Stable error codes of {@link FerryError}. */
+/**
+ * Stable error codes of {@link FerryError}. `config` is a setup error: the
+ * client cannot work as configured here (no global WebSocket and no
+ * `transport` option, e.g. Node 20 without `--experimental-websocket`);
+ * `connect()` rejects with it and the client ends `closed` without retrying.
+ * `no_transport` is what a transport adapter factory or `open` throws when
+ * its platform API is missing (the client turns it into `config`).
+ */
 export type FerryErrorCode =
   | 'outbox_full'
   | 'expired'
@@ -21,6 +28,7 @@ export type FerryErrorCode =
   | 'bad_payload'
   | 'bad_qos'
   | 'no_transport'
+  | 'config'
   | 'no_storage'
   | 'storage'
   | 'token'
@@ -90,7 +98,12 @@ export interface PublishAck {
   duplicate: boolean;
 }
 
-/** Connection states. */
+/**
+ * Connection states. `idle`: not started, or paused by `disconnect()`
+ * (`connect()` resumes). `closed`: the terminal state, no reconnect: after
+ * `close()` (code 1000, reason 'client closed'), a terminal close code from
+ * the server (3500-3999), or no transport here (3506, with a `config` error).
+ */
 export type ConnectionStateName =
   | 'idle'
   | 'waiting_token'
@@ -295,9 +308,17 @@ export class FerryClient {
   readonly deviceId?: string;
   /** The current connection state. */
   readonly state: ConnectionStateName;
-  /** Start connecting; the client reconnects by itself until `disconnect`. */
-  connect(): void;
-  /** Disconnect without reconnecting; queued publishes stay queued. */
+  /**
+   * Start connecting; the client reconnects by itself until `disconnect` or
+   * `close`. Resolves once connecting has started (not once connected: use
+   * the `connected` event); with `getToken` and no `token`, once the first
+   * token came (or when `disconnect`/`close` call it off). Rejects at once
+   * with a {@link FerryError} of code `config` when no transport can be
+   * opened here (state `closed` with code 3506, no retry), with `closed`
+   * after `close()`, and with the start error if the client could not start.
+   */
+  connect(): Promise<void>;
+  /** Pause: disconnect without reconnecting (state `idle`); queued publishes stay queued; `connect()` resumes. */
   disconnect(): void;
   /** Report a network change (online: reconnect at once). Browsers do this by themselves. */
   networkChanged(online: boolean): void;
@@ -315,7 +336,11 @@ export class FerryClient {
   presenceStats(channel: string): Promise<{ clients: number; users: number }>;
   /** Message ids of QoS 1/2 publishes not yet acknowledged. */
   outbox(): string[];
-  /** Disconnect and release the client for good. */
+  /**
+   * Stop for good and release the client: the last `state` event is
+   * `closed` (code 1000, reason 'client closed'); later calls reject with
+   * `closed`. Queued QoS 1/2 publishes stay in the storage adapter.
+   */
   close(): void;
 }
 

@@ -43,6 +43,13 @@ function toError(e) {
   return new FerryError('internal', e instanceof Error ? e.message : String(e));
 }
 
+/** The close code of the `closed` state when no transport can be opened here (PROTOCOL.md 12.2). */
+const CLOSE_TRANSPORT_UNAVAILABLE = 3506;
+
+function configError(reason) {
+  return new FerryError('config', `cannot connect: ${reason}`);
+}
+
 // ---- payloads ----------------------------------------------------------
 
 const encoder = typeof TextEncoder !== 'undefined' ? new TextEncoder() : null;
@@ -90,6 +97,7 @@ export function webSocketTransport(WebSocketImpl) {
     open(url, protocol) {
       const Ctor = WebSocketImpl ?? globalThis.WebSocket;
       if (typeof Ctor !== 'function') {
+        // The driver treats this code as a setup error: connect() rejects with 'config'.
         throw new FerryError('no_transport', 'no global WebSocket (Node 20: run with --experimental-websocket)');
       }
       const ws = new Ctor(url, protocol);
@@ -314,6 +322,8 @@ export class FerryClient {
     this._state = { type: 'state', state: 'idle' };
     this._needToken = false;
     this._connectWanted = false;
+    // connect() promises waiting for the first token from getToken.
+    this._connectWaiters = [];
     this._unhook = [];
     this.ready = this._start();
     // A failed start is reported as an 'error' event; `ready` still rejects
@@ -383,7 +393,14 @@ export class FerryClient {
           if (this._closed || !this._driver) return;
           this._needToken = false;
           this._driver.setToken(String(t));
-          if (this._connectWanted) this._driver.connect();
+          const waiters = this._connectWaiters;
+          this._connectWaiters = [];
+          if (this._connectWanted) {
+            const err = this._startConnecting(this._driver);
+            for (const w of waiters) err ? w.reject(err) : w.resolve();
+          } else {
+            for (const w of waiters) w.resolve();
+          }
         },
         (e) => {
           if (this._closed) return;
@@ -452,17 +469,49 @@ export class FerryClient {
     return this._state.state;
   }
 
-  /** Start connecting (and keep reconnecting until `disconnect`). */
+  /**
+   * Start connecting (and keep reconnecting until `disconnect` or `close`).
+   * Resolves once connecting has started (not once connected: watch the
+   * `connected` event); with `getToken` and no `token`, once the first token
+   * came. Rejects at once with `FerryError` code `config` when no transport
+   * can be opened here (no global WebSocket and no `transport` option): the
+   * client is then `closed` and does not retry. Also rejects with `closed`
+   * when called after `close()`, and with the start error if the client
+   * failed to start. One waiting for its first token resolves when
+   * `disconnect()` or `close()` call it off.
+   */
   connect() {
-    this._do((d) => {
-      if (this._needToken) this._connectWanted = true;
-      else d.connect();
+    return new Promise((resolve, reject) => {
+      this.ready.catch((e) => reject(toError(e)));
+      this._do((d) => {
+        if (this._needToken) {
+          this._connectWanted = true;
+          this._connectWaiters.push({ resolve, reject });
+          return;
+        }
+        const err = this._startConnecting(d);
+        err ? reject(err) : resolve();
+      });
     });
   }
 
-  /** Close the connection without reconnecting; queued publishes stay queued. */
+  // Tell the driver to connect; a setup error is known by the time it
+  // returns (the driver tries to open the transport at once).
+  _startConnecting(d) {
+    d.connect();
+    const s = d.state();
+    return s.state === 'closed' && s.code === CLOSE_TRANSPORT_UNAVAILABLE ? configError(s.reason) : null;
+  }
+
+  /**
+   * Pause: close the connection without reconnecting (state `idle`); queued
+   * publishes stay queued and `connect()` resumes.
+   */
   disconnect() {
     this._connectWanted = false;
+    const waiters = this._connectWaiters;
+    this._connectWaiters = [];
+    for (const w of waiters) w.resolve();
     this._do((d) => d.disconnect());
   }
 
@@ -561,7 +610,12 @@ export class FerryClient {
     return this._driver ? this._driver.outbox() : [];
   }
 
-  /** Disconnect and release everything; the client cannot be used again. */
+  /**
+   * Stop for good and release everything: the last `state` event is
+   * `closed` (code 1000, reason 'client closed'); the client cannot be used
+   * again (calls reject with `closed`). Queued QoS 1/2 publishes stay in the
+   * storage adapter for the next client.
+   */
   close() {
     if (this._closed) return;
     this._closed = true;
@@ -578,8 +632,12 @@ export class FerryClient {
     const err = new FerryError('closed', 'client closed');
     for (const p of this._publishes.values()) p.reject(err);
     for (const c of this._calls.values()) c.reject(err);
+    // A connect() still waiting for its first token was called off, like by
+    // disconnect(): nothing failed, so it resolves.
+    for (const w of this._connectWaiters) w.resolve();
     this._publishes.clear();
     this._calls.clear();
+    this._connectWaiters = [];
   }
 
   _onEvent(ev) {
@@ -604,6 +662,8 @@ export class FerryClient {
         this._state = ev;
         this._emit('state', ev);
         if (ev.state === 'connected') this._emit('connected', ev);
+        // Also for apps that do not await connect(): a setup error must be seen.
+        if (ev.state === 'closed' && ev.code === CLOSE_TRANSPORT_UNAVAILABLE) this._emit('error', configError(ev.reason));
         return;
       case 'ack': {
         const p = this._publishes.get(ev.messageId);

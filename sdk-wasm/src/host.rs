@@ -90,17 +90,38 @@ impl Clock {
     }
 }
 
+/// Why a transport did not open.
+pub enum OpenError {
+    /// There is no transport here at all (a setup error: retrying cannot help).
+    Unavailable(String),
+    /// This attempt failed; a later one may succeed.
+    Failed(JsValue),
+}
+
 /// The default transport: the global `WebSocket`, binary messages as ArrayBuffer.
-pub fn open_websocket(url: &str, protocol: &str) -> Result<Socket, JsValue> {
-    let ctor = Reflect::get(&js_sys::global(), &"WebSocket".into())?;
+pub fn open_websocket(url: &str, protocol: &str) -> Result<Socket, OpenError> {
+    let ctor = Reflect::get(&js_sys::global(), &"WebSocket".into()).map_err(OpenError::Failed)?;
     if !ctor.is_function() {
-        return Err(JsValue::from_str(
-            "no global WebSocket here: pass a transport adapter (Node 20 needs --experimental-websocket)",
+        return Err(OpenError::Unavailable(
+            "no global WebSocket here: pass a transport adapter (Node 20 needs --experimental-websocket)".into(),
         ));
     }
-    let ws = web_sys::WebSocket::new_with_str(url, protocol)?;
+    let ws = web_sys::WebSocket::new_with_str(url, protocol).map_err(OpenError::Failed)?;
     ws.set_binary_type(web_sys::BinaryType::Arraybuffer);
     Ok(ws.unchecked_into())
+}
+
+/// A transport adapter's `open`: an error whose `code` is `no_transport` or
+/// `config` (what `webSocketTransport` throws without a WebSocket) means
+/// there is no transport here; anything else fails this attempt only.
+pub fn open_with(t: &Transport, url: &str, protocol: &str) -> Result<Socket, OpenError> {
+    t.open(url, protocol).map_err(|e| {
+        let code = Reflect::get(&e, &"code".into()).ok().and_then(|c| c.as_string());
+        match code.as_deref() {
+            Some("no_transport" | "config") => OpenError::Unavailable(describe(&e)),
+            _ => OpenError::Failed(e),
+        }
+    })
 }
 
 /// The bytes of a message event (`{ data: ArrayBuffer | string }`).

@@ -68,6 +68,8 @@ enum HostInput {
     Opened(ConnId),
     Message(ConnId, Vec<u8>),
     Closed(ConnId, Option<u16>, String),
+    /// No transport can be opened here at all (a setup error).
+    Unavailable(ConnId, String),
     Timer,
     Saved(Result<(), String>),
 }
@@ -151,6 +153,8 @@ struct Inner {
     events_covered: usize,
     /// How many leading `events` may be handed over at the end of this step.
     events_ready: usize,
+    /// `close()` is running: events go at once, not after a write.
+    closing: bool,
 }
 
 /// The low-level driver behind `FerryClient`: owns one `ClientSession`,
@@ -168,7 +172,8 @@ struct Inner {
 /// gets it again on the next start and has never shown it, rather than
 /// showing it twice. `close()` releases at once the events the write in
 /// flight covers (it still commits) and drops later ones, which the next
-/// start receives again. A failed write is reported as a
+/// start receives again; the `closed` state event that ends the session
+/// always comes. A failed write is reported as a
 /// `storage_error` event and the frames go anyway (the state then survives
 /// only in memory).
 #[wasm_bindgen]
@@ -281,6 +286,7 @@ impl Driver {
                 events: Vec::new(),
                 events_covered: 0,
                 events_ready: 0,
+                closing: false,
             }),
             inbox: RefCell::new(VecDeque::new()),
             events: RefCell::new(VecDeque::new()),
@@ -395,10 +401,10 @@ impl Driver {
         i.saving || i.dirty
     }
 
-    /// Stop: disconnect, cancel the timer, unhook the transport, and hand
-    /// over the events the storage write in flight covers.
+    /// Stop for good: hand over the events the storage write in flight
+    /// covers, close the session (its last event is the `closed` state),
+    /// cancel the timer and unhook the transport.
     pub fn close(&self) {
-        self.shared.step(|i, now| i.session.disconnect(now));
         // The write in flight still commits, and nothing would deliver what it
         // covers again, so the app sees that now. Later events are dropped:
         // no write will store their positions (the driver is going away), so
@@ -411,10 +417,14 @@ impl Driver {
             i.events_ready = 0;
             let waiting = i.events.drain(..covered).collect();
             i.events.clear();
+            i.closing = true;
             waiting
         };
         self.shared.events.borrow_mut().extend(waiting);
-        self.shared.deliver();
+        // What closing itself reports (the `closed` state, failed calls)
+        // depends on no durable state, so `closing` lets it through even
+        // while a write is in flight.
+        self.shared.step(|i, now| i.session.close(now));
         let mut i = self.shared.inner.borrow_mut();
         if let Some(t) = i.timer.take() {
             host::clear_timeout(&t.handle);
@@ -535,6 +545,9 @@ impl Inner {
                 }
                 self.session.handle_input(now, Input::TransportClosed { conn, code, reason });
             }
+            HostInput::Unavailable(conn, reason) => {
+                self.session.handle_input(now, Input::TransportUnavailable { conn, reason });
+            }
             HostInput::Timer => {
                 self.timer = None;
                 self.session.handle_input(now, Input::Timeout);
@@ -588,6 +601,8 @@ impl Inner {
         }
         if !self.saving {
             self.flush(self.held.len());
+        }
+        if !self.saving || self.closing {
             self.events_ready = self.events.len();
         }
     }
@@ -700,15 +715,20 @@ impl Inner {
         }
         let proto = self.encoding.subprotocol();
         let socket = match &self.transport {
-            Some(t) => t.open(&self.url, proto),
+            Some(t) => host::open_with(t, &self.url, proto),
             None => host::open_websocket(&self.url, proto),
         };
         let socket = match socket {
             Ok(s) => s,
             Err(e) => {
-                let reason = format!("cannot open transport: {}", host::describe(&e));
+                let input = match e {
+                    host::OpenError::Unavailable(reason) => HostInput::Unavailable(conn, reason),
+                    host::OpenError::Failed(e) => {
+                        HostInput::Closed(conn, None, format!("cannot open transport: {}", host::describe(&e)))
+                    }
+                };
                 if let Some(s) = self.weak.upgrade() {
-                    s.inbox.borrow_mut().push_back(HostInput::Closed(conn, None, reason));
+                    s.inbox.borrow_mut().push_back(input);
                 }
                 return;
             }

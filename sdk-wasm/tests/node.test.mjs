@@ -102,6 +102,41 @@ test('nodejs build: publish at QoS 0/1/2, receive, history, presence, typed erro
   }
 });
 
+test('close() ends in the terminal closed state; disconnect() pauses in idle and connect() resumes', async () => {
+  const srv = await FerryServer.start();
+  const x = client(srv.url, 'carol');
+  const states = [];
+  x.c.on('state', (s) => states.push(s));
+  try {
+    await x.c.connect();
+    await until(x.c, () => x.c.state === 'connected', 'connected');
+    x.c.disconnect();
+    assert.equal(states.at(-1).state, 'idle', 'disconnect() is a pause');
+    await x.c.connect();
+    await until(x.c, () => x.c.state === 'connected', 'connected again after disconnect()');
+    const before = states.length;
+    x.c.close();
+    assert.deepEqual(
+      states.slice(before).map((s) => s.state),
+      ['closed'],
+      'close() ends in closed, with no idle on the way',
+    );
+    assert.equal(states.at(-1).code, 1000);
+    assert.equal(states.at(-1).reason, 'client closed');
+    assert.equal(x.c.state, 'closed');
+    await assert.rejects(x.c.publish('news', { late: true }, { qos: 1 }), (e) => e.code === 'closed');
+    await assert.rejects(x.c.connect(), (e) => e.code === 'closed');
+    // Nothing follows the terminal state (a pending timer or socket event
+    // would come within a macrotask turn or two).
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(states.at(-1).state, 'closed');
+    assert.deepEqual(x.errors, []);
+  } finally {
+    x.c.close();
+    await srv.stop();
+  }
+});
+
 test('nodejs build: outbox survives a client restart (memoryStorage) and a server kill -9', async () => {
   const srv = await FerryServer.start();
   const storage = memoryStorage();

@@ -529,7 +529,7 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_ferry_ffi_checksum_method_ferryclient_app_foreground() != 32097:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_ferry_ffi_checksum_method_ferryclient_close() != 19750:
+    if lib.uniffi_ferry_ffi_checksum_method_ferryclient_close() != 38704:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_ferry_ffi_checksum_method_ferryclient_connect() != 12929:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -2399,7 +2399,7 @@ class ConnectionState:
     @dataclass
     class IDLE:
         """
-        Not started, or stopped.
+        Not started yet (`connect` not called).
 """
         
         def __init__(self, ):
@@ -2547,7 +2547,9 @@ class ConnectionState:
     @dataclass
     class CLOSED:
         """
-        Stopped for good by a terminal close; will not reconnect.
+        Stopped for good; will not reconnect: after `close` (code 1000,
+        reason "client closed"; the last state listeners get), or after a
+        terminal close code from the server (3500-3999).
 """
         
         def __init__(self, code:int, reason:str):
@@ -3819,10 +3821,13 @@ class FerryClientProtocol(typing.Protocol):
         raise NotImplementedError
     async def close(self, flush_ms: int = 1000) -> typing.List[str]:
         """
-        Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
-        then disconnect. Returns the message ids still unacknowledged; they
-        stay in durable storage and the next client with the same storage
-        sends them. Named `shutdown` in Kotlin (see the type's documentation).
+        Stop for good: wait up to `flush_ms` (default 1000) for the outbox to
+        drain, then close the connection. The state ends in `Closed` (code
+        1000, reason "client closed"), the last state listeners get; later
+        calls fail with `Closed`. Returns the message ids still
+        unacknowledged; they stay in durable storage and the next client with
+        the same storage sends them. Named `shutdown` in Kotlin (see the
+        type's documentation).
 """
         raise NotImplementedError
     async def connect(self, ) -> None:
@@ -3992,10 +3997,13 @@ class FerryClient(FerryClientProtocol):
         return _uniffi_lift_return(_uniffi_ffi_result)
     async def close(self, flush_ms: int = 1000) -> typing.List[str]:
         """
-        Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
-        then disconnect. Returns the message ids still unacknowledged; they
-        stay in durable storage and the next client with the same storage
-        sends them. Named `shutdown` in Kotlin (see the type's documentation).
+        Stop for good: wait up to `flush_ms` (default 1000) for the outbox to
+        drain, then close the connection. The state ends in `Closed` (code
+        1000, reason "client closed"), the last state listeners get; later
+        calls fail with `Closed`. Returns the message ids still
+        unacknowledged; they stay in durable storage and the next client with
+        the same storage sends them. Named `shutdown` in Kotlin (see the
+        type's documentation).
 """
         
         _UniffiFfiConverterUInt64.check_lower(flush_ms)

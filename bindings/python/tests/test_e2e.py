@@ -393,5 +393,22 @@ class E2E(unittest.IsolatedAsyncioTestCase):
         )
 
 
+    async def test_close_ends_in_the_closed_state(self):
+        srv = self.server()
+        gina = self.client(srv.url, config("gina-phone", "gina"))
+        states = Recorder()
+        observer = gina.observe_state(states)
+        await gina.connect()
+        await until(states, lambda r: isinstance(r.of("state")[-1], CS.CONNECTED), "connected")
+        self.assertEqual(await gina.close(0), [])
+        # close() returns once the driver has stopped; the observer's last
+        # call is the final state.
+        await until(states, lambda r: not isinstance(r.of("state")[-1], CS.CONNECTED), "a state after close")
+        self.assertEqual(states.of("state")[-1], CS.CLOSED(code=1000, reason="client closed"))
+        self.assertEqual(gina.state(), CS.CLOSED(code=1000, reason="client closed"))
+        with self.assertRaises(FerryError.Closed):
+            await gina.publish("chat:late", b"after close", Qos.AT_LEAST_ONCE)
+        observer.cancel()
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

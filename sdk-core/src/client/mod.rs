@@ -157,6 +157,16 @@ pub enum Input<'a> {
         /// Close reason or error text.
         reason: String,
     },
+    /// The host cannot open transport `conn`, nor any other: there is no
+    /// WebSocket implementation (or no usable one) in this runtime. A setup
+    /// error, not a network one, so the session closes for good with
+    /// [`CloseCode::TransportUnavailable`] instead of retrying.
+    TransportUnavailable {
+        /// Which transport.
+        conn: ConnId,
+        /// What the host found missing.
+        reason: String,
+    },
     /// A deadline from [`Output::Timeout`] passed.
     Timeout,
     /// The network changed; `online` says whether there is one now.
@@ -200,7 +210,8 @@ pub enum Output {
 /// Connection state as the app sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConnectionState {
-    /// Not started, or stopped by [`ClientSession::disconnect`].
+    /// Not started, or paused by [`ClientSession::disconnect`] (a later
+    /// `connect` resumes).
     Idle,
     /// Waiting for the host to supply a token.
     WaitingToken,
@@ -217,7 +228,9 @@ pub enum ConnectionState {
     },
     /// The host reported no network.
     Offline,
-    /// Stopped for good by a terminal close; will not reconnect.
+    /// Stopped for good: by the app ([`ClientSession::close`], code 1000),
+    /// by a terminal close code from the server, or because no transport
+    /// can be opened here (3506). Does not reconnect by itself.
     Closed {
         /// Close code.
         code: u16,
@@ -676,12 +689,34 @@ impl ClientSession {
         }
     }
 
-    /// Close by the app's wish: no reconnect. The outbox is kept (see
-    /// [`Self::snapshot`]); calls in progress fail.
+    /// Pause by the app's wish: no reconnect until the next
+    /// [`Self::connect`]; the state becomes [`ConnectionState::Idle`]. The
+    /// outbox is kept (see [`Self::snapshot`]); calls in progress fail.
     pub fn disconnect(&mut self, now: Instant) {
         self.drop_transport(now, CloseCode::Normal as u16, "client disconnect".into());
         self.timers.clear(Timer::Reconnect as usize);
         self.set_state(State::Idle);
+        self.arm_outbox_timers(now);
+    }
+
+    /// The app is done with this session: close the transport (code 1000)
+    /// and end in [`ConnectionState::Closed`] `{ code: 1000, reason: "client
+    /// closed" }`, the terminal state: no reconnect, and the host may stop
+    /// driving it. Publishes then fail with [`PublishError::Closed`]; the
+    /// outbox stays in [`Self::snapshot`] for the next session. A session
+    /// already closed (say by a terminal code from the server) keeps that
+    /// state and its code. Unlike [`Self::disconnect`], this is not a pause.
+    pub fn close(&mut self, now: Instant) {
+        if matches!(self.state, State::Closed { .. }) {
+            return;
+        }
+        let code = CloseCode::Normal as u16;
+        self.drop_transport(now, code, "client closed".into());
+        self.token_pending = false;
+        self.token_requested = false;
+        self.timers.clear(Timer::Reconnect as usize);
+        self.set_state(State::Closed { code, reason: "client closed".into() });
+        // As after any terminal close: only outbox expiry stays armed.
         self.arm_outbox_timers(now);
     }
 
@@ -843,6 +878,12 @@ impl ClientSession {
             Input::TransportOpened { conn } => self.on_open(now, conn),
             Input::TransportMessage { conn, data } => self.on_message(now, conn, data),
             Input::TransportClosed { conn, code, reason } => self.on_closed(now, conn, code, reason),
+            Input::TransportUnavailable { conn, reason } => {
+                if self.current_conn() == Some(conn) {
+                    let code = CloseCode::TransportUnavailable as u16;
+                    self.after_close(now, code, reason, false, false);
+                }
+            }
             Input::Timeout => self.on_timeout(now),
             Input::NetworkChanged { online } => self.on_network(now, online),
         }

@@ -28,7 +28,10 @@ const sub = client.subscribe('chat:lobby', {
   onJoin: (who) => console.log(`${who.user} joined`),
   onGap: (g) => console.log(g.reason, g.to.offset),
 });
-client.connect();
+// A setup error (no WebSocket here) rejects connect() with code 'config'.
+client.connect().catch((e: FerryError) => {
+  if (e.code === 'config') console.error('no transport:', e.message);
+});
 
 async function send(): Promise<number> {
   try {

@@ -632,10 +632,13 @@ public protocol FerryClientProtocol: AnyObject, Sendable {
     func appForeground() 
     
     /**
-     * Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
-     * then disconnect. Returns the message ids still unacknowledged; they
-     * stay in durable storage and the next client with the same storage
-     * sends them. Named `shutdown` in Kotlin (see the type's documentation).
+     * Stop for good: wait up to `flush_ms` (default 1000) for the outbox to
+     * drain, then close the connection. The state ends in `Closed` (code
+     * 1000, reason "client closed"), the last state listeners get; later
+     * calls fail with `Closed`. Returns the message ids still
+     * unacknowledged; they stay in durable storage and the next client with
+     * the same storage sends them. Named `shutdown` in Kotlin (see the
+     * type's documentation).
      */
     func close(flushMs: UInt64) async  -> [String]
     
@@ -820,10 +823,13 @@ open func appForeground()  {try! rustCall() {
 }
     
     /**
-     * Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
-     * then disconnect. Returns the message ids still unacknowledged; they
-     * stay in durable storage and the next client with the same storage
-     * sends them. Named `shutdown` in Kotlin (see the type's documentation).
+     * Stop for good: wait up to `flush_ms` (default 1000) for the outbox to
+     * drain, then close the connection. The state ends in `Closed` (code
+     * 1000, reason "client closed"), the last state listeners get; later
+     * calls fail with `Closed`. Returns the message ids still
+     * unacknowledged; they stay in durable storage and the next client with
+     * the same storage sends them. Named `shutdown` in Kotlin (see the
+     * type's documentation).
      */
 open func close(flushMs: UInt64 = UInt64(1000))async  -> [String]  {
     return
@@ -3149,7 +3155,7 @@ public func FfiConverterTypeSubscribeOptions_lower(_ value: SubscribeOptions) ->
 public enum ConnectionState: Equatable, Hashable {
     
     /**
-     * Not started, or stopped.
+     * Not started yet (`connect` not called).
      */
     case idle
     /**
@@ -3180,7 +3186,9 @@ public enum ConnectionState: Equatable, Hashable {
      */
     case offline
     /**
-     * Stopped for good by a terminal close; will not reconnect.
+     * Stopped for good; will not reconnect: after `close` (code 1000,
+     * reason "client closed"; the last state listeners get), or after a
+     * terminal close code from the server (3500-3999).
      */
     case closed(
         /**
@@ -4158,7 +4166,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_ferry_ffi_checksum_method_ferryclient_app_foreground() != 32097) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_ferry_ffi_checksum_method_ferryclient_close() != 19750) {
+    if (uniffi_ferry_ffi_checksum_method_ferryclient_close() != 38704) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_ferry_ffi_checksum_method_ferryclient_connect() != 12929) {

@@ -1066,7 +1066,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_ferry_ffi_checksum_method_ferryclient_app_foreground() and 0xFFFF) != 32097) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_ferry_ffi_checksum_method_ferryclient_close() and 0xFFFF) != 19750) {
+    if ((lib.uniffi_ferry_ffi_checksum_method_ferryclient_close() and 0xFFFF) != 38704) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_ferry_ffi_checksum_method_ferryclient_connect() and 0xFFFF) != 12929) {
@@ -1662,10 +1662,13 @@ public interface FerryClientInterface {
     fun `appForeground`()
     
     /**
-     * Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
-     * then disconnect. Returns the message ids still unacknowledged; they
-     * stay in durable storage and the next client with the same storage
-     * sends them. Named `shutdown` in Kotlin (see the type's documentation).
+     * Stop for good: wait up to `flush_ms` (default 1000) for the outbox to
+     * drain, then close the connection. The state ends in `Closed` (code
+     * 1000, reason "client closed"), the last state listeners get; later
+     * calls fail with `Closed`. Returns the message ids still
+     * unacknowledged; they stay in durable storage and the next client with
+     * the same storage sends them. Named `shutdown` in Kotlin (see the
+     * type's documentation).
      */
     suspend fun `shutdown`(`flushMs`: kotlin.ULong = 1000uL): List<kotlin.String>
     
@@ -1909,10 +1912,13 @@ open class FerryClient: Disposable, AutoCloseable, FerryClientInterface
 
     
     /**
-     * Stop: wait up to `flush_ms` (default 1000) for the outbox to drain,
-     * then disconnect. Returns the message ids still unacknowledged; they
-     * stay in durable storage and the next client with the same storage
-     * sends them. Named `shutdown` in Kotlin (see the type's documentation).
+     * Stop for good: wait up to `flush_ms` (default 1000) for the outbox to
+     * drain, then close the connection. The state ends in `Closed` (code
+     * 1000, reason "client closed"), the last state listeners get; later
+     * calls fail with `Closed`. Returns the message ids still
+     * unacknowledged; they stay in durable storage and the next client with
+     * the same storage sends them. Named `shutdown` in Kotlin (see the
+     * type's documentation).
      */
     @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
     override suspend fun `shutdown`(`flushMs`: kotlin.ULong) : List<kotlin.String> {
@@ -4441,7 +4447,7 @@ public object FfiConverterTypeSubscribeOptions: FfiConverterRustBuffer<Subscribe
 sealed class ConnectionState {
     
     /**
-     * Not started, or stopped.
+     * Not started yet (`connect` not called).
      */
     object Idle : ConnectionState()
     
@@ -4490,7 +4496,9 @@ sealed class ConnectionState {
     
     
     /**
-     * Stopped for good by a terminal close; will not reconnect.
+     * Stopped for good; will not reconnect: after `close` (code 1000,
+     * reason "client closed"; the last state listeners get), or after a
+     * terminal close code from the server (3500-3999).
      */
     data class Closed(
         /**
