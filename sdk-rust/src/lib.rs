@@ -251,6 +251,18 @@ impl ClientBuilder {
                 Arc::new(FileStorage::in_dir(&dir, &self.cfg.device_id).map_err(|e| Error::Storage(e.to_string()))?)
             }
         };
+        // A URL that cannot be used is a setup error, reported here once
+        // instead of retried forever as if the network were down.
+        {
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            if !(self.url.starts_with("ws://") || self.url.starts_with("wss://")) {
+                return Err(Error::Config(format!("server URL {:?}: must start with ws:// or wss://", self.url)));
+            }
+            self.url
+                .as_str()
+                .into_client_request()
+                .map_err(|e| Error::Config(format!("server URL {:?}: {e}", self.url)))?;
+        }
         let tls = if self.url.starts_with("wss://") {
             Some(driver::tls_config(&self.extra_roots).map_err(Error::Config)?)
         } else {

@@ -235,3 +235,11 @@ async fn close_ends_in_the_closed_state() {
     assert_eq!(c.publish("ch:1", b"late".to_vec(), Qos::AtLeastOnce).await, Err(Error::Closed));
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn an_unusable_server_url_is_a_setup_error_not_a_reconnect_loop() {
+    for url in ["http://127.0.0.1:9/ws", "127.0.0.1:9", "ws://", "ws://bad host/ws"] {
+        let r = Client::builder(url).device_id("dev:url").memory_storage().build();
+        assert!(matches!(&r, Err(Error::Config(m)) if m.contains("server URL")), "{url}: {:?}", r.as_ref().err());
+    }
+}
