@@ -301,6 +301,7 @@ export interface HistoryResult {
 
 /** A Ferry client. */
 export class FerryClient {
+  /** Throws `FerryError` code `config` when `url` is not `ws://host...` or `wss://host...`. */
   constructor(url: string, options?: FerryClientOptions);
   /** Resolves once the wasm module, stored state and first token are loaded. */
   readonly ready: Promise<void>;

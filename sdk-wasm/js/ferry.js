@@ -309,6 +309,11 @@ const CHANNEL_EVENTS = new Set(['publication', 'join', 'leave', 'gap', 'subscrib
  */
 export class FerryClient {
   constructor(url, options = {}) {
+    // A URL no transport can open is a setup error: say so now instead of
+    // retrying it forever as if the network were down.
+    if (typeof url !== 'string' || !/^wss?:\/\/[^\s/?#]+/i.test(url)) {
+      throw new FerryError('config', `server URL ${JSON.stringify(url)}: must be ws://host/... or wss://host/...`);
+    }
     this.url = url;
     this.options = options;
     this._listeners = new Map();

@@ -89,3 +89,15 @@ test('no global WebSocket: connect() rejects at once with code config, the clien
     await srv.stop();
   }
 });
+
+test('a server URL that is not ws:// or wss:// is refused at construction with code config', () => {
+  for (const url of ['http://127.0.0.1:9/ws', '127.0.0.1:9', 'ws://', 'ws:// spaced/ws', undefined]) {
+    assert.throws(
+      () => new FerryClient(url, { deviceId: 'url-check' }),
+      (e) => e instanceof FerryError && e.code === 'config',
+      String(url),
+    );
+  }
+  const ok = new FerryClient('ws://127.0.0.1:9/ws', { deviceId: 'url-check' });
+  ok.close();
+});
