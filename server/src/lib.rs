@@ -19,6 +19,7 @@ pub mod auth;
 pub mod channel;
 pub mod config;
 pub mod conn;
+pub mod engine;
 pub mod http_client;
 pub mod hub;
 pub mod metrics;

@@ -1,0 +1,602 @@
+//! The Redis stream engine: a channel's stream, message ids and offline
+//! cursors in Redis, shared by every node (docs/CLUSTER.md section 3).
+//!
+//! Design: a publish batch for one channel is one Lua script, so offset
+//! assignment, dedup, append, retention and the fan-out message are one
+//! atomic step on the Redis shard that owns the channel (all its keys share
+//! the hash tag `{<channel>}`). Message ids are unique server-wide, so each
+//! is first claimed under its own key (`SET NX`); a claim for the same
+//! channel and digest goes on to the script, whose per-channel id key gives
+//! the original offset. A node dying between the two steps leaves only the
+//! claim, and the client's retry completes the publish.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ferry_core::frame::{ClientInfo, Payload, Publication, Qos};
+use ferry_core::ErrorCode;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use serde::{Deserialize, Serialize};
+
+use super::{hex, EngineError, Known, PublishItem, Retention};
+use crate::store::StreamHeader;
+
+/// `[redis]` settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]` URLs: one = a standalone Redis (or a
+    /// primary); several = seed nodes of a Redis Cluster.
+    pub urls: Vec<String>,
+    /// Key prefix (default `ferry`), so several deployments can share one Redis.
+    pub prefix: String,
+    /// `leader` (acknowledged once the primary has the write) or
+    /// `replicated` (also after `WAIT 1` confirmed a replica).
+    pub durability: Durability,
+}
+
+/// When a publish counts as stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// The primary accepted the write.
+    #[default]
+    Leader,
+    /// The primary accepted it and `WAIT 1` saw a replica confirm it.
+    Replicated,
+}
+
+/// The outcome of one publish in a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored now at this position.
+    New {
+        /// Epoch.
+        epoch: String,
+        /// Offset.
+        offset: u64,
+    },
+    /// A retry of a publish stored earlier, at this position.
+    Duplicate {
+        /// Epoch (of the first store; may be an earlier epoch).
+        epoch: String,
+        /// Offset.
+        offset: u64,
+    },
+    /// The id belongs to another publish (another channel or other data):
+    /// error 107 with [`ferry_core::MESSAGE_ID_REUSED`].
+    Conflict,
+}
+
+/// A batch as the script committed it.
+#[derive(Clone, Debug)]
+pub struct BatchResult {
+    /// The stream after the batch.
+    pub header: StreamHeader,
+    /// Per publish, in order.
+    pub items: Vec<Appended>,
+}
+
+/// What each log entry stores besides its offset, epoch and time.
+#[derive(Serialize, Deserialize)]
+struct ItemRec {
+    message_id: String,
+    qos: u8,
+    publisher: Option<ClientInfo>,
+    data: Vec<u8>,
+}
+
+/// One fan-out message as nodes receive it from Redis pub/sub.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FanOut {
+    /// Channel.
+    pub channel: String,
+    /// The publications stored by one script call, in offset order.
+    pub publications: Vec<Publication>,
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Run `$body` with `$c` bound to a connection of either kind.
+macro_rules! on_conn {
+    ($self:ident, |$c:ident| $body:expr) => {
+        match $self.conn.clone() {
+            Conn::Single(mut $c) => $body,
+            Conn::Cluster(mut $c) => $body,
+        }
+    };
+}
+
+/// How long an id is remembered (QoS 0/1, and QoS 2 after release), ms.
+const ID_TTL_MS: u64 = crate::hub::DEDUP_WINDOW_MS;
+/// How long an unreleased QoS 2 id is held at most, ms.
+const QOS2_TTL_MS: u64 = crate::hub::QOS2_HOLD_MS;
+
+/// The publish script (docs/CLUSTER.md section 3). KEYS: meta, log, fan-out
+/// channel, then one id key per publish. ARGV: fresh epoch, known epoch,
+/// known top, history size, id TTL, QoS 2 TTL, now, publish command, then
+/// per publish: digest, QoS, record.
+const PUBLISH_LUA: &str = r#"
+local meta, log, fan = KEYS[1], KEYS[2], KEYS[3]
+local fresh, known_epoch, known_top = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local keep, ttl1, ttl2 = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local now, pubcmd = ARGV[7], ARGV[8]
+local h = redis.call('HMGET', meta, 'epoch', 'first', 'top')
+local epoch, first, top = h[1], tonumber(h[2]), tonumber(h[3])
+if not epoch or not first or not top then
+  -- A missing stream (never written, flushed, or lost): a fresh epoch,
+  -- so no client position from before can be taken as valid.
+  epoch, first, top = fresh, 1, 0
+  redis.call('DEL', log)
+elseif known_epoch == epoch and known_top > top then
+  -- A node saw offsets this stream no longer has: its tail was lost.
+  epoch, first, top = fresh, top + 1, top
+  redis.call('DEL', log)
+end
+local out = {}
+local fanout = {}
+local n = #KEYS - 3
+for i = 1, n do
+  local idkey = KEYS[3 + i]
+  local dg, q, rec = ARGV[6 + i * 3], ARGV[7 + i * 3], ARGV[8 + i * 3]
+  local prev = redis.call('GET', idkey)
+  if prev then
+    local e, o, d = string.match(prev, '^([^|]*)|(%d+)|(.*)$')
+    if d ~= dg then
+      out[#out + 1] = {'conflict', '', '0'}
+    else
+      out[#out + 1] = {'dup', e, o}
+    end
+  else
+    top = top + 1
+    redis.call('XADD', log, tostring(top) .. '-1', 'e', epoch, 't', now, 'r', rec)
+    local ttl = ttl1
+    if q == '2' then ttl = ttl2 end
+    redis.call('SET', idkey, epoch .. '|' .. tostring(top) .. '|' .. dg, 'PX', ttl)
+    out[#out + 1] = {'new', epoch, tostring(top)}
+    fanout[#fanout + 1] = tostring(top) .. ':' .. tostring(#rec) .. ':' .. rec
+  end
+end
+if top - first + 1 > keep then
+  first = top + 1 - keep
+  redis.call('XTRIM', log, 'MINID', tostring(first))
+end
+redis.call('HSET', meta, 'epoch', epoch, 'first', first, 'top', top)
+if #fanout > 0 then
+  redis.call(pubcmd, fan, epoch .. '\n' .. now .. '\n' .. table.concat(fanout))
+end
+return {epoch, tostring(first), tostring(top), out}
+"#;
+
+/// Release: the ids go back to the ordinary window (never lengthened).
+const RELEASE_LUA: &str = r#"
+for i = 1, #KEYS do
+  local t = redis.call('PTTL', KEYS[i])
+  if t > tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+end
+return 1
+"#;
+
+/// Stream engine on Redis, standalone or Cluster.
+#[derive(Clone)]
+pub struct RedisStreams {
+    conn: Conn,
+    prefix: String,
+    durability: Durability,
+    publish: std::sync::Arc<redis::Script>,
+    release: std::sync::Arc<redis::Script>,
+}
+
+fn unavailable(e: redis::RedisError) -> EngineError {
+    EngineError::Unavailable(e.to_string())
+}
+
+/// A channel or id inside a key: hash tags must not be cut short by a
+/// brace in the name, so `{`, `}` and `%` are percent-encoded.
+fn tag(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    for ch in s.chars() {
+        match ch {
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            '%' => out.push_str("%25"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn untag(s: &str) -> String {
+    s.replace("%7B", "{").replace("%7D", "}").replace("%25", "%")
+}
+
+impl RedisStreams {
+    /// Connect: one URL = standalone, several = Cluster seed nodes.
+    pub async fn connect(cfg: &RedisConfig) -> Result<Self, EngineError> {
+        let conn = match cfg.urls.as_slice() {
+            [] => return Err(EngineError::Unavailable("no [redis] urls".into())),
+            [one] => {
+                let client = redis::Client::open(one.as_str()).map_err(unavailable)?;
+                let mc = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(5)))
+                    .set_response_timeout(Some(Duration::from_secs(5)))
+                    .set_number_of_retries(1);
+                Conn::Single(ConnectionManager::new_with_config(client, mc).await.map_err(unavailable)?)
+            }
+            many => {
+                let client = redis::cluster::ClusterClient::builder(many.iter().map(String::as_str))
+                    .connection_timeout(Duration::from_secs(5))
+                    .response_timeout(Duration::from_secs(5))
+                    .build()
+                    .map_err(unavailable)?;
+                Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
+            }
+        };
+        let prefix = if cfg.prefix.is_empty() { "ferry".to_string() } else { cfg.prefix.clone() };
+        Ok(RedisStreams {
+            conn,
+            prefix,
+            durability: cfg.durability,
+            publish: std::sync::Arc::new(redis::Script::new(PUBLISH_LUA)),
+            release: std::sync::Arc::new(redis::Script::new(RELEASE_LUA)),
+        })
+    }
+
+    fn key(&self, channel: &str, what: &str) -> String {
+        format!("{}:{{{}}}:{what}", self.prefix, tag(channel))
+    }
+
+    /// The pub/sub channel carrying a channel's fan-out messages.
+    pub fn fan_channel(&self, channel: &str) -> String {
+        self.key(channel, "fan")
+    }
+
+    /// The channel a fan-out pub/sub channel name belongs to.
+    pub fn channel_of_fan(&self, fan: &str) -> Option<String> {
+        let rest = fan.strip_prefix(&self.prefix)?.strip_prefix(":{")?.strip_suffix("}:fan")?;
+        Some(untag(rest))
+    }
+
+    fn id_key(&self, channel: &str, id: &str) -> String {
+        self.key(channel, &format!("id:{}", tag(id)))
+    }
+
+    fn claim_key(&self, id: &str) -> String {
+        format!("{}:mid:{{{}}}", self.prefix, tag(id))
+    }
+
+    fn cursor_key(&self, user: &str, device: &str, channel: &str) -> String {
+        format!("{}:cur:{{{}}}:{}:{}", self.prefix, tag(user), tag(device), tag(channel))
+    }
+
+    /// Append a batch of publishes to one channel: dedup, offsets, retention
+    /// and fan-out in one atomic script (after claiming each id). `known`
+    /// is this node's last view of the stream, to notice a lost tail.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        retention: Retention,
+        known: Option<&Known>,
+        items: &[PublishItem],
+        now_ms: u64,
+        fresh_epoch: &str,
+    ) -> Result<BatchResult, EngineError> {
+        // Claim every id server-wide; a claim held by another publish
+        // refuses that item before the channel is touched.
+        let mut conflict = vec![false; items.len()];
+        {
+            let claims: Vec<redis::Cmd> = items
+                .iter()
+                .map(|it| {
+                    let ttl = if it.qos == Qos::ExactlyOnce { QOS2_TTL_MS } else { ID_TTL_MS };
+                    let claim = format!("{}|{}", tag(channel), hex(&it.digest));
+                    let mut cmd = redis::cmd("SET");
+                    cmd.arg(self.claim_key(&it.message_id)).arg(claim).arg("NX").arg("PX").arg(ttl).arg("GET");
+                    cmd
+                })
+                .collect();
+            let prev: Vec<Option<String>> = match self.conn.clone() {
+                Conn::Single(mut c) => {
+                    let mut pipe = redis::pipe();
+                    for cmd in claims {
+                        pipe.add_command(cmd);
+                    }
+                    pipe.query_async(&mut c).await.map_err(unavailable)?
+                }
+                // Claims live on the shards of their ids: one command each,
+                // all in flight together.
+                Conn::Cluster(c) => {
+                    let calls = claims.into_iter().map(|cmd| {
+                        let mut c = c.clone();
+                        async move { cmd.query_async::<Option<String>>(&mut c).await }
+                    });
+                    futures_util::future::join_all(calls)
+                        .await
+                        .into_iter()
+                        .collect::<Result<_, _>>()
+                        .map_err(unavailable)?
+                }
+            };
+            for (i, (p, it)) in prev.iter().zip(items).enumerate() {
+                if let Some(p) = p {
+                    conflict[i] = *p != format!("{}|{}", tag(channel), hex(&it.digest));
+                }
+            }
+        }
+        let todo: Vec<&PublishItem> = items.iter().zip(&conflict).filter(|(_, c)| !**c).map(|(it, _)| it).collect();
+        let mut inv = self.publish.prepare_invoke();
+        inv.key(self.key(channel, "meta")).key(self.key(channel, "log")).key(self.fan_channel(channel));
+        for it in &todo {
+            inv.key(self.id_key(channel, &it.message_id));
+        }
+        let (known_epoch, known_top) = known.map(|k| (k.epoch.as_str(), k.top)).unwrap_or(("", 0));
+        let pubcmd = match self.conn {
+            Conn::Single(_) => "PUBLISH",
+            Conn::Cluster(_) => "SPUBLISH",
+        };
+        inv.arg(fresh_epoch)
+            .arg(known_epoch)
+            .arg(known_top)
+            .arg(retention.history_size.max(1))
+            .arg(ID_TTL_MS)
+            .arg(QOS2_TTL_MS)
+            .arg(now_ms)
+            .arg(pubcmd);
+        for it in &todo {
+            let rec = ItemRec {
+                message_id: it.message_id.clone(),
+                qos: it.qos.as_u8(),
+                publisher: it.publisher.clone(),
+                data: it.data.clone(),
+            };
+            let rec = postcard::to_allocvec(&rec).expect("encoding a record cannot fail");
+            inv.arg(hex(&it.digest)).arg(it.qos.as_u8()).arg(rec);
+        }
+        type Reply = (String, String, String, Vec<(String, String, String)>);
+        let (epoch, first, top, out): Reply =
+            on_conn!(self, |c| inv.invoke_async(&mut c).await.map_err(unavailable)?);
+        if self.durability == Durability::Replicated && !todo.is_empty() {
+            self.wait_replica(&self.key(channel, "meta")).await?;
+        }
+        let num = |s: &str| s.parse::<u64>().map_err(|_| EngineError::Corrupt(format!("not a number: {s:?}")));
+        let header = StreamHeader { epoch, first: num(&first)?, top: num(&top)? };
+        let mut results = out.into_iter();
+        let mut items_out = Vec::with_capacity(items.len());
+        for c in conflict {
+            if c {
+                items_out.push(Appended::Conflict);
+                continue;
+            }
+            let (kind, epoch, offset) = results.next().ok_or_else(|| EngineError::Corrupt("short reply".into()))?;
+            items_out.push(match kind.as_str() {
+                "new" => Appended::New { epoch, offset: num(&offset)? },
+                "dup" => Appended::Duplicate { epoch, offset: num(&offset)? },
+                _ => Appended::Conflict,
+            });
+        }
+        Ok(BatchResult { header, items: items_out })
+    }
+
+    /// `WAIT 1` on the primary that took `key`'s writes: a replica
+    /// confirmed them, or a temporary error.
+    async fn wait_replica(&self, key: &str) -> Result<(), EngineError> {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(1).arg(1000);
+        let n: i64 = match self.conn.clone() {
+            Conn::Single(mut c) => cmd.query_async(&mut c).await.map_err(unavailable)?,
+            Conn::Cluster(mut c) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = Route::new(slot(key.as_bytes()), SlotAddr::Master);
+                let v = c
+                    .route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)))
+                    .await
+                    .map_err(unavailable)?;
+                redis::from_redis_value(v).map_err(|e| EngineError::Unavailable(e.to_string()))?
+            }
+        };
+        if n < 1 {
+            return Err(EngineError::Unavailable("no replica confirmed the write in time (WAIT 1)".into()));
+        }
+        Ok(())
+    }
+
+    /// The stream header, if the stream exists.
+    pub async fn header(&self, channel: &str) -> Result<Option<StreamHeader>, EngineError> {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.key(channel, "meta")).arg("epoch").arg("first").arg("top");
+        let (e, f, t): (Option<String>, Option<u64>, Option<u64>) =
+            on_conn!(self, |c| cmd.query_async(&mut c).await.map_err(unavailable)?);
+        Ok(match (e, f, t) {
+            (Some(epoch), Some(first), Some(top)) => Some(StreamHeader { epoch, first, top }),
+            _ => None,
+        })
+    }
+
+    /// Publications with offsets `from..`, ascending: at most `limit`, and
+    /// no more once `max_bytes` of payload are read (always at least one).
+    /// Entries of another epoch than the stream's are left out.
+    pub async fn range(
+        &self,
+        channel: &str,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Publication>, EngineError> {
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(self.key(channel, "log")).arg(format!("{from}-0")).arg("+").arg("COUNT").arg(limit.max(1));
+        type Entry = (String, HashMap<String, redis::Value>);
+        let entries: Vec<Entry> = on_conn!(self, |c| cmd.query_async(&mut c).await.map_err(unavailable)?);
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (id, fields) in entries {
+            if out.len() >= limit || (bytes >= max_bytes && !out.is_empty()) {
+                break;
+            }
+            let p = decode_entry(channel, &id, &fields)?;
+            bytes += p.payload.data.0.len();
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    /// QoS 2 second step: the id (claim and per-channel key) falls back to
+    /// the ordinary window.
+    pub async fn release(&self, channel: &str, message_id: &str) -> Result<(), EngineError> {
+        // The two keys may live on different cluster shards: one call each.
+        for key in [self.claim_key(message_id), self.id_key(channel, message_id)] {
+            let mut inv = self.release.prepare_invoke();
+            inv.key(key).arg(ID_TTL_MS);
+            let _: i64 = on_conn!(self, |c| inv.invoke_async(&mut c).await.map_err(unavailable)?);
+        }
+        Ok(())
+    }
+
+    /// The channel a message id was claimed for (to release it).
+    pub async fn claimed_channel(&self, message_id: &str) -> Result<Option<String>, EngineError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.claim_key(message_id));
+        let v: Option<String> = on_conn!(self, |c| cmd.query_async(&mut c).await.map_err(unavailable)?);
+        Ok(v.and_then(|v| v.split_once('|').map(|(c, _)| untag(c))))
+    }
+
+    /// Write an offline cursor.
+    pub async fn put_cursor(
+        &self,
+        user: &str,
+        device: &str,
+        channel: &str,
+        epoch: &str,
+        offset: u64,
+    ) -> Result<(), EngineError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.cursor_key(user, device, channel)).arg(format!("{epoch}|{offset}"));
+        let _: () = on_conn!(self, |c| cmd.query_async(&mut c).await.map_err(unavailable)?);
+        Ok(())
+    }
+
+    /// Read an offline cursor.
+    pub async fn cursor(&self, user: &str, device: &str, channel: &str) -> Result<Option<(String, u64)>, EngineError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.cursor_key(user, device, channel));
+        let v: Option<String> = on_conn!(self, |c| cmd.query_async(&mut c).await.map_err(unavailable)?);
+        Ok(v.and_then(|v| {
+            let (e, o) = v.rsplit_once('|')?;
+            Some((e.to_string(), o.parse().ok()?))
+        }))
+    }
+
+    /// Decode a fan-out message received on `fan`.
+    pub fn decode_fanout(&self, fan: &str, payload: &[u8]) -> Result<FanOut, EngineError> {
+        let channel = self.channel_of_fan(fan).ok_or_else(|| EngineError::Corrupt(format!("fan-out channel {fan}")))?;
+        let bad = || EngineError::Corrupt("fan-out message".into());
+        let (epoch, rest) = split_once(payload, b'\n').ok_or_else(bad)?;
+        let (time, mut rest) = split_once(rest, b'\n').ok_or_else(bad)?;
+        let epoch = String::from_utf8(epoch.to_vec()).map_err(|_| bad())?;
+        let time_ms: u64 = std::str::from_utf8(time).ok().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+        let mut publications = Vec::new();
+        while !rest.is_empty() {
+            let (offset, r) = split_once(rest, b':').ok_or_else(bad)?;
+            let (len, r) = split_once(r, b':').ok_or_else(bad)?;
+            let offset: u64 = std::str::from_utf8(offset).ok().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+            let len: usize = std::str::from_utf8(len).ok().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+            if r.len() < len {
+                return Err(bad());
+            }
+            let (rec, r) = r.split_at(len);
+            publications.push(to_publication(&channel, &epoch, offset, time_ms, rec)?);
+            rest = r;
+        }
+        Ok(FanOut { channel, publications })
+    }
+}
+
+/// Redis Cluster hash slot of a key (CRC16/XMODEM of its hash tag).
+fn slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter().position(|b| *b == b'}').filter(|close| *close > 0).map(|close| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for b in tagged {
+        crc ^= (*b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % 16384
+}
+
+fn split_once(b: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
+    let i = b.iter().position(|x| *x == sep)?;
+    Some((&b[..i], &b[i + 1..]))
+}
+
+fn to_publication(
+    channel: &str,
+    epoch: &str,
+    offset: u64,
+    time_ms: u64,
+    rec: &[u8],
+) -> Result<Publication, EngineError> {
+    let r: ItemRec = postcard::from_bytes(rec).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+    Ok(Publication {
+        channel: channel.to_string(),
+        epoch: epoch.to_string(),
+        offset,
+        message_id: r.message_id,
+        qos: Qos::from_u8(r.qos).unwrap_or(Qos::AtMostOnce),
+        publisher: r.publisher,
+        time_ms,
+        payload: Payload { z: false, data: r.data.into() },
+    })
+}
+
+fn decode_entry(channel: &str, id: &str, fields: &HashMap<String, redis::Value>) -> Result<Publication, EngineError> {
+    let bad = |what: &str| EngineError::Corrupt(format!("log entry {id}: {what}"));
+    let offset: u64 = id.split_once('-').and_then(|(o, _)| o.parse().ok()).ok_or_else(|| bad("id"))?;
+    let field = |name: &str| -> Result<Vec<u8>, EngineError> {
+        match fields.get(name) {
+            Some(redis::Value::BulkString(b)) => Ok(b.clone()),
+            Some(redis::Value::SimpleString(s)) => Ok(s.clone().into_bytes()),
+            _ => Err(bad(name)),
+        }
+    };
+    let epoch = String::from_utf8(field("e")?).map_err(|_| bad("epoch"))?;
+    let time_ms = String::from_utf8(field("t")?).ok().and_then(|t| t.parse().ok()).ok_or_else(|| bad("time"))?;
+    to_publication(channel, &epoch, offset, time_ms, &field("r")?)
+}
+
+/// The error a publish gets for a conflicting id.
+pub fn conflict_error(message_id: &str) -> ferry_core::frame::ErrorReply {
+    ferry_core::frame::ErrorReply::with_message(
+        ErrorCode::BadRequest,
+        format!(
+            "{}: {message_id:?} was published into another channel or with other data; use a fresh id",
+            ferry_core::MESSAGE_ID_REUSED
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_with_braces_keep_one_hash_tag() {
+        assert_eq!(tag("a{b}c%"), "a%7Bb%7Dc%25");
+        assert_eq!(untag(&tag("a{b}c%7B")), "a{b}c%7B");
+        // Known values from the Redis Cluster specification.
+        assert_eq!(slot(b"123456789"), 0x31C3, "CRC16/XMODEM check value, below 16384");
+        assert_eq!(slot(b"{user1000}.following"), slot(b"{user1000}.followers"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+    }
+}

@@ -1,0 +1,299 @@
+//! The Redis stream engine against real `redis-server` processes on
+//! loopback ports: a standalone server, and a 3-primary Redis Cluster.
+//! Two engine instances stand for two Ferry nodes sharing one Redis.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ferry_core::frame::{ClientInfo, Qos};
+use ferry_server::engine::redis::{Appended, Durability, RedisConfig, RedisStreams};
+use ferry_server::engine::{EngineError, Known, PublishItem, Retention};
+
+/// A private `redis-server` child, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Redis {
+    fn start(extra: &[&str]) -> Redis {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("ferry-redis-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", dir.to_str().unwrap()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("redis-server is installed (scripts/test-all.sh installs it)");
+        // Ready once it says so (bounded by the lines it prints).
+        let out = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(out).lines();
+        let mut ready = false;
+        for _ in 0..200 {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("Ready to accept connections") => {
+                    ready = true;
+                    break;
+                }
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+        assert!(ready, "redis-server on port {port} did not start");
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Redis { child, port, dir }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn item(id: &str, data: &[u8], qos: Qos, user: &str) -> PublishItem {
+    use sha2::Digest;
+    let full = sha2::Sha256::digest(data);
+    let mut digest = [0; 16];
+    digest.copy_from_slice(&full[..16]);
+    PublishItem {
+        message_id: id.into(),
+        digest,
+        qos,
+        publisher: Some(ClientInfo { client: format!("c-{user}"), user: user.into(), info: None }),
+        data: data.to_vec(),
+    }
+}
+
+const KEEP: Retention = Retention { history_size: 1000 };
+
+async fn node(urls: Vec<String>) -> RedisStreams {
+    RedisStreams::connect(&RedisConfig { urls, ..RedisConfig::default() }).await.unwrap()
+}
+
+fn offsets(r: &[Appended]) -> Vec<String> {
+    r.iter()
+        .map(|a| match a {
+            Appended::New { offset, .. } => format!("new {offset}"),
+            Appended::Duplicate { offset, .. } => format!("dup {offset}"),
+            Appended::Conflict => "conflict".into(),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn two_nodes_share_offsets_ids_and_history() {
+    let redis = Redis::start(&[]);
+    let a = node(vec![redis.url()]).await;
+    let b = node(vec![redis.url()]).await;
+    let batch = [item("m1", b"one", Qos::AtLeastOnce, "u1"), item("m2", b"two", Qos::ExactlyOnce, "u1")];
+    let r = a.publish("chat:1", KEEP, None, &batch, 1000, "e1").await.unwrap();
+    assert_eq!(offsets(&r.items), ["new 1", "new 2"]);
+    assert_eq!((r.header.epoch.as_str(), r.header.first, r.header.top), ("e1", 1, 2));
+    // A retry on the other node is a duplicate; a reuse is refused, on this
+    // channel (other data), on another channel, and inside one batch.
+    let again = [
+        item("m2", b"two", Qos::ExactlyOnce, "u1"),
+        item("m1", b"other", Qos::AtLeastOnce, "u2"),
+        item("m3", b"three", Qos::AtLeastOnce, "u2"),
+        item("m3", b"three", Qos::AtLeastOnce, "u2"),
+    ];
+    let r = b.publish("chat:1", KEEP, None, &again, 2000, "ignored").await.unwrap();
+    assert_eq!(offsets(&r.items), ["dup 2", "conflict", "new 3", "dup 3"]);
+    assert_eq!(r.header.epoch, "e1", "an existing stream keeps its epoch");
+    let r = b.publish("chat:2", KEEP, None, &[item("m1", b"one", Qos::AtLeastOnce, "u1")], 2000, "e2").await.unwrap();
+    assert_eq!(offsets(&r.items), ["conflict"], "ids are unique across channels");
+    assert_eq!(b.header("chat:2").await.unwrap().map(|h| h.top), Some(0), "nothing stored on chat:2");
+    // History, read from either node, in order with publisher and data.
+    let h = a.range("chat:1", 1, 100, usize::MAX).await.unwrap();
+    let got: Vec<(u64, &str, &[u8], &str)> = h
+        .iter()
+        .map(|p| {
+            (p.offset, p.message_id.as_str(), p.payload.data.0.as_slice(), p.publisher.as_ref().unwrap().user.as_str())
+        })
+        .collect();
+    assert_eq!(got, [(1, "m1", &b"one"[..], "u1"), (2, "m2", b"two", "u1"), (3, "m3", b"three", "u2")]);
+    assert_eq!(h[2].time_ms, 2000);
+    assert_eq!(h[1].qos, Qos::ExactlyOnce);
+    assert_eq!(a.range("chat:1", 2, 1, usize::MAX).await.unwrap().len(), 1, "limit");
+    assert_eq!(a.range("chat:1", 1, 100, 1).await.unwrap().len(), 1, "byte bound, at least one");
+    // Release: the QoS 2 id falls back to the 24 h window.
+    let ttl = |k: &str| redis.cli(&["PTTL", k]).parse::<i64>().unwrap();
+    assert!(ttl("ferry:mid:{m2}") > 2 * 24 * 3600 * 1000, "unreleased QoS 2 ids are held longer");
+    assert_eq!(a.claimed_channel("m2").await.unwrap().as_deref(), Some("chat:1"));
+    a.release("chat:1", "m2").await.unwrap();
+    assert!(ttl("ferry:mid:{m2}") <= 24 * 3600 * 1000);
+    assert!(ttl("ferry:{chat:1}:id:m2") <= 24 * 3600 * 1000);
+    assert!(ttl("ferry:{chat:1}:id:m2") > 0, "still remembered for late duplicates");
+    // Offline cursors are shared too.
+    a.put_cursor("u1", "phone", "chat:1", "e1", 2).await.unwrap();
+    assert_eq!(b.cursor("u1", "phone", "chat:1").await.unwrap(), Some(("e1".into(), 2)));
+    assert_eq!(b.cursor("u1", "tablet", "chat:1").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn retention_trims_and_lost_streams_get_a_new_epoch() {
+    let redis = Redis::start(&[]);
+    let a = node(vec![redis.url()]).await;
+    let keep5 = Retention { history_size: 5 };
+    let items: Vec<_> =
+        (1..=12).map(|i| item(&format!("r{i}"), format!("p{i}").as_bytes(), Qos::AtLeastOnce, "u")).collect();
+    let r = a.publish("feed:x", keep5, None, &items, 1, "e1").await.unwrap();
+    assert_eq!((r.header.first, r.header.top), (8, 12));
+    let h = a.range("feed:x", 1, 100, usize::MAX).await.unwrap();
+    assert_eq!(h.iter().map(|p| p.offset).collect::<Vec<_>>(), [8, 9, 10, 11, 12]);
+    // A node that saw offset 20 in this epoch: the stream lost its tail,
+    // so it gets a new epoch instead of reusing offsets 13..20.
+    let known = Known { epoch: "e1".into(), top: 20 };
+    let r =
+        a.publish("feed:x", keep5, Some(&known), &[item("r13", b"p13", Qos::AtLeastOnce, "u")], 2, "e2").await.unwrap();
+    assert_eq!(r.header.epoch, "e2");
+    assert_eq!(offsets(&r.items), ["new 13"], "offsets move on, in the new epoch");
+    assert_eq!(a.range("feed:x", 1, 100, usize::MAX).await.unwrap().iter().map(|p| p.offset).collect::<Vec<_>>(), [13]);
+    // A node that knows less than Redis has is fine.
+    let behind = Known { epoch: "e2".into(), top: 1 };
+    let r = a
+        .publish("feed:x", keep5, Some(&behind), &[item("r14", b"p14", Qos::AtLeastOnce, "u")], 3, "e3")
+        .await
+        .unwrap();
+    assert_eq!(r.header.epoch, "e2");
+    // Redis lost everything (flush, restart without persistence): a fresh epoch.
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+    let r = a.publish("feed:x", keep5, None, &[item("r15", b"p15", Qos::AtLeastOnce, "u")], 4, "e4").await.unwrap();
+    assert_eq!((r.header.epoch.as_str(), offsets(&r.items)), ("e4", vec!["new 1".to_string()]));
+}
+
+#[tokio::test]
+async fn fan_out_reaches_every_node_in_offset_order() {
+    use futures_util::StreamExt;
+    let redis = Redis::start(&[]);
+    let a = node(vec![redis.url()]).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut sub = client.get_async_pubsub().await.unwrap();
+    sub.subscribe(a.fan_channel("room:{odd}%")).await.unwrap();
+    let mut msgs = sub.into_on_message();
+    for i in 0..3 {
+        let batch: Vec<_> =
+            (0..2).map(|j| item(&format!("f{i}-{j}"), format!("d{i}{j}").as_bytes(), Qos::AtMostOnce, "u")).collect();
+        a.publish("room:{odd}%", KEEP, None, &batch, 10 + i, "e1").await.unwrap();
+    }
+    // A batch of duplicates sends nothing.
+    a.publish("room:{odd}%", KEEP, None, &[item("f0-0", b"d00", Qos::AtMostOnce, "u")], 99, "e1").await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(10), msgs.next()).await.expect("fan-out message").unwrap();
+        let f = a.decode_fanout(m.get_channel_name(), m.get_payload_bytes()).unwrap();
+        assert_eq!(f.channel, "room:{odd}%");
+        got.extend(f.publications.into_iter().map(|p| (p.offset, p.payload.data.0, p.time_ms)));
+    }
+    let want: Vec<(u64, Vec<u8>, u64)> =
+        (0..6u64).map(|k| (k + 1, format!("d{}{}", k / 2, k % 2).into_bytes(), 10 + k / 2)).collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn replicated_durability_waits_for_a_replica_and_redis_down_is_temporary() {
+    let primary = Redis::start(&[]);
+    let cfg = |durability| RedisConfig { urls: vec![primary.url()], durability, ..RedisConfig::default() };
+    let strict = RedisStreams::connect(&cfg(Durability::Replicated)).await.unwrap();
+    // No replica: the write happened but is not confirmed, so the publish
+    // is answered as temporary; the retry, once a replica is there, is a
+    // duplicate at the same offset.
+    let it = [item("w1", b"x", Qos::AtLeastOnce, "u")];
+    let r = strict.publish("acct:1", KEEP, None, &it, 1, "e1").await;
+    assert!(matches!(r, Err(EngineError::Unavailable(ref m)) if m.contains("WAIT")), "{r:?}");
+    let replica = Redis::start(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let mut synced = false;
+    for _ in 0..200 {
+        if replica.cli(&["INFO", "replication"]).contains("master_link_status:up") {
+            synced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // no event for replication state: bounded poll
+    }
+    assert!(synced, "replica linked");
+    let r = strict.publish("acct:1", KEEP, None, &it, 2, "e1").await.unwrap();
+    assert_eq!(offsets(&r.items), ["dup 1"]);
+    let r = strict.publish("acct:1", KEEP, None, &[item("w2", b"y", Qos::AtLeastOnce, "u")], 3, "e1").await.unwrap();
+    assert_eq!(offsets(&r.items), ["new 2"]);
+    assert_eq!(replica.cli(&["HGET", "ferry:{acct:1}:meta", "top"]), "2", "the replica has it");
+    // Redis gone: a clear temporary error, bounded in time.
+    drop(replica);
+    drop(primary);
+    let t0 = std::time::Instant::now();
+    let r = strict.publish("acct:1", KEEP, None, &[item("w3", b"z", Qos::AtLeastOnce, "u")], 4, "e1").await;
+    assert!(matches!(r, Err(EngineError::Unavailable(_))), "{r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn a_redis_cluster_spreads_channels_over_shards() {
+    let nodes: Vec<Redis> =
+        (0..3).map(|_| Redis::start(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])).collect();
+    for n in &nodes {
+        // Each node needs its own cluster state file.
+        assert_eq!(n.cli(&["CONFIG", "GET", "cluster-enabled"]).lines().last(), Some("yes"));
+    }
+    let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+    let out = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let mut ok = false;
+    for _ in 0..200 {
+        if nodes.iter().all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // no event for cluster state: bounded poll
+    }
+    assert!(ok, "cluster state ok");
+    let a = node(nodes.iter().map(|n| n.url()).collect()).await;
+    let b = node(vec![nodes[2].url(), nodes[0].url()]).await;
+    // Channels land on different shards; each stream is still atomic.
+    let mut shards = std::collections::BTreeSet::new();
+    for c in 0..12 {
+        let ch = format!("chan:{c}");
+        let items: Vec<_> =
+            (0..3).map(|i| item(&format!("{ch}/m{i}"), format!("{c}/{i}").as_bytes(), Qos::ExactlyOnce, "u")).collect();
+        let r = a.publish(&ch, KEEP, None, &items, 5, "e1").await.unwrap();
+        assert_eq!(offsets(&r.items), ["new 1", "new 2", "new 3"], "{ch}");
+        let again = b.publish(&ch, KEEP, None, &items[1..2], 6, "e1").await.unwrap();
+        assert_eq!(offsets(&again.items), ["dup 2"], "{ch}");
+        assert_eq!(b.range(&ch, 1, 10, usize::MAX).await.unwrap().len(), 3);
+        let key = format!("ferry:{{{ch}}}:meta");
+        let owner = nodes.iter().position(|n| n.cli(&["EXISTS", &key]) == "1");
+        shards.insert(owner);
+    }
+    assert!(shards.len() >= 2, "channels spread over shards: {shards:?}");
+    // Ids are unique across the cluster, whatever shard their channel is on.
+    let r =
+        b.publish("chan:0", KEEP, None, &[item("chan:5/m0", b"5/0", Qos::ExactlyOnce, "u")], 7, "e1").await.unwrap();
+    assert_eq!(offsets(&r.items), ["conflict"]);
+    b.release("chan:5", "chan:5/m0").await.unwrap();
+}
