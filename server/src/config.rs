@@ -35,6 +35,9 @@ pub struct Config {
     /// Milliseconds a user stays present after their last connection
     /// leaves a channel, so a quick reconnect does not flap join/leave.
     pub presence_grace_ms: u64,
+    /// Streams, message ids, cursors and fan-out in Redis, shared by every
+    /// node (docs/CLUSTER.md); off without `urls` (the embedded engine).
+    pub redis: crate::engine::redis::RedisConfig,
     /// Connection limits and timings.
     pub limits: Limits,
     /// Namespace options; the key is the part of a channel name before the
@@ -55,6 +58,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             allow_anonymous: true,
             presence_grace_ms: 5_000,
+            redis: Default::default(),
             limits: Limits::default(),
             namespaces: BTreeMap::new(),
         }

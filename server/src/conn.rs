@@ -281,9 +281,20 @@ pub async fn serve(hub: Arc<Hub>, ws: WebSocket, enc: Encoding, mut shutdown: to
         }
     }
     c.sync_inflight();
-    c.hub.remove_conn(c.id, &c.channels);
-    if let Some(h) = &c.handle {
-        c.hub.unregister(h);
+    if c.hub.redis().is_some() {
+        // Subscribes on Redis finish asynchronously and register only while
+        // the connection is registered: unregister first, then every
+        // channel it is in is final.
+        if let Some(h) = &c.handle {
+            c.hub.unregister(h);
+        }
+        let channels = c.hub.channels_of(c.id);
+        c.hub.remove_conn(c.id, &channels);
+    } else {
+        c.hub.remove_conn(c.id, &c.channels);
+        if let Some(h) = &c.handle {
+            c.hub.unregister(h);
+        }
     }
     drop(out_tx);
     // The writer ends on its own once the close frame is out (bounded by the write timeout).
@@ -309,6 +320,15 @@ impl Conn {
             ServerEvent::Connect { req, connect } => self.on_connect(now, req, connect),
             ServerEvent::Subscribe { req, sub } => {
                 let Some(h) = self.handle.clone() else { return };
+                if let Some(pending) = self.hub.subscribe_remote(&h, &sub) {
+                    let tx = self.ctl_tx.clone();
+                    let channel = sub.channel.clone();
+                    tokio::spawn(async move {
+                        let result = pending.await;
+                        let _ = tx.send(ConnMsg::Subscribed { req, channel, result });
+                    });
+                    return;
+                }
                 match self.hub.subscribe(&h, &sub) {
                     Ok(start) => {
                         self.channels.push(sub.channel.clone());
@@ -426,8 +446,14 @@ impl Conn {
         };
         // Online before its subscriptions, for webhooks and presence.
         self.hub.register(&handle);
+        let remote = self.hub.redis().is_some();
         let mut subs = Vec::with_capacity(connect.subs.len());
+        let mut pending = Vec::new();
         for s in &connect.subs {
+            if remote {
+                pending.push(self.hub.subscribe_remote(&handle, s));
+                continue;
+            }
             let r = self.hub.subscribe(&handle, s);
             if r.is_ok() {
                 self.channels.push(s.channel.clone());
@@ -445,6 +471,21 @@ impl Conn {
             .take(max)
             .cloned()
             .collect();
+        if remote && !pending.is_empty() {
+            // On Redis the recovered subscriptions read Redis first; the
+            // reply waits for all of them (within the handshake deadline).
+            let tx = self.ctl_tx.clone();
+            let names: Vec<String> = connect.subs.iter().map(|s| s.channel.clone()).collect();
+            tokio::spawn(async move {
+                let mut subs = Vec::with_capacity(pending.len());
+                for p in pending.into_iter().flatten() {
+                    subs.push(p.await);
+                }
+                let accept = Accept { client: info, expires_in, subs, time_ms: now_ms(), subscribe };
+                let _ = tx.send(ConnMsg::Accepted { req, channels: names, accept: Box::new(accept) });
+            });
+            return;
+        }
         self.session.accept(now, req, Accept { client: info, expires_in, subs, time_ms: now_ms(), subscribe });
     }
 
@@ -497,6 +538,21 @@ impl Conn {
                 self.session.fetch_done(now, &channel, end);
             }
             ConnMsg::Reply { req, result } => self.answer(req, result),
+            ConnMsg::Subscribed { req, channel, result } => match result {
+                Ok(start) => {
+                    self.channels.push(channel);
+                    self.session.subscribe_ok(now, req, start);
+                }
+                Err(e) => self.session.reply_error(now, req, e),
+            },
+            ConnMsg::Accepted { req, channels, accept } => {
+                for (ch, r) in channels.into_iter().zip(&accept.subs) {
+                    if r.is_ok() {
+                        self.channels.push(ch);
+                    }
+                }
+                self.session.accept(now, req, *accept);
+            }
             ConnMsg::Notice(p) => self.session.push_notice(now, p),
             ConnMsg::Kick(code, reason) => self.session.disconnect(now, code, &reason),
             ConnMsg::Lagged => {

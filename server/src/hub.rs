@@ -24,6 +24,10 @@ use crate::config::Config;
 use crate::presence::{Change, MemoryPresence, Presence, Stats};
 use crate::store::{Batch, DedupEntry, Store, StreamHeader};
 
+/// A subscribe that is still reading the engine (Redis).
+pub type PendingSubscribe =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<StreamStart, ErrorReply>> + Send>>;
+
 /// Identifies one connection.
 pub type ConnId = u64;
 
@@ -67,6 +71,24 @@ pub enum ConnMsg {
     Kick(CloseCode, String),
     /// Live publications were dropped: catch up from the store.
     Lagged,
+    /// A subscribe that read the engine finished (Redis).
+    Subscribed {
+        /// Request id.
+        req: u32,
+        /// Channel.
+        channel: String,
+        /// Where delivery starts, or why not.
+        result: Result<StreamStart, ErrorReply>,
+    },
+    /// A `connect` whose recovered subscriptions read the engine (Redis).
+    Accepted {
+        /// Request id.
+        req: u32,
+        /// The subscriptions' channels, in the order of `accept.subs`.
+        channels: Vec<String>,
+        /// The answer.
+        accept: Box<ferry_core::server::Accept>,
+    },
 }
 
 /// Where a publish was stored.
@@ -123,7 +145,7 @@ pub enum ReplyTo {
 }
 
 impl ReplyTo {
-    fn send(self, r: Result<Stored, ErrorReply>) {
+    pub(crate) fn send(self, r: Result<Stored, ErrorReply>) {
         match self {
             ReplyTo::Conn(tx, req) => {
                 let _ = tx.send(ConnMsg::Published { req, result: r });
@@ -174,6 +196,8 @@ pub struct Hub {
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     webhooks: Option<Arc<crate::webhooks::Webhooks>>,
+    /// Set when streams, ids, cursors and fan-out are in Redis.
+    redis: std::sync::OnceLock<Arc<crate::cluster::RedisNode>>,
 }
 
 /// Wall clock, Unix ms.
@@ -183,7 +207,7 @@ pub fn now_ms() -> u64 {
 
 /// A fresh epoch: distinct from every earlier one with overwhelming
 /// probability, so a wiped store never reuses an epoch.
-fn new_epoch() -> String {
+pub(crate) fn new_epoch() -> String {
     use std::hash::{BuildHasher, Hasher};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -227,6 +251,7 @@ impl Hub {
             stats: HubStats::default(),
             webhooks,
             metrics,
+            redis: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&hub);
         let _ = broker.hub.set(weak.clone());
@@ -235,6 +260,25 @@ impl Hub {
             .spawn(move || sequencer(weak, rx))
             .expect("spawn sequencer thread");
         Ok(hub)
+    }
+
+    /// Start the hub with streams, message ids, cursors and fan-out in
+    /// Redis (docs/CLUSTER.md); must run inside a tokio runtime.
+    pub fn start_redis(
+        cfg: Arc<Config>,
+        store: Arc<dyn Store>,
+        streams: crate::engine::redis::RedisStreams,
+    ) -> Result<Arc<Hub>, crate::store::StoreError> {
+        let redis_cfg = cfg.redis.clone();
+        let hub = Hub::start(cfg, store)?;
+        let node = crate::cluster::RedisNode::start(Arc::downgrade(&hub), streams, &redis_cfg);
+        let _ = hub.redis.set(node);
+        Ok(hub)
+    }
+
+    /// The Redis link, when the hub runs on Redis.
+    pub fn redis(&self) -> Option<&Arc<crate::cluster::RedisNode>> {
+        self.redis.get()
     }
 
     /// Token verification.
@@ -268,6 +312,10 @@ impl Hub {
         publisher: Option<ClientInfo>,
         reply: ReplyTo,
     ) {
+        if let Some(r) = self.redis.get() {
+            let item = crate::cluster::item(message_id, qos, data, publisher);
+            return r.submit(crate::cluster::RedisPublish { channel, item, reply });
+        }
         let req = SeqReq::Publish { channel, message_id, qos, data, publisher, reply };
         if let Err(std::sync::mpsc::SendError(SeqReq::Publish { reply, .. })) = self.seq.send(req) {
             reply.send(Err(ErrorReply::new(ErrorCode::Unavailable)));
@@ -289,6 +337,15 @@ impl Hub {
 
     /// QoS 2 release: the dedup entry may go.
     pub fn release(&self, message_id: String) {
+        if let Some(r) = self.redis.get() {
+            let streams = r.streams().clone();
+            tokio::spawn(async move {
+                if let Ok(Some(ch)) = streams.claimed_channel(&message_id).await {
+                    let _ = streams.release(&ch, &message_id).await;
+                }
+            });
+            return;
+        }
         let _ = self.seq.send(SeqReq::Release(message_id));
     }
 
@@ -297,12 +354,17 @@ impl Hub {
         if conn.info.user.is_empty() || !self.cfg.namespace(channel).offline {
             return;
         }
+        if let Some(r) = self.redis.get() {
+            return r.put_cursor(&conn.info.user, &conn.device, channel, epoch, offset);
+        }
         let key = cursor_key(&conn.info.user, &conn.device, channel);
         let _ = self.seq.send(SeqReq::Cursor(key, epoch, offset));
     }
 
-    /// Register a subscriber and say where its delivery starts.
-    pub fn subscribe(self: &Arc<Self>, conn: &ConnHandle, req: &SubscribeRequest) -> Result<StreamStart, ErrorReply> {
+    /// The checks every subscribe passes: channel name, personal channel
+    /// owner, private channel grant. Returns the granted QoS and whether
+    /// the subscription keeps a durable offline cursor.
+    fn check_subscribe(&self, conn: &ConnHandle, req: &SubscribeRequest) -> Result<(Qos, bool), ErrorReply> {
         channel::validate(&req.channel)?;
         let ns = self.cfg.namespace(&req.channel);
         if let Some(owner) = channel::personal_owner(&req.channel) {
@@ -324,6 +386,13 @@ impl Hub {
         }
         let qos = req.qos.min(ns.max_qos());
         let durable = ns.offline && qos != Qos::AtMostOnce && !conn.info.user.is_empty();
+        Ok((qos, durable))
+    }
+
+    /// Register a subscriber and say where its delivery starts (embedded
+    /// engine; on Redis use [`Self::subscribe_remote`]).
+    pub fn subscribe(self: &Arc<Self>, conn: &ConnHandle, req: &SubscribeRequest) -> Result<StreamStart, ErrorReply> {
+        let (qos, durable) = self.check_subscribe(conn, req)?;
         // A device that comes back without a position of its own resumes
         // from its durable server-side cursor (offline delivery).
         let since = match &req.since {
@@ -344,27 +413,145 @@ impl Hub {
             hot: VecDeque::new(),
             subs: BTreeMap::new(),
         });
-        let h = &chan.header;
-        let (from, recovered) = match &since {
-            None => (h.top + 1, true),
-            Some(p) if p.epoch == h.epoch && p.offset <= h.top && p.offset + 1 >= h.first => (p.offset + 1, true),
-            // Nothing was ever trimmed and the client had seen nothing: no gap.
-            Some(p) if p.offset == 0 && h.first == 1 => (1, true),
-            Some(_) => (h.first, false),
-        };
-        let start = StreamStart { qos, epoch: h.epoch.clone(), top: h.top, from, recovered };
+        let start = stream_start(qos, &chan.header, since.as_ref());
         chan.subs.insert(conn.id, conn.clone());
         drop(st);
-        let change = self.presence.join(&req.channel, conn.id, &conn.info);
-        self.announce(&req.channel, change);
-        self.hook(crate::webhooks::Hook::Subscribe { user: conn.info.user.clone(), channel: req.channel.clone() });
-        if since.is_none() && durable {
+        self.subscribed(conn, &req.channel, since.is_none() && durable, &start);
+        Ok(start)
+    }
+
+    /// On Redis: the subscribe as a future (it reads Redis), or `None` on
+    /// the embedded engine.
+    pub fn subscribe_remote(self: &Arc<Self>, conn: &ConnHandle, req: &SubscribeRequest) -> Option<PendingSubscribe> {
+        let r = self.redis.get()?.clone();
+        let (hub, conn, req) = (self.clone(), conn.clone(), req.clone());
+        Some(Box::pin(async move { hub.subscribe_redis(&r, &conn, &req).await }))
+    }
+
+    async fn subscribe_redis(
+        self: &Arc<Self>,
+        r: &crate::cluster::RedisNode,
+        conn: &ConnHandle,
+        req: &SubscribeRequest,
+    ) -> Result<StreamStart, ErrorReply> {
+        let unavailable =
+            |e: crate::engine::EngineError| ErrorReply::with_message(ErrorCode::Unavailable, e.to_string());
+        let (qos, durable) = self.check_subscribe(conn, req)?;
+        let since = match &req.since {
+            Some(p) => Some(p.clone()),
+            None if durable => r
+                .streams()
+                .cursor(&conn.info.user, &conn.device, &req.channel)
+                .await
+                .map_err(unavailable)?
+                .map(|(epoch, offset)| StreamPosition { epoch, offset }),
+            None => None,
+        };
+        // Design: registered locally and subscribed to the fan-out before
+        // the header is read, so every publication is either at or below
+        // the top read (replayed) or arrives live; the session drops live
+        // copies it already replayed.
+        {
+            let mut st = self.lock();
+            if !st.conns.contains_key(&conn.id) {
+                return Err(ErrorReply::with_message(ErrorCode::Unavailable, "connection closed"));
+            }
+            let chan = st.channels.entry(req.channel.clone()).or_insert_with(|| Chan {
+                header: StreamHeader { epoch: String::new(), first: 1, top: 0 },
+                persisted: true,
+                hot: VecDeque::new(),
+                subs: BTreeMap::new(),
+            });
+            chan.subs.insert(conn.id, conn.clone());
+        }
+        let header = async {
+            r.want(&req.channel).await?;
+            r.streams().ensure(&req.channel, &new_epoch()).await.map_err(unavailable)
+        }
+        .await;
+        let header = match header {
+            Ok(h) => h,
+            Err(e) => {
+                self.remove_conn(conn.id, std::slice::from_ref(&req.channel));
+                return Err(e);
+            }
+        };
+        let header = self.learn_header(&req.channel, &header);
+        let start = stream_start(qos, &header, since.as_ref());
+        self.subscribed(conn, &req.channel, since.is_none() && durable, &start);
+        Ok(start)
+    }
+
+    /// After a subscriber is registered: presence, webhooks, and the
+    /// durable cursor of a new durable subscription.
+    fn subscribed(self: &Arc<Self>, conn: &ConnHandle, channel: &str, new_durable: bool, start: &StreamStart) {
+        let change = self.presence.join(channel, conn.id, &conn.info);
+        self.announce(channel, change);
+        self.hook(crate::webhooks::Hook::Subscribe { user: conn.info.user.clone(), channel: channel.into() });
+        if new_durable {
             // A durable subscription starts here: if the device goes away
             // before acking anything, it still resumes from this point.
-            let key = cursor_key(&conn.info.user, &conn.device, &req.channel);
-            let _ = self.seq.send(SeqReq::Cursor(key, start.epoch.clone(), from - 1));
+            match self.redis.get() {
+                Some(r) => r.put_cursor(&conn.info.user, &conn.device, channel, start.epoch.clone(), start.from - 1),
+                None => {
+                    let key = cursor_key(&conn.info.user, &conn.device, channel);
+                    let _ = self.seq.send(SeqReq::Cursor(key, start.epoch.clone(), start.from - 1));
+                }
+            }
         }
-        Ok(start)
+    }
+
+    /// Take a stream header read from the engine: a newer epoch replaces
+    /// the local view (and its hot window), the same epoch only moves
+    /// forward. Returns the header now held.
+    pub(crate) fn learn_header(&self, channel: &str, h: &StreamHeader) -> StreamHeader {
+        let mut st = self.lock();
+        let c = st.channels.entry(channel.to_string()).or_insert_with(|| Chan {
+            header: h.clone(),
+            persisted: true,
+            hot: VecDeque::new(),
+            subs: BTreeMap::new(),
+        });
+        merge_header(c, h);
+        c.header.clone()
+    }
+
+    /// On Redis, after fan-out may have missed messages: refresh the
+    /// headers of every channel with local subscribers and have each of
+    /// their connections catch up from the stream.
+    pub(crate) async fn catch_up_all(self: &Arc<Self>) {
+        let Some(r) = self.redis.get() else { return };
+        let channels: Vec<String> =
+            self.lock().channels.iter().filter(|(_, c)| !c.subs.is_empty()).map(|(k, _)| k.clone()).collect();
+        for ch in &channels {
+            if let Ok(Some(h)) = r.streams().header(ch).await {
+                self.learn_header(ch, &h);
+            }
+        }
+        let conns: Vec<ConnHandle> = {
+            let st = self.lock();
+            let mut seen = std::collections::BTreeSet::new();
+            st.channels.values().flat_map(|c| c.subs.values()).filter(|h| seen.insert(h.id)).cloned().collect()
+        };
+        for h in conns {
+            let _ = h.ctl.send(ConnMsg::Lagged);
+        }
+    }
+
+    /// The `publish` webhook for a client publish stored on Redis.
+    pub(crate) fn publish_hook(&self, by: &ClientInfo, channel: &str, offset: u64, item: &crate::engine::PublishItem) {
+        self.hook(crate::webhooks::Hook::Publish {
+            user: by.user.clone(),
+            channel: channel.into(),
+            offset,
+            message_id: item.message_id.clone(),
+            b64data: ferry_core::base64::encode(&item.data),
+        });
+    }
+
+    /// Channels a connection is subscribed to (a scan; for cleanup).
+    pub fn channels_of(&self, conn: ConnId) -> Vec<String> {
+        self.lock().channels.iter().filter(|(_, c)| c.subs.contains_key(&conn)).map(|(k, _)| k.clone()).collect()
     }
 
     /// Forget a subscription.
@@ -394,6 +581,22 @@ impl Hub {
         for ch in channels {
             let change = self.presence.leave(ch, conn);
             self.announce(ch, change);
+        }
+        if let Some(r) = self.redis.get() {
+            // Stop this channel's fan-out to this node once nobody here
+            // listens (checked again under the interest lock).
+            for ch in channels {
+                if self.lock().channels.get(ch).is_some_and(|c| !c.subs.is_empty()) {
+                    continue;
+                }
+                let (r, hub, ch) = (r.clone(), Arc::downgrade(self), ch.clone());
+                tokio::spawn(async move {
+                    r.unwant(&ch, || {
+                        hub.upgrade().is_none_or(|h| h.lock().channels.get(&ch).is_none_or(|c| c.subs.is_empty()))
+                    })
+                    .await;
+                });
+            }
         }
     }
 
@@ -479,6 +682,11 @@ impl Hub {
                 ("ferry_connections", "Live connections.", g(conns)),
                 ("ferry_subscriptions", "Live subscriptions.", g(subs)),
                 ("ferry_channels", "Channels with subscribers.", g(channels)),
+                (
+                    "ferry_engine_up",
+                    "1 while the storage engine is reachable (always for the embedded one).",
+                    self.redis.get().map_or(1, |r| u64::from(r.fanout_up())),
+                ),
             ],
             &[
                 (
@@ -590,9 +798,17 @@ impl Hub {
                 return (out, FetchEnd::Done);
             }
         }
-        let hub = self.clone();
-        let ch = channel.to_string();
-        let read = tokio::task::spawn_blocking(move || hub.store.range(&ch, from, limit, max_bytes)).await;
+        let read = match self.redis.get() {
+            Some(r) => Ok(r.streams().range(channel, from, limit, max_bytes).await.map_err(|e| e.to_string())),
+            None => {
+                let hub = self.clone();
+                let ch = channel.to_string();
+                tokio::task::spawn_blocking(move || {
+                    hub.store.range(&ch, from, limit, max_bytes).map_err(|e| e.to_string())
+                })
+                .await
+            }
+        };
         match read {
             Ok(Ok(pubs)) => {
                 // Records of another epoch are leftovers of a reset stream.
@@ -608,7 +824,15 @@ impl Hub {
     pub async fn history(self: &Arc<Self>, h: &HistoryRequest) -> Result<ReplyBody, ErrorReply> {
         const MAX_BYTES: usize = 1 << 20;
         channel::validate(&h.channel)?;
-        let header = self.lock().channels.get(&h.channel).map(|c| c.header.clone());
+        let header = match self.redis.get() {
+            // Other nodes publish too: Redis has the current header.
+            Some(r) => r
+                .streams()
+                .header(&h.channel)
+                .await
+                .map_err(|e| ErrorReply::with_message(ErrorCode::Unavailable, e.to_string()))?,
+            None => self.lock().channels.get(&h.channel).map(|c| c.header.clone()),
+        };
         let Some(header) = header else {
             let top = StreamPosition { epoch: String::new(), offset: 0 };
             return Ok(ReplyBody::History { publications: vec![], top });
@@ -635,13 +859,22 @@ impl Hub {
             (false, true) => (hi.saturating_sub(limit as u64 - 1).max(lo), limit),
             (true, _) => (lo, (hi - lo + 1) as usize),
         };
-        let hub = self.clone();
-        let ch = h.channel.clone();
         let max_bytes = if by_time { usize::MAX } else { MAX_BYTES };
-        let pubs = tokio::task::spawn_blocking(move || hub.store.range(&ch, start, count, max_bytes))
-            .await
-            .map_err(|_| ErrorReply::new(ErrorCode::Internal))?
-            .map_err(|_| ErrorReply::new(ErrorCode::Unavailable))?;
+        let pubs = match self.redis.get() {
+            Some(r) => r
+                .streams()
+                .range(&h.channel, start, count, max_bytes)
+                .await
+                .map_err(|e| ErrorReply::with_message(ErrorCode::Unavailable, e.to_string()))?,
+            None => {
+                let hub = self.clone();
+                let ch = h.channel.clone();
+                tokio::task::spawn_blocking(move || hub.store.range(&ch, start, count, max_bytes))
+                    .await
+                    .map_err(|_| ErrorReply::new(ErrorCode::Internal))?
+                    .map_err(|_| ErrorReply::new(ErrorCode::Unavailable))?
+            }
+        };
         let in_time = |p: &Publication| {
             let after = match &h.since {
                 Some(HistoryBound::TimeMs(t)) => p.time_ms >= *t,
@@ -809,8 +1042,7 @@ impl Hub {
                     hot: VecDeque::new(),
                     subs: BTreeMap::new(),
                 });
-                c.header = h.clone();
-                c.persisted = true;
+                merge_header(c, h);
                 if let Some(first) = batch.trims.get(ch) {
                     while c.hot.front().is_some_and(|p| p.publication().offset < *first) {
                         c.hot.pop_front();
@@ -843,6 +1075,32 @@ impl Hub {
     }
 }
 
+/// Where a subscription starts in a stream, given the client's position.
+fn stream_start(qos: Qos, h: &StreamHeader, since: Option<&StreamPosition>) -> StreamStart {
+    let (from, recovered) = match since {
+        None => (h.top + 1, true),
+        Some(p) if p.epoch == h.epoch && p.offset <= h.top && p.offset + 1 >= h.first => (p.offset + 1, true),
+        // Nothing was ever trimmed and the client had seen nothing: no gap.
+        Some(p) if p.offset == 0 && h.first == 1 => (1, true),
+        Some(_) => (h.first, false),
+    };
+    StreamStart { qos, epoch: h.epoch.clone(), top: h.top, from, recovered }
+}
+
+/// Apply a header from the engine or a committed batch: another epoch
+/// replaces the stream (and drops its hot window), the same epoch only
+/// moves forward, whatever order the news arrives in.
+fn merge_header(c: &mut Chan, h: &StreamHeader) {
+    if c.header.epoch != h.epoch {
+        c.header = h.clone();
+        c.hot.clear();
+    } else {
+        c.header.top = c.header.top.max(h.top);
+        c.header.first = c.header.first.max(h.first);
+    }
+    c.persisted = true;
+}
+
 /// Key of an offline cursor.
 pub fn cursor_key(user: &str, device: &str, channel: &str) -> String {
     format!("{user}\u{0}{device}\u{0}{channel}")
@@ -851,7 +1109,7 @@ pub fn cursor_key(user: &str, device: &str, channel: &str) -> String {
 /// What identifies a publish's content for dedup: the first 16 bytes of
 /// the SHA-256 of its (uncompressed) data. Stable across builds, since it
 /// is stored with the message id.
-fn payload_digest(data: &[u8]) -> [u8; 16] {
+pub(crate) fn payload_digest(data: &[u8]) -> [u8; 16] {
     use sha2::Digest;
     let full = sha2::Sha256::digest(data);
     let mut d = [0; 16];

@@ -17,6 +17,7 @@
 pub mod api;
 pub mod auth;
 pub mod channel;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod engine;
@@ -96,7 +97,14 @@ pub async fn serve(
     };
     let mut store = RedbStore::open(&cfg.data_dir)?;
     let store_closed = store.on_close();
-    let hub = Hub::start(Arc::new(cfg), Arc::new(store))?;
+    let hub = if cfg.redis.urls.is_empty() {
+        Hub::start(Arc::new(cfg), Arc::new(store))?
+    } else {
+        let streams = cluster::RedisNode::connect(&cfg.redis)
+            .await
+            .map_err(|e| anyhow::anyhow!("redis {:?}: {e}", cfg.redis.urls))?;
+        Hub::start_redis(Arc::new(cfg), Arc::new(store), streams)?
+    };
     let weak_hub = Arc::downgrade(&hub);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(jwks) = hub.auth().jwks().cloned() {
@@ -185,6 +193,8 @@ fn router(state: AppState) -> Router {
 async fn readyz(State(st): State<AppState>) -> Response {
     if *st.shutdown.borrow() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else if st.hub.redis().is_some_and(|r| !r.fanout_up()) {
+        (StatusCode::SERVICE_UNAVAILABLE, "redis unreachable\n").into_response()
     } else {
         "ready\n".into_response()
     }

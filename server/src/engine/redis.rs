@@ -92,6 +92,10 @@ struct ItemRec {
 pub struct FanOut {
     /// Channel.
     pub channel: String,
+    /// The stream's epoch.
+    pub epoch: String,
+    /// The oldest retained offset after this batch.
+    pub first: u64,
     /// The publications stored by one script call, in offset order.
     pub publications: Vec<Publication>,
 }
@@ -168,9 +172,20 @@ if top - first + 1 > keep then
 end
 redis.call('HSET', meta, 'epoch', epoch, 'first', first, 'top', top)
 if #fanout > 0 then
-  redis.call(pubcmd, fan, epoch .. '\n' .. now .. '\n' .. table.concat(fanout))
+  redis.call(pubcmd, fan, epoch .. '\n' .. tostring(first) .. '\n' .. now .. '\n' .. table.concat(fanout))
 end
 return {epoch, tostring(first), tostring(top), out}
+"#;
+
+/// A stream's header, created (empty, with the given epoch) if missing,
+/// so every node tells its subscribers the same epoch.
+const ENSURE_LUA: &str = r#"
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'first', 1, 'top', 0)
+  redis.call('DEL', KEYS[2])
+end
+local h = redis.call('HMGET', KEYS[1], 'epoch', 'first', 'top')
+return {h[1], h[2], h[3]}
 "#;
 
 /// Release: the ids go back to the ordinary window (never lengthened).
@@ -190,6 +205,7 @@ pub struct RedisStreams {
     durability: Durability,
     publish: std::sync::Arc<redis::Script>,
     release: std::sync::Arc<redis::Script>,
+    ensure: std::sync::Arc<redis::Script>,
 }
 
 fn unavailable(e: redis::RedisError) -> EngineError {
@@ -244,6 +260,7 @@ impl RedisStreams {
             durability: cfg.durability,
             publish: std::sync::Arc::new(redis::Script::new(PUBLISH_LUA)),
             release: std::sync::Arc::new(redis::Script::new(RELEASE_LUA)),
+            ensure: std::sync::Arc::new(redis::Script::new(ENSURE_LUA)),
         })
     }
 
@@ -417,6 +434,21 @@ impl RedisStreams {
         })
     }
 
+    /// The stream header, creating an empty stream with `fresh_epoch` if
+    /// there is none.
+    pub async fn ensure(&self, channel: &str, fresh_epoch: &str) -> Result<StreamHeader, EngineError> {
+        let mut inv = self.ensure.prepare_invoke();
+        inv.key(self.key(channel, "meta")).key(self.key(channel, "log")).arg(fresh_epoch);
+        let (epoch, first, top): (String, u64, u64) =
+            on_conn!(self, |c| inv.invoke_async(&mut c).await.map_err(unavailable)?);
+        Ok(StreamHeader { epoch, first, top })
+    }
+
+    /// Whether this engine talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
+
     /// Publications with offsets `from..`, ascending: at most `limit`, and
     /// no more once `max_bytes` of payload are read (always at least one).
     /// Entries of another epoch than the stream's are left out.
@@ -495,8 +527,10 @@ impl RedisStreams {
         let channel = self.channel_of_fan(fan).ok_or_else(|| EngineError::Corrupt(format!("fan-out channel {fan}")))?;
         let bad = || EngineError::Corrupt("fan-out message".into());
         let (epoch, rest) = split_once(payload, b'\n').ok_or_else(bad)?;
+        let (first, rest) = split_once(rest, b'\n').ok_or_else(bad)?;
         let (time, mut rest) = split_once(rest, b'\n').ok_or_else(bad)?;
         let epoch = String::from_utf8(epoch.to_vec()).map_err(|_| bad())?;
+        let first: u64 = std::str::from_utf8(first).ok().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
         let time_ms: u64 = std::str::from_utf8(time).ok().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
         let mut publications = Vec::new();
         while !rest.is_empty() {
@@ -511,7 +545,7 @@ impl RedisStreams {
             publications.push(to_publication(&channel, &epoch, offset, time_ms, rec)?);
             rest = r;
         }
-        Ok(FanOut { channel, publications })
+        Ok(FanOut { channel, epoch, first, publications })
     }
 }
 
