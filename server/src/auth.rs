@@ -184,7 +184,7 @@ impl Auth {
     ) -> anyhow::Result<Auth> {
         let mut keys = Vec::new();
         if let Some(secret) = &c.hmac_secret {
-            anyhow::ensure!(secret.len() >= 32, "auth.hmac_secret must be at least 32 bytes");
+            check_hmac_secret(secret).map_err(|e| anyhow::anyhow!("auth.hmac_secret {e}"))?;
             keys.push((Algorithm::HS256, DecodingKey::from_secret(secret.as_bytes())));
         }
         if let Some(k) = &c.rsa_public_key {
@@ -419,6 +419,21 @@ pub fn sign_subscription_hs256(secret: &str, claims: &SubscriptionClaims) -> any
 
 fn unauthorized(msg: &str) -> ErrorReply {
     ErrorReply::with_message(ErrorCode::Unauthorized, msg)
+}
+
+/// Shortest HS256 secret accepted, bytes: 256 bits, the size of the
+/// SHA-256 output (RFC 7518 section 3.2 requires a key at least that long).
+pub const MIN_HMAC_SECRET_LEN: usize = 32;
+
+/// Refuse an HS256 secret shorter than [`MIN_HMAC_SECRET_LEN`] bytes; the
+/// error reads after the secret's name (`auth.hmac_secret must be ...`).
+pub fn check_hmac_secret(secret: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        secret.len() >= MIN_HMAC_SECRET_LEN,
+        "must be at least {MIN_HMAC_SECRET_LEN} bytes (this one has {}); `ferry genconfig` prints a fresh one",
+        secret.len()
+    );
+    Ok(())
 }
 
 /// Sign an HS256 token (for `ferry token` and tests).

@@ -297,8 +297,16 @@ impl Namespace {
     }
 }
 
-/// Environment variables that are not configuration fields.
-const NOT_FIELDS: &[&str] = &["FERRY_CONFIG", "FERRY_LOG", "FERRY_LOG_FORMAT", "FERRY_HMAC_SECRET"];
+/// Environment variables of the `ferry` command that are not configuration
+/// fields.
+const NOT_FIELDS: &[&str] = &["FERRY_CONFIG", "FERRY_LOG", "FERRY_LOG_FORMAT", "FERRY_HMAC_SECRET", ENV_IGNORE];
+
+/// The variable naming further `FERRY_*` variables to ignore without a word
+/// (comma- or space-separated), e.g. `FERRY_BIN,FERRY_HOME` set by a wrapper.
+pub const ENV_IGNORE: &str = "FERRY_ENV_IGNORE";
+
+/// What [`Config::show_redacted`] prints in place of a secret that is set.
+pub const REDACTED: &str = "<redacted>";
 
 /// Find the field path a `FERRY_...` name refers to, walking the config
 /// tree (unset options included): `FERRY_LIMITS_PING_INTERVAL_MS` →
@@ -324,23 +332,152 @@ fn env_path(tree: &serde_json::Map<String, serde_json::Value>, rest: &str) -> Op
     None
 }
 
+/// Every `FERRY_...` name a field of `tree` can be set with.
+fn env_names(tree: &serde_json::Map<String, serde_json::Value>, prefix: &str, out: &mut Vec<String>) {
+    for (k, v) in tree {
+        let name = format!("{prefix}_{}", k.to_ascii_uppercase());
+        match v {
+            serde_json::Value::Object(t) => env_names(t, &name, out),
+            _ => out.push(name),
+        }
+    }
+}
+
+/// Whether `name=value` is one of the variables Kubernetes injects for a
+/// Service whose name starts with `ferry` (`FERRY_SERVICE_HOST`,
+/// `FERRY_PORT_8000_TCP_ADDR`, `FERRY_API_SERVICE_PORT_HTTP`, ...). The
+/// value is checked too, so `FERRY_API_PORT=8001` (a guess at a field) is
+/// not taken for the link `FERRY_API_PORT=tcp://10.0.0.1:8001`.
+fn kubernetes_service_link(name: &str, value: &str) -> bool {
+    let t: Vec<&str> = name.split('_').collect();
+    let ip = |v: &str| v.parse::<std::net::IpAddr>().is_ok();
+    let port = |v: &str| v.parse::<u16>().is_ok();
+    let proto = |v: &str| ["tcp", "udp", "sctp"].iter().any(|p| v.eq_ignore_ascii_case(p));
+    // `tcp://10.0.0.1:8000` (or `tcp://[fd00::1]:8000`).
+    let link =
+        |v: &str| v.split_once("://").is_some_and(|(p, a)| proto(p) && a.parse::<std::net::SocketAddr>().is_ok());
+    if t.first() != Some(&"FERRY") {
+        return false;
+    }
+    // The Service name (FERRY, FERRY_API, ...) ends at some i >= 1.
+    (1..=t.len()).any(|i| match &t[i..] {
+        ["SERVICE", "HOST"] => ip(value),
+        ["SERVICE", "PORT", ..] => port(value),
+        ["PORT"] => link(value),
+        ["PORT", n, p] => port(n) && proto(p) && link(value),
+        ["PORT", n, p, "PROTO"] => port(n) && proto(p) && proto(value),
+        ["PORT", n, p, "PORT"] => port(n) && proto(p) && port(value),
+        ["PORT", n, p, "ADDR"] => port(n) && proto(p) && ip(value),
+        _ => false,
+    })
+}
+
+/// Edit distance, for "did you mean" hints.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let here = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(here + 1);
+            prev = here;
+        }
+    }
+    row[b.len()]
+}
+
+/// What [`Config::apply_env`] did with the `FERRY_*` variables.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EnvReport {
+    /// Variables applied as configuration fields.
+    pub applied: Vec<String>,
+    /// Variables ignored because they cannot be configuration fields
+    /// (Kubernetes service links, names outside every section), sorted.
+    /// Those listed in `FERRY_ENV_IGNORE` are not here.
+    pub ignored: Vec<String>,
+}
+
 impl Config {
-    /// Apply `FERRY_...` environment overrides (file < environment < flags).
+    /// Apply `FERRY_...` environment overrides (file < environment < flags),
+    /// warning in one log line about variables ignored as not configuration.
+    /// See [`Config::apply_env`].
+    pub fn with_env(self, vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Config> {
+        let (c, report) = self.apply_env(vars)?;
+        if !report.ignored.is_empty() {
+            tracing::warn!(
+                "ignoring environment variables that are not configuration fields: {} (list them in {ENV_IGNORE} to silence this)",
+                report.ignored.join(", ")
+            );
+        }
+        Ok(c)
+    }
+
+    /// Apply `FERRY_...` environment overrides.
     /// Values are TOML (`8000`, `true`, `["a", "b"]`); anything else is a string.
     /// A namespace must already exist in the file to be overridden.
-    pub fn with_env(self, vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Config> {
+    ///
+    /// Design: a name whose first word begins a top-level field or section
+    /// (`FERRY_LIMITS_...`, `FERRY_LISTEN_...`, `FERRY_DATA_...`) or nearly
+    /// does (`FERRY_LIMIT_...`) is meant as configuration, so a typo in it is
+    /// an error, never silently ignored. Anything else (`FERRY_BIN` from a
+    /// wrapper script, the `FERRY_SERVICE_HOST`, `FERRY_PORT_...` links
+    /// Kubernetes injects for a Service named `ferry`) cannot be
+    /// configuration and is reported in [`EnvReport::ignored`]. Names listed
+    /// in `FERRY_ENV_IGNORE` are skipped without a report.
+    pub fn apply_env(self, vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<(Config, EnvReport)> {
         let tree = match serde_json::to_value(&self)? {
             serde_json::Value::Object(m) => m,
             _ => anyhow::bail!("configuration is not a table"),
         };
+        let vars: Vec<(String, String)> = vars.into_iter().filter(|(n, _)| n.starts_with("FERRY_")).collect();
+        let allowed: Vec<String> = vars
+            .iter()
+            .filter(|(n, _)| n == ENV_IGNORE)
+            .flat_map(|(_, v)| v.split([',', ' ']).filter(|s| !s.is_empty()).map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        // First words of top-level keys: `listen`, `data`, `allow`, `limits`, ...
+        let first_words: Vec<String> =
+            tree.keys().map(|k| k.split('_').next().unwrap_or_default().to_ascii_uppercase()).collect();
+        let mut report = EnvReport::default();
         let mut root = toml::Table::try_from(&self)?;
         for (name, value) in vars {
-            let Some(rest) = name.strip_prefix("FERRY_") else { continue };
-            if NOT_FIELDS.contains(&name.as_str()) {
+            if NOT_FIELDS.contains(&name.as_str()) || allowed.contains(&name) {
                 continue;
             }
-            let rest = rest.to_ascii_lowercase();
-            let path = env_path(&tree, &rest).ok_or_else(|| anyhow::anyhow!("{name}: no such configuration field"))?;
+            let rest = &name["FERRY_".len()..];
+            let Some(path) = env_path(&tree, &rest.to_ascii_lowercase()) else {
+                let first = rest.split('_').next().unwrap_or_default().to_ascii_uppercase();
+                // Near a first word: one edit, for words long enough that one
+                // edit does not reach unrelated names (`APP` is not `API`).
+                let meant = first_words.iter().any(|w| *w == first || (w.len() >= 4 && distance(w, &first) <= 1));
+                if !meant || kubernetes_service_link(&name, &value) {
+                    report.ignored.push(name);
+                    continue;
+                }
+                let mut names = Vec::new();
+                env_names(&tree, "FERRY", &mut names);
+                let upper = name.to_ascii_uppercase();
+                // A field with something after it (`FERRY_LISTEN_ADDR`), else
+                // the nearest name within a few typos.
+                let hint = names
+                    .iter()
+                    .find(|n| upper.starts_with(&format!("{n}_")))
+                    .or_else(|| {
+                        names.iter().map(|n| (distance(n, &upper), n)).filter(|(d, _)| *d <= 3).min().map(|(_, n)| n)
+                    })
+                    .map(|n| format!(" (did you mean {n}?)"))
+                    .unwrap_or_default();
+                let ns = if rest.to_ascii_uppercase().starts_with("NAMESPACES_") {
+                    "; a namespace must be in the configuration file to be set from the environment"
+                } else {
+                    ""
+                };
+                anyhow::bail!(
+                    "{name}: no such configuration field{hint}{ns}; if it is not meant for ferry, list it in {ENV_IGNORE}"
+                );
+            };
             let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
                 .ok()
                 .and_then(|mut t| t.remove("v"))
@@ -354,10 +491,30 @@ impl Config {
                 };
             }
             t.insert(path[path.len() - 1].clone(), parsed);
+            report.applied.push(name);
         }
+        report.ignored.sort();
         let c: Config = root.try_into().map_err(|e| anyhow::anyhow!("environment overrides: {e}"))?;
         c.check()?;
-        Ok(c)
+        Ok((c, report))
+    }
+
+    /// The configuration as TOML with every secret that is set
+    /// (`auth.hmac_secret`, each of `api.keys`, `webhooks.secret`) replaced
+    /// by [`REDACTED`]: still valid TOML, showing which secrets are set and
+    /// how many keys there are, but no secret.
+    pub fn show_redacted(&self) -> anyhow::Result<String> {
+        let mut c = self.clone();
+        if c.auth.hmac_secret.is_some() {
+            c.auth.hmac_secret = Some(REDACTED.into());
+        }
+        for k in &mut c.api.keys {
+            *k = REDACTED.into();
+        }
+        if !c.webhooks.secret.is_empty() {
+            c.webhooks.secret = REDACTED.into();
+        }
+        Ok(toml::to_string(&c)?)
     }
 
     /// Read and check a TOML file.
@@ -422,5 +579,81 @@ impl Config {
             max_queued_bytes: l.max_queued_bytes,
             request_id_window: 1024,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> anyhow::Result<(Config, EnvReport)> {
+        Config::default().apply_env(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn kubernetes_links_are_recognised_by_name_and_value() {
+        for (n, v) in [
+            ("FERRY_PORT", "tcp://10.0.0.1:8000"),
+            ("FERRY_PORT_8000_TCP", "tcp://10.0.0.1:8000"),
+            ("FERRY_PORT_8000_TCP_PROTO", "tcp"),
+            ("FERRY_PORT_8000_TCP_PORT", "8000"),
+            ("FERRY_PORT_8000_TCP_ADDR", "10.0.0.1"),
+            ("FERRY_SERVICE_HOST", "10.0.0.1"),
+            ("FERRY_SERVICE_PORT", "8000"),
+            ("FERRY_SERVICE_PORT_HTTP_API", "8001"),
+            // A Service named `ferry-api`, whose name begins like a section.
+            ("FERRY_API_SERVICE_HOST", "fd00::1"),
+            ("FERRY_API_PORT", "tcp://[fd00::1]:8001"),
+            ("FERRY_API_PORT_8001_UDP_ADDR", "10.0.0.2"),
+        ] {
+            assert!(kubernetes_service_link(n, v), "{n}={v}");
+        }
+        for (n, v) in [
+            ("FERRY_API_PORT", "8001"),
+            ("FERRY_SERVICE_HOST", "ferry.local"),
+            ("FERRY_PORT_HTTP_TCP", "tcp://10.0.0.1:8000"),
+            ("FERRY_PORT_8000_TCP_ADDR", "8000"),
+            ("FERRY_LIMITS_PING_INTERVAL_MS", "1"),
+            ("OTHER_PORT", "tcp://10.0.0.1:8000"),
+        ] {
+            assert!(!kubernetes_service_link(n, v), "{n}={v}");
+        }
+    }
+
+    #[test]
+    fn foreign_names_are_ignored_and_config_looking_ones_refused() {
+        let (c, report) = env(&[
+            ("FERRY_BIN", "/bin/ferry"),
+            ("FERRY_APP_NAME", "x"),
+            ("FERRY_API_SERVICE_PORT", "8001"),
+            ("FERRY_LIMITS_PING_INTERVAL_MS", "2000"),
+            ("FERRY_HOME", "/h"),
+            ("FERRY_ENV_IGNORE", "FERRY_HOME"),
+            ("PATH", "/bin"),
+        ])
+        .unwrap();
+        assert_eq!(c.limits.ping_interval_ms, 2000);
+        assert_eq!(report.applied, ["FERRY_LIMITS_PING_INTERVAL_MS"]);
+        assert_eq!(report.ignored, ["FERRY_API_SERVICE_PORT", "FERRY_APP_NAME", "FERRY_BIN"]);
+        for (n, hint) in [
+            ("FERRY_LIMITS_PING_INTERVL_MS", "FERRY_LIMITS_PING_INTERVAL_MS"),
+            ("FERRY_WEBHOOK_URL", "FERRY_WEBHOOKS_URL"),
+            ("FERRY_AUTH_HMAC_SECRT", "FERRY_AUTH_HMAC_SECRET"),
+            ("FERRY_ALLOWED_ORIGINS_X", "FERRY_ALLOWED_ORIGINS"),
+        ] {
+            let e = env(&[(n, "1")]).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{n}: no such configuration field (did you mean {hint}?)")), "{e}");
+        }
+    }
+
+    #[test]
+    fn redacted_output_names_set_secrets_only() {
+        let mut c = Config::default();
+        c.auth.hmac_secret = Some("s".repeat(40));
+        c.api.keys = vec!["k1".into(), "k2".into()];
+        let shown: Config = toml::from_str(&c.show_redacted().unwrap()).unwrap();
+        assert_eq!(shown.auth.hmac_secret.as_deref(), Some(REDACTED));
+        assert_eq!(shown.api.keys, [REDACTED, REDACTED]);
+        assert_eq!(shown.webhooks.secret, "", "unset stays unset");
     }
 }

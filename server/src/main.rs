@@ -16,11 +16,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Sign an HS256 connection token with the config's `auth.hmac_secret` (for development).
+    ///
+    /// The secret must be at least 32 bytes, as the server requires: a token
+    /// signed with a shorter one could not be verified by any Ferry server.
     Token {
         /// TOML configuration file holding `[auth] hmac_secret`.
         #[arg(long, env = "FERRY_CONFIG")]
         config: Option<PathBuf>,
-        /// The secret, instead of a config file.
+        /// The secret (at least 32 bytes), instead of a config file.
         #[arg(long, env = "FERRY_HMAC_SECRET")]
         secret: Option<String>,
         /// User id (`sub`).
@@ -36,10 +39,16 @@ enum Cmd {
     /// Print a commented configuration with fresh secrets.
     Genconfig,
     /// Print the effective configuration (file < environment), then exit.
+    ///
+    /// Secrets that are set (`auth.hmac_secret`, `api.keys`,
+    /// `webhooks.secret`) print as "<redacted>" unless --show-secrets.
     ShowConfig {
         /// TOML configuration file.
         #[arg(long, env = "FERRY_CONFIG")]
         config: Option<PathBuf>,
+        /// Print secrets in clear instead of "<redacted>".
+        #[arg(long)]
+        show_secrets: bool,
     },
     /// Read and check a configuration file, then exit.
     CheckConfig {
@@ -47,6 +56,13 @@ enum Cmd {
         config: PathBuf,
     },
     /// Run the server.
+    ///
+    /// Any field can be set from the environment as FERRY_<SECTION>_<FIELD>
+    /// (file < environment < flags). An unknown field of a known section
+    /// (FERRY_LIMITS_PING_INTERVL_MS) is an error; other FERRY_* names
+    /// (FERRY_BIN, Kubernetes' FERRY_SERVICE_HOST, FERRY_PORT_...) are
+    /// ignored with one warning, silenced by listing them in
+    /// FERRY_ENV_IGNORE="FERRY_BIN,FERRY_HOME".
     Serve {
         /// TOML configuration file.
         #[arg(long, env = "FERRY_CONFIG")]
@@ -75,12 +91,22 @@ async fn main() -> anyhow::Result<()> {
     }
     match Cli::parse().cmd {
         Cmd::Token { config, secret, user, ttl, channel } => {
+            // Design: no override for a short secret. The server refuses
+            // one, so a token signed with it would be useless anywhere.
             let secret = match (secret, config) {
-                (Some(s), _) => s,
-                (None, Some(path)) => load(&path)?
-                    .auth
-                    .hmac_secret
-                    .ok_or_else(|| anyhow::anyhow!("{}: no auth.hmac_secret", path.display()))?,
+                (Some(s), _) => {
+                    ferry_server::auth::check_hmac_secret(&s).map_err(|e| anyhow::anyhow!("--secret {e}"))?;
+                    s
+                }
+                (None, Some(path)) => {
+                    let s = load(&path)?
+                        .auth
+                        .hmac_secret
+                        .ok_or_else(|| anyhow::anyhow!("{}: no auth.hmac_secret", path.display()))?;
+                    ferry_server::auth::check_hmac_secret(&s)
+                        .map_err(|e| anyhow::anyhow!("{}: auth.hmac_secret {e}", path.display()))?;
+                    s
+                }
                 (None, None) => anyhow::bail!("give --secret or --config with auth.hmac_secret"),
             };
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
@@ -92,13 +118,13 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", genconfig(&secret(48)?, &secret(32)?, &secret(32)?));
             Ok(())
         }
-        Cmd::ShowConfig { config } => {
+        Cmd::ShowConfig { config, show_secrets } => {
             let cfg = match &config {
                 Some(path) => load(path)?,
                 None => Config::default(),
             };
             let cfg = cfg.with_env(std::env::vars())?;
-            print!("{}", toml::to_string(&cfg)?);
+            print!("{}", if show_secrets { toml::to_string(&cfg)? } else { cfg.show_redacted()? });
             Ok(())
         }
         Cmd::CheckConfig { config } => {
