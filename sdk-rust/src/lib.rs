@@ -22,6 +22,15 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! **Several servers.** [`Client::builder_urls`] takes the URLs of several
+//! nodes of one cluster. The client starts on one picked from its seed (so
+//! many clients spread over the nodes), stays there while it works, and
+//! after a failed attempt or a lost connection tries the next URL in the
+//! list after the usual backoff; subscriptions recover by their offsets as
+//! after any reconnect. A network change retries the current URL first.
+//! The choice is made in `ferry-core`, so every Ferry SDK behaves the same
+//! (PROTOCOL.md 9.2).
 
 mod driver;
 pub mod storage;
