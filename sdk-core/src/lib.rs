@@ -16,7 +16,7 @@
 //! // Drain: the session asks the host to open a transport, then waits.
 //! loop {
 //!     match s.poll_output(now) {
-//!         Output::Open { conn } => { /* open a WebSocket; report TransportOpened{conn} */ let _ = conn; }
+//!         Output::Open { conn, endpoint } => { /* open a WebSocket to urls[endpoint]; report TransportOpened{conn} */ let _ = (conn, endpoint); }
 //!         Output::Timeout(_next) => break,
 //!         _ => {}
 //!     }

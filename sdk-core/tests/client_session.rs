@@ -10,6 +10,7 @@ struct Out {
     frames: Vec<ClientFrame>,
     events: Vec<Event>,
     opened: Option<u64>,
+    endpoint: Option<usize>,
     closed: Option<u16>,
 }
 
@@ -17,7 +18,10 @@ fn drain(s: &mut ClientSession, now: Instant) -> Out {
     let mut o = Out::default();
     for _ in 0..100_000 {
         match s.poll_output(now) {
-            Output::Open { conn } => o.opened = Some(conn),
+            Output::Open { conn, endpoint } => {
+                o.opened = Some(conn);
+                o.endpoint = Some(endpoint);
+            }
             Output::Transmit { data, .. } => {
                 o.frames.extend(codec::decode_client(Encoding::Json, &data, 1 << 20).expect("client output decodes"))
             }

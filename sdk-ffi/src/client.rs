@@ -172,7 +172,27 @@ impl FerryClient {
         config: FfiClientConfig,
         token_provider: Option<Arc<dyn TokenProvider>>,
     ) -> Result<Arc<Self>, FerryError> {
-        let mut b = fc::Client::builder(url).device_id(config.device_id.clone());
+        Self::with_urls(vec![url], config, token_provider)
+    }
+
+    /// Create a client for several server URLs, the nodes of one cluster;
+    /// otherwise as the main constructor. The client starts on one picked
+    /// from its seed (so many clients spread over the nodes), stays there
+    /// while it works, and after a failed attempt or a lost connection
+    /// tries the next URL in the list after the usual backoff,
+    /// recovering subscriptions by offsets as after any reconnect
+    /// (PROTOCOL.md 9.2). Every URL is checked here: a bad one, or an
+    /// empty list, throws `FerryError.Config`.
+    #[uniffi::constructor]
+    pub fn with_urls(
+        urls: Vec<String>,
+        config: FfiClientConfig,
+        token_provider: Option<Arc<dyn TokenProvider>>,
+    ) -> Result<Arc<Self>, FerryError> {
+        let mut b = fc::Client::builder_urls(urls).device_id(config.device_id.clone());
+        if let Some(seed) = config.seed {
+            b = b.seed(seed);
+        }
         let token = match (&config.token, &token_provider) {
             (Some(t), _) => Some(t.clone()),
             // Design: ferry-client connects with the configured token and

@@ -338,6 +338,11 @@ pub struct FfiClientConfig {
     /// CA; the public roots bundled with the client are trusted anyway.
     #[uniffi(default)]
     pub tls_root_certificates_pem: Option<String>,
+    /// Seed for backoff jitter, message-id nonces and the choice of the
+    /// first server URL; `None` (default) draws one at random. For
+    /// reproducible tests.
+    #[uniffi(default)]
+    pub seed: Option<u64>,
 }
 
 /// Why the last connection ended.

@@ -31,7 +31,8 @@ const READ_BATCH: usize = 64;
 type Subscribers = Vec<(u64, mpsc::UnboundedSender<SubscriptionEvent>)>;
 
 pub(crate) struct Driver {
-    url: String,
+    /// Server URLs; the session names one by index in `Output::Open`.
+    urls: Vec<String>,
     tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     enc: ferry_core::codec::Encoding,
     session: ClientSession,
@@ -57,7 +58,7 @@ pub(crate) struct Driver {
 impl Driver {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        url: String,
+        urls: Vec<String>,
         tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
         cfg: ClientConfig,
         seed: u64,
@@ -80,7 +81,7 @@ impl Driver {
         };
         let (opened, opened_rx) = mpsc::unbounded_channel();
         Driver {
-            url,
+            urls,
             tls,
             enc,
             session,
@@ -286,8 +287,11 @@ impl Driver {
                     self.flush(&mut pending).await;
                     // A failed write may have produced more work.
                 }
-                Output::Open { conn } => {
-                    let url = self.url.clone();
+                Output::Open { conn, endpoint } => {
+                    // The core keeps `endpoint` below the URL count; modulo
+                    // only guards against a mismatched core_config.
+                    let url = self.urls[endpoint % self.urls.len()].clone();
+                    tracing::debug!(conn, endpoint, %url, "opening");
                     let tls = self.tls.clone();
                     let proto = self.enc.subprotocol();
                     let tx = self.opened.clone();

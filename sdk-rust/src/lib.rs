@@ -22,6 +22,15 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! **Several servers.** [`Client::builder_urls`] takes the URLs of several
+//! nodes of one cluster. The client starts on one picked from its seed (so
+//! many clients spread over the nodes), stays there while it works, and
+//! after a failed attempt or a lost connection tries the next URL in the
+//! list after the usual backoff; subscriptions recover by their offsets as
+//! after any reconnect. A network change retries the current URL first.
+//! The choice is made in `ferry-core`, so every Ferry SDK behaves the same
+//! (PROTOCOL.md 9.2).
 
 mod driver;
 pub mod storage;
@@ -138,7 +147,7 @@ pub type TokenProvider = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<Stri
 
 /// Builds a [`Client`].
 pub struct ClientBuilder {
-    url: String,
+    urls: Vec<String>,
     cfg: ClientConfig,
     token_provider: Option<TokenProvider>,
     storage: Option<Arc<dyn Storage>>,
@@ -253,21 +262,24 @@ impl ClientBuilder {
         };
         // A URL that cannot be used is a setup error, reported here once
         // instead of retried forever as if the network were down.
-        {
-            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-            if !(self.url.starts_with("ws://") || self.url.starts_with("wss://")) {
-                return Err(Error::Config(format!("server URL {:?}: must start with ws:// or wss://", self.url)));
-            }
-            self.url
-                .as_str()
-                .into_client_request()
-                .map_err(|e| Error::Config(format!("server URL {:?}: {e}", self.url)))?;
+        if self.urls.is_empty() {
+            return Err(Error::Config("at least one server URL is needed".into()));
         }
-        let tls = if self.url.starts_with("wss://") {
+        for url in &self.urls {
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                return Err(Error::Config(format!("server URL {url:?}: must start with ws:// or wss://")));
+            }
+            url.as_str().into_client_request().map_err(|e| Error::Config(format!("server URL {url:?}: {e}")))?;
+        }
+        let tls = if self.urls.iter().any(|u| u.starts_with("wss://")) {
             Some(driver::tls_config(&self.extra_roots).map_err(Error::Config)?)
         } else {
             None
         };
+        let mut cfg = self.cfg;
+        // The core chooses among the URLs by index (PROTOCOL.md 9.2).
+        cfg.endpoints = self.urls.len();
         let snapshot = storage.load().map_err(|e| Error::Storage(e.to_string()))?;
         let seed = self.seed.unwrap_or_else(random_seed);
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -276,9 +288,9 @@ impl ClientBuilder {
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|_| Error::Config("build() must run inside a tokio runtime".into()))?;
         let driver = driver::Driver::new(
-            self.url,
+            self.urls,
             tls,
-            self.cfg,
+            cfg,
             seed,
             snapshot,
             storage,
@@ -353,8 +365,23 @@ pub struct CloseReport {
 impl Client {
     /// Start building a client for a server URL (`ws://host:port/ws`).
     pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        Self::builder_urls([url.into()])
+    }
+
+    /// Start building a client for several server URLs, the nodes of one
+    /// cluster (`["ws://a:8000/ws", "ws://b:8000/ws"]`). The client starts
+    /// on one picked from its seed, stays there while it works, and after
+    /// a failed attempt or a lost connection tries the next one in the list
+    /// (after the usual backoff), recovering its streams by offsets as after
+    /// any reconnect (PROTOCOL.md 9.2). Every URL is checked by
+    /// [`ClientBuilder::build`]; an empty list is an [`Error::Config`] there.
+    pub fn builder_urls<I, S>(urls: I) -> ClientBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
         ClientBuilder {
-            url: url.into(),
+            urls: urls.into_iter().map(Into::into).collect(),
             cfg: {
                 let mut c = ClientConfig::new("");
                 c.client.name = "ferry-client".into();

@@ -243,3 +243,106 @@ async fn an_unusable_server_url_is_a_setup_error_not_a_reconnect_loop() {
         assert!(matches!(&r, Err(Error::Config(m)) if m.contains("server URL")), "{url}: {:?}", r.as_ref().err());
     }
 }
+
+/// A loopback URL nothing listens on: bind port 0, note it, let it go.
+fn dead_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("ws://{}/ws", l.local_addr().unwrap())
+}
+
+async fn wait_subscribed(sub: &mut ferry_client::Subscription) {
+    loop {
+        match tokio::time::timeout(T, futures_util::StreamExt::next(sub)).await.expect("subscribed in time") {
+            Some(SubscriptionEvent::Subscribed { .. }) => return,
+            Some(_) => {}
+            None => panic!("subscription ended"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn several_urls_the_client_finds_the_live_one() {
+    let srv = server_at(temp("urls-live"), "127.0.0.1:0").await;
+    let dead = dead_url();
+    // Fixed seeds: some start on the dead URL (the first endpoint comes from
+    // the seed), so the move to the next one is exercised deterministically.
+    let mut moved = 0;
+    for seed in 0..6u64 {
+        let c = Client::builder_urls([dead.as_str(), srv.url.as_str()])
+            .device_id(format!("urls-{seed}"))
+            .backoff(Duration::from_millis(20), Duration::from_millis(200))
+            .seed(seed)
+            .memory_storage()
+            .build()
+            .unwrap();
+        c.connect();
+        assert!(c.wait_connected(T).await, "seed {seed}: connects to the live URL");
+        let ack = c.publish("chat:urls", vec![seed as u8], Qos::AtLeastOnce).await.unwrap();
+        assert_eq!(ack.offset, seed + 1);
+        if c.disconnects().borrow().is_some() {
+            moved += 1; // started on the dead URL, then moved on
+        }
+        c.close(Duration::from_secs(1)).await;
+    }
+    assert!(moved > 0, "no seed started on the dead URL: the failover path was not exercised");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn several_urls_fail_over_when_the_server_in_use_stops() {
+    let a = server_at(temp("urls-a"), "127.0.0.1:0").await;
+    let b = server_at(temp("urls-b"), "127.0.0.1:0").await;
+    let urls = [a.url.clone(), b.url.clone()];
+    let c = Client::builder_urls(urls.clone())
+        .token("carol")
+        .device_id("urls-fo")
+        .backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .memory_storage()
+        .build()
+        .unwrap();
+    let mut sub = c.subscribe("chat:fo", Qos::AtLeastOnce).await.unwrap();
+    c.connect();
+    assert!(c.wait_connected(T).await);
+    wait_subscribed(&mut sub).await;
+    // The two nodes share nothing: a watcher on each tells which one the
+    // client is on by the channel's presence.
+    let mut watchers = Vec::new();
+    for (i, url) in urls.iter().enumerate() {
+        let w = Client::builder(url).device_id(format!("urls-w{i}")).memory_storage().build().unwrap();
+        w.connect();
+        assert!(w.wait_connected(T).await);
+        watchers.push(w);
+    }
+    let on_a = watchers[0].presence_stats("chat:fo").await.unwrap() == (1, 1);
+    let on_b = watchers[1].presence_stats("chat:fo").await.unwrap() == (1, 1);
+    assert!(on_a != on_b, "on exactly one node (a: {on_a}, b: {on_b})");
+    let (gone, other) = if on_a { (a, b) } else { (b, a) };
+    let watcher = watchers.remove(usize::from(on_a));
+    let mut st = c.state();
+    gone.stop().await;
+    tokio::time::timeout(T, st.wait_for(|s| *s != ConnectionState::Connected)).await.unwrap().unwrap();
+    assert!(c.wait_connected(T).await, "back to connected, on the other node");
+    assert_eq!(c.disconnects().borrow().as_ref().map(|d| (d.code, d.reconnect)), Some((3000, true)));
+    // Subscribed again there, and publish and receive work on it.
+    wait_subscribed(&mut sub).await;
+    assert_eq!(watcher.presence_stats("chat:fo").await.unwrap(), (1, 1), "the client is on the other node");
+    let ack = c.publish("chat:fo", b"after failover".to_vec(), Qos::AtLeastOnce).await.unwrap();
+    let p = next_pub(&mut sub).await;
+    assert_eq!((p.offset, p.payload.data.0.as_slice()), (ack.offset, &b"after failover"[..]));
+    c.close(Duration::from_secs(1)).await;
+    for w in watchers.into_iter().chain([watcher]) {
+        w.close(Duration::from_secs(1)).await;
+    }
+    other.stop().await;
+}
+
+#[tokio::test]
+async fn every_server_url_is_checked_at_build() {
+    let ok = "ws://127.0.0.1:9/ws";
+    for bad in ["http://127.0.0.1:9/ws", "ws://bad host/ws"] {
+        let r = Client::builder_urls([ok, bad]).device_id("dev:urls").memory_storage().build();
+        assert!(matches!(&r, Err(Error::Config(m)) if m.contains(bad)), "{bad}: {:?}", r.as_ref().err());
+    }
+    let r = Client::builder_urls(Vec::<String>::new()).device_id("dev:urls").memory_storage().build();
+    assert!(matches!(&r, Err(Error::Config(_))), "{:?}", r.as_ref().err());
+}

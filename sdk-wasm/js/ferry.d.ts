@@ -251,6 +251,12 @@ export interface FerryClientOptions {
   qos0Offline?: 'fail' | 'queue';
   /** Listen to online/offline and visibilitychange (default true). */
   networkEvents?: boolean;
+  /**
+   * Seed (a non-negative safe integer) for backoff jitter, message-id
+   * nonces and the choice of the first server URL; random by default.
+   * For reproducible tests.
+   */
+  seed?: number;
   /** Name and version reported to the server. */
   clientName?: string;
   clientVersion?: string;
@@ -301,8 +307,19 @@ export interface HistoryResult {
 
 /** A Ferry client. */
 export class FerryClient {
-  /** Throws `FerryError` code `config` when `url` is not `ws://host...` or `wss://host...`. */
-  constructor(url: string, options?: FerryClientOptions);
+  /**
+   * `url` is one server URL or several (the nodes of one cluster): the
+   * client starts on one picked at random, stays there while it works, and
+   * after a failed attempt or a lost connection tries the next one in the
+   * list after the usual backoff, recovering subscriptions by offsets.
+   * Throws `FerryError` code `config` when a URL is not `ws://host...` or
+   * `wss://host...`, or the list is empty.
+   */
+  constructor(url: string | readonly string[], options?: FerryClientOptions);
+  /** The server URLs, in order. */
+  readonly urls: readonly string[];
+  /** The first server URL. */
+  readonly url: string;
   /** Resolves once the wasm module, stored state and first token are loaded. */
   readonly ready: Promise<void>;
   /** The device id in use (after `ready`). */

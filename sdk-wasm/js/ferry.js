@@ -309,12 +309,23 @@ const CHANNEL_EVENTS = new Set(['publication', 'join', 'leave', 'gap', 'subscrib
  */
 export class FerryClient {
   constructor(url, options = {}) {
-    // A URL no transport can open is a setup error: say so now instead of
-    // retrying it forever as if the network were down.
-    if (typeof url !== 'string' || !/^wss?:\/\/[^\s/?#]+/i.test(url)) {
-      throw new FerryError('config', `server URL ${JSON.stringify(url)}: must be ws://host/... or wss://host/...`);
+    // Several URLs are the nodes of one cluster; the core picks which one
+    // each attempt opens (PROTOCOL.md 9.2). A URL no transport can open is
+    // a setup error: say so now instead of retrying it forever as if the
+    // network were down.
+    const urls = Array.isArray(url) ? [...url] : [url];
+    if (urls.length === 0) {
+      throw new FerryError('config', 'server URL list is empty: give at least one ws:// or wss:// URL');
     }
-    this.url = url;
+    for (const u of urls) {
+      if (typeof u !== 'string' || !/^wss?:\/\/[^\s/?#]+/i.test(u)) {
+        throw new FerryError('config', `server URL ${JSON.stringify(u)}: must be ws://host/... or wss://host/...`);
+      }
+    }
+    /** The server URLs, in order. */
+    this.urls = urls;
+    /** The first server URL (kept for code written for one URL). */
+    this.url = urls[0];
     this.options = options;
     this._listeners = new Map();
     this._channels = new Map(); // channel -> Set<Subscription>
@@ -346,9 +357,11 @@ export class FerryClient {
     // Without a token, the first one comes from getToken; until then the
     // client works offline (publishes go to the outbox) and connects later.
     this._needToken = !token && typeof o.getToken === 'function';
-    const [hi, lo] = randomSeed();
+    // A fixed seed replays backoff jitter and the choice of the first URL.
+    const fixed = Number.isSafeInteger(o.seed) && o.seed >= 0;
+    const [hi, lo] = fixed ? [Math.floor(o.seed / 2 ** 32), o.seed >>> 0] : randomSeed();
     const driverOptions = {
-      url: this.url,
+      urls: this.urls,
       token,
       refreshable: typeof o.getToken === 'function',
       deviceId: o.deviceId,

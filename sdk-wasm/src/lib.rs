@@ -125,7 +125,8 @@ struct Timer {
 struct Inner {
     weak: Weak<Shared>,
     session: ClientSession,
-    url: String,
+    /// Server URLs; the session names one by index in `Output::Open`.
+    urls: Vec<String>,
     encoding: Encoding,
     transport: Option<Transport>,
     link: Option<Link>,
@@ -183,13 +184,27 @@ pub struct Driver {
 
 #[wasm_bindgen]
 impl Driver {
-    /// Create a driver. `options` holds `url` and the optional settings the
+    /// Create a driver. `options` holds `urls` (or one `url`) and the optional settings the
     /// JavaScript wrapper documents; `saved` is what the storage adapter
     /// returned for the key (or `undefined`); `on_event` receives every event.
     #[wasm_bindgen(constructor)]
     pub fn new(options: JsValue, saved: Option<String>, on_event: Function) -> Result<Driver, JsError> {
         let o = convert::Opts(options);
-        let url = o.string("url").ok_or_else(|| JsError::new("options.url is required"))?;
+        // `urls` (an array, from the wrapper) or a single `url`.
+        let urls: Vec<String> = match o.get("urls") {
+            Some(v) if js_sys::Array::is_array(&v) => {
+                let a: js_sys::Array = v.unchecked_into();
+                let mut urls = Vec::with_capacity(a.length() as usize);
+                for v in a.iter() {
+                    urls.push(v.as_string().ok_or_else(|| JsError::new("options.urls must hold strings"))?);
+                }
+                urls
+            }
+            _ => o.string("url").into_iter().collect(),
+        };
+        if urls.is_empty() {
+            return Err(JsError::new("options.urls (or options.url) is required"));
+        }
         let seed = (u64::from(o.u32("seedHi").unwrap_or(0)) << 32) | u64::from(o.u32("seedLo").unwrap_or(0));
 
         let restored = match saved.as_deref() {
@@ -244,6 +259,8 @@ impl Driver {
         if o.string("qos0Offline").as_deref() == Some("queue") {
             cfg.qos0_offline = Qos0Offline::Queue;
         }
+        // The core picks among the URLs by index (PROTOCOL.md 9.2).
+        cfg.endpoints = urls.len();
         let encoding = cfg.encoding;
         let dedup = cfg.dedup_window;
 
@@ -269,7 +286,7 @@ impl Driver {
             inner: RefCell::new(Inner {
                 weak: weak.clone(),
                 session,
-                url,
+                urls,
                 encoding,
                 transport,
                 link: None,
@@ -579,7 +596,7 @@ impl Inner {
                     deadline = t;
                     break;
                 }
-                Output::Open { conn } => self.open(conn),
+                Output::Open { conn, endpoint } => self.open(conn, endpoint),
                 Output::Transmit { conn, data } => self.held.push_back((conn, data)),
                 Output::Close { conn, code, reason } => self.close_link(conn, code, &reason),
                 Output::Event(ferry_core::client::Event::Persist(change)) => {
@@ -709,14 +726,16 @@ impl Inner {
         }
     }
 
-    fn open(&mut self, conn: ConnId) {
+    fn open(&mut self, conn: ConnId, endpoint: usize) {
         if let Some(l) = self.link.take() {
             l.shut(1000, "replaced");
         }
         let proto = self.encoding.subprotocol();
+        // The core keeps `endpoint` below the URL count.
+        let url = &self.urls[endpoint % self.urls.len()];
         let socket = match &self.transport {
-            Some(t) => host::open_with(t, &self.url, proto),
-            None => host::open_websocket(&self.url, proto),
+            Some(t) => host::open_with(t, url, proto),
+            None => host::open_websocket(url, proto),
         };
         let socket = match socket {
             Ok(s) => s,

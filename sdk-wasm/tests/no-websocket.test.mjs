@@ -101,3 +101,18 @@ test('a server URL that is not ws:// or wss:// is refused at construction with c
   const ok = new FerryClient('ws://127.0.0.1:9/ws', { deviceId: 'url-check' });
   ok.close();
 });
+
+test('several server URLs: each is checked at construction, and the list may not be empty', () => {
+  const ok = 'ws://127.0.0.1:9/ws';
+  for (const urls of [[], [ok, 'http://127.0.0.1:9/ws'], ['ws://', ok], [ok, 42]]) {
+    assert.throws(
+      () => new FerryClient(urls, { deviceId: 'url-check' }),
+      (e) => e instanceof FerryError && e.code === 'config',
+      JSON.stringify(urls),
+    );
+  }
+  const c = new FerryClient([ok, 'wss://127.0.0.1:10/ws'], { deviceId: 'url-check' });
+  assert.deepEqual(c.urls, [ok, 'wss://127.0.0.1:10/ws']);
+  assert.equal(c.url, ok);
+  c.close();
+});

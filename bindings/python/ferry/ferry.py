@@ -557,6 +557,8 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_ferry_ffi_checksum_constructor_ferryclient_new() != 5708:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_ferry_ffi_checksum_constructor_ferryclient_with_urls() != 17564:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_ferry_ffi_checksum_method_statelistener_on_state() != 4822:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_ferry_ffi_checksum_method_subscriptionlistener_on_state() != 33101:
@@ -656,6 +658,9 @@ _UniffiLib.uniffi_ferry_ffi_checksum_method_ferryclient_unacked.restype = ctypes
 _UniffiLib.uniffi_ferry_ffi_checksum_constructor_ferryclient_new.argtypes = (
 )
 _UniffiLib.uniffi_ferry_ffi_checksum_constructor_ferryclient_new.restype = ctypes.c_uint16
+_UniffiLib.uniffi_ferry_ffi_checksum_constructor_ferryclient_with_urls.argtypes = (
+)
+_UniffiLib.uniffi_ferry_ffi_checksum_constructor_ferryclient_with_urls.restype = ctypes.c_uint16
 _UniffiLib.uniffi_ferry_ffi_checksum_method_statelistener_on_state.argtypes = (
 )
 _UniffiLib.uniffi_ferry_ffi_checksum_method_statelistener_on_state.restype = ctypes.c_uint16
@@ -775,6 +780,13 @@ _UniffiLib.uniffi_ferry_ffi_fn_constructor_ferryclient_new.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_ferry_ffi_fn_constructor_ferryclient_new.restype = ctypes.c_uint64
+_UniffiLib.uniffi_ferry_ffi_fn_constructor_ferryclient_with_urls.argtypes = (
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_ferry_ffi_fn_constructor_ferryclient_with_urls.restype = ctypes.c_uint64
 _UniffiLib.uniffi_ferry_ffi_fn_method_statelistener_on_state.argtypes = (
     ctypes.c_uint64,
     _UniffiRustBuffer,
@@ -1404,7 +1416,7 @@ class ClientConfig:
     """
     Client settings. `None` keeps ferry-client's default.
 """
-    def __init__(self, *, device_id:str, token:typing.Optional[str] = None, storage_dir:typing.Optional[str] = None, backoff_min_ms:typing.Optional[int] = None, backoff_max_ms:typing.Optional[int] = None, outbox_max_messages:typing.Optional[int] = None, outbox_max_bytes:typing.Optional[int] = None, message_ttl_ms:typing.Optional[int] = None, request_timeout_ms:typing.Optional[int] = None, connect_timeout_ms:typing.Optional[int] = None, tls_root_certificates_pem:typing.Optional[str] = None):
+    def __init__(self, *, device_id:str, token:typing.Optional[str] = None, storage_dir:typing.Optional[str] = None, backoff_min_ms:typing.Optional[int] = None, backoff_max_ms:typing.Optional[int] = None, outbox_max_messages:typing.Optional[int] = None, outbox_max_bytes:typing.Optional[int] = None, message_ttl_ms:typing.Optional[int] = None, request_timeout_ms:typing.Optional[int] = None, connect_timeout_ms:typing.Optional[int] = None, tls_root_certificates_pem:typing.Optional[str] = None, seed:typing.Optional[int] = None):
         self.device_id = device_id
         self.token = token
         self.storage_dir = storage_dir
@@ -1416,12 +1428,13 @@ class ClientConfig:
         self.request_timeout_ms = request_timeout_ms
         self.connect_timeout_ms = connect_timeout_ms
         self.tls_root_certificates_pem = tls_root_certificates_pem
+        self.seed = seed
         
         
 
     
     def __str__(self):
-        return "ClientConfig(device_id={}, token={}, storage_dir={}, backoff_min_ms={}, backoff_max_ms={}, outbox_max_messages={}, outbox_max_bytes={}, message_ttl_ms={}, request_timeout_ms={}, connect_timeout_ms={}, tls_root_certificates_pem={})".format(self.device_id, self.token, self.storage_dir, self.backoff_min_ms, self.backoff_max_ms, self.outbox_max_messages, self.outbox_max_bytes, self.message_ttl_ms, self.request_timeout_ms, self.connect_timeout_ms, self.tls_root_certificates_pem)
+        return "ClientConfig(device_id={}, token={}, storage_dir={}, backoff_min_ms={}, backoff_max_ms={}, outbox_max_messages={}, outbox_max_bytes={}, message_ttl_ms={}, request_timeout_ms={}, connect_timeout_ms={}, tls_root_certificates_pem={}, seed={})".format(self.device_id, self.token, self.storage_dir, self.backoff_min_ms, self.backoff_max_ms, self.outbox_max_messages, self.outbox_max_bytes, self.message_ttl_ms, self.request_timeout_ms, self.connect_timeout_ms, self.tls_root_certificates_pem, self.seed)
     def __eq__(self, other):
         if self.device_id != other.device_id:
             return False
@@ -1445,6 +1458,8 @@ class ClientConfig:
             return False
         if self.tls_root_certificates_pem != other.tls_root_certificates_pem:
             return False
+        if self.seed != other.seed:
+            return False
         return True
 
 class _UniffiFfiConverterTypeClientConfig(_UniffiConverterRustBuffer):
@@ -1462,6 +1477,7 @@ class _UniffiFfiConverterTypeClientConfig(_UniffiConverterRustBuffer):
             request_timeout_ms=_UniffiFfiConverterOptionalUInt64.read(buf),
             connect_timeout_ms=_UniffiFfiConverterOptionalUInt64.read(buf),
             tls_root_certificates_pem=_UniffiFfiConverterOptionalString.read(buf),
+            seed=_UniffiFfiConverterOptionalUInt64.read(buf),
         )
 
     @staticmethod
@@ -1477,6 +1493,7 @@ class _UniffiFfiConverterTypeClientConfig(_UniffiConverterRustBuffer):
         _UniffiFfiConverterOptionalUInt64.check_lower(value.request_timeout_ms)
         _UniffiFfiConverterOptionalUInt64.check_lower(value.connect_timeout_ms)
         _UniffiFfiConverterOptionalString.check_lower(value.tls_root_certificates_pem)
+        _UniffiFfiConverterOptionalUInt64.check_lower(value.seed)
 
     @staticmethod
     def write(value, buf):
@@ -1491,6 +1508,7 @@ class _UniffiFfiConverterTypeClientConfig(_UniffiConverterRustBuffer):
         _UniffiFfiConverterOptionalUInt64.write(value.request_timeout_ms, buf)
         _UniffiFfiConverterOptionalUInt64.write(value.connect_timeout_ms, buf)
         _UniffiFfiConverterOptionalString.write(value.tls_root_certificates_pem, buf)
+        _UniffiFfiConverterOptionalUInt64.write(value.seed, buf)
 
 class _UniffiFfiConverterBytes(_UniffiConverterRustBuffer):
     @staticmethod
@@ -3943,6 +3961,37 @@ class FerryClient(FerryClientProtocol):
             *_uniffi_lowered_args,
         )
         self._handle = _uniffi_ffi_result
+    @classmethod
+    def with_urls(cls, urls: typing.List[str],config: ClientConfig,token_provider: typing.Optional[TokenProvider]) -> FerryClient:
+        """
+        Create a client for several server URLs, the nodes of one cluster;
+        otherwise as the main constructor. The client starts on one picked
+        from its seed (so many clients spread over the nodes), stays there
+        while it works, and after a failed attempt or a lost connection
+        tries the next URL in the list after the usual backoff,
+        recovering subscriptions by offsets as after any reconnect
+        (PROTOCOL.md 9.2). Every URL is checked here: a bad one, or an
+        empty list, throws `FerryError.Config`.
+"""
+        
+        _UniffiFfiConverterSequenceString.check_lower(urls)
+
+        _UniffiFfiConverterTypeClientConfig.check_lower(config)
+
+        _UniffiFfiConverterOptionalTypeTokenProvider.check_lower(token_provider)
+        _uniffi_lowered_args = (
+            _UniffiFfiConverterSequenceString.lower(urls),
+            _UniffiFfiConverterTypeClientConfig.lower(config),
+            _UniffiFfiConverterOptionalTypeTokenProvider.lower(token_provider),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterTypeFerryClient.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypeFerryError
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_ferry_ffi_fn_constructor_ferryclient_with_urls,
+            *_uniffi_lowered_args,
+        )
+        return cls._uniffi_make_instance(_uniffi_ffi_result)
 
     def __del__(self):
         # In case of partial initialization of instances.

@@ -354,6 +354,11 @@ void uniffi_ferry_ffi_fn_free_ferryclient(uint64_t handle, RustCallStatus *_Nonn
 uint64_t uniffi_ferry_ffi_fn_constructor_ferryclient_new(RustBuffer url, RustBuffer config, RustBuffer token_provider, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_FN_CONSTRUCTOR_FERRYCLIENT_WITH_URLS
+#define UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_FN_CONSTRUCTOR_FERRYCLIENT_WITH_URLS
+uint64_t uniffi_ferry_ffi_fn_constructor_ferryclient_with_urls(RustBuffer urls, RustBuffer config, RustBuffer token_provider, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_FN_METHOD_FERRYCLIENT_APP_BACKGROUND
 #define UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_FN_METHOD_FERRYCLIENT_APP_BACKGROUND
 void uniffi_ferry_ffi_fn_method_ferryclient_app_background(uint64_t ptr, RustCallStatus *_Nonnull out_status
@@ -958,6 +963,12 @@ uint16_t uniffi_ferry_ffi_checksum_method_tokenprovider_fetch_token(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_CHECKSUM_CONSTRUCTOR_FERRYCLIENT_NEW
 #define UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_CHECKSUM_CONSTRUCTOR_FERRYCLIENT_NEW
 uint16_t uniffi_ferry_ffi_checksum_constructor_ferryclient_new(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_CHECKSUM_CONSTRUCTOR_FERRYCLIENT_WITH_URLS
+#define UNIFFI_FFIDEF_UNIFFI_FERRY_FFI_CHECKSUM_CONSTRUCTOR_FERRYCLIENT_WITH_URLS
+uint16_t uniffi_ferry_ffi_checksum_constructor_ferryclient_with_urls(void
     
 );
 #endif

@@ -100,6 +100,11 @@ pub struct ClientConfig {
     /// QoS of the subscriptions the server asks for in `connected.subscribe`
     /// (the token's channel list); the namespace may grant less.
     pub auto_subscribe_qos: Qos,
+    /// How many server endpoints (URLs, nodes of one cluster) the host
+    /// knows; [`Output::Open`] names one by index in `0..endpoints`. The
+    /// first is drawn from the seed, and the session moves to the next
+    /// after a failure (see [`ClientSession::endpoint`]). 0 counts as 1.
+    pub endpoints: usize,
 }
 
 impl ClientConfig {
@@ -129,6 +134,7 @@ impl ClientConfig {
             max_message_size: codec::DEFAULT_MAX_MESSAGE_SIZE,
             retry_delay: Duration::from_secs(1),
             auto_subscribe_qos: Qos::AtLeastOnce,
+            endpoints: 1,
         }
     }
 }
@@ -179,10 +185,13 @@ pub enum Input<'a> {
 /// Outputs to the host, drained with [`ClientSession::poll_output`].
 #[derive(Debug, PartialEq)]
 pub enum Output {
-    /// Open a transport and report it with `conn`.
+    /// Open a transport to endpoint `endpoint` and report it with `conn`.
     Open {
         /// Id for inputs about this transport.
         conn: ConnId,
+        /// Which endpoint (the host's URL list index, below
+        /// [`ClientConfig::endpoints`]).
+        endpoint: usize,
     },
     /// Send one WebSocket message (text when the encoding is JSON).
     Transmit {
@@ -524,6 +533,8 @@ pub struct ClientSession {
     token_requested: bool,
     queue: VecDeque<Queued>,
     stats: ClientStats,
+    /// Index of the endpoint the next (or current) attempt goes to.
+    endpoint: usize,
 }
 
 impl ClientSession {
@@ -531,7 +542,7 @@ impl ClientSession {
     pub fn new(cfg: ClientConfig, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         let nonce = rng.next_u64();
-        let mut s = Self::blank(cfg, rng, nonce, 1);
+        let mut s = Self::blank(cfg, seed, rng, nonce, 1);
         s.emit(Event::Persist(Change::Ids { nonce, next_seq: 1 }));
         s
     }
@@ -540,7 +551,7 @@ impl ClientSession {
     /// Entries' expiry instants are clamped to `now + message_ttl`.
     pub fn restore(cfg: ClientConfig, seed: u64, snapshot: &Snapshot, now: Instant) -> Self {
         let rng = Rng::new(seed);
-        let mut s = Self::blank(cfg, rng, snapshot.nonce, snapshot.next_seq.max(1));
+        let mut s = Self::blank(cfg, seed, rng, snapshot.nonce, snapshot.next_seq.max(1));
         let cap = now.plus(s.cfg.message_ttl);
         for rec in &snapshot.outbox {
             let mut rec = rec.clone();
@@ -559,8 +570,13 @@ impl ClientSession {
         s
     }
 
-    fn blank(cfg: ClientConfig, mut rng: Rng, nonce: u64, next_seq: u64) -> Self {
+    fn blank(cfg: ClientConfig, seed: u64, mut rng: Rng, nonce: u64, next_seq: u64) -> Self {
+        // Design: the first endpoint comes from its own stream of the seed,
+        // so that clients with different seeds spread over the nodes while
+        // jitter and ids stay exactly what they were with one endpoint.
+        let endpoint = (Rng::new(seed ^ 0x656E_6470_6F69_6E74).next_u64() % cfg.endpoints.max(1) as u64) as usize;
         ClientSession {
+            endpoint,
             volatile_nonce: rng.next_u64(),
             volatile_seq: 0,
             backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max),
@@ -597,6 +613,21 @@ impl ClientSession {
             State::Offline => ConnectionState::Offline,
             State::Closed { code, reason } => ConnectionState::Closed { code: *code, reason: reason.clone() },
         }
+    }
+
+    /// Index of the endpoint in use: the one the current connection (or
+    /// attempt) went to, or the one the next attempt goes to. Always below
+    /// [`ClientConfig::endpoints`].
+    ///
+    /// Policy: the session stays on an endpoint while it works. After an
+    /// attempt fails or a connection is lost for a reconnecting reason, the
+    /// next attempt (after the usual backoff) goes to the next endpoint,
+    /// round robin; a token-expiry close keeps the endpoint (the node is
+    /// fine). A network change, going offline, `disconnect` and `connect`
+    /// keep it too, so the first attempt after them retries the current
+    /// endpoint.
+    pub fn endpoint(&self) -> usize {
+        self.endpoint
     }
 
     /// Whether live.
@@ -959,7 +990,8 @@ impl ClientSession {
         }
         let conn = self.next_conn;
         self.next_conn += 1;
-        self.queue.push_back(Queued::Out(Output::Open { conn }));
+        let endpoint = self.endpoint;
+        self.queue.push_back(Queued::Out(Output::Open { conn, endpoint }));
         self.timers.set(Timer::Connect as usize, now.plus(self.cfg.connect_timeout));
         self.set_state(State::Connecting { conn });
     }
@@ -1019,6 +1051,13 @@ impl ClientSession {
         if !reconnect {
             self.set_state(State::Closed { code, reason });
             return;
+        }
+        // Design: a failed attempt or a lost connection may mean the node is
+        // gone, so the next attempt tries the next one; recovery by offsets
+        // makes the move as cheap as any reconnect. An expired token says
+        // nothing about the node.
+        if code != CloseCode::TokenExpired as u16 {
+            self.endpoint = (self.endpoint + 1) % self.cfg.endpoints.max(1);
         }
         if code == CloseCode::TokenExpired as u16 {
             if !self.cfg.refreshable {

@@ -73,6 +73,8 @@ enum Packet {
 struct Link {
     client: usize,
     conn: ConnId,
+    /// The node (endpoint index) it goes to.
+    endpoint: usize,
     /// Generation of the client process that opened it.
     generation: u64,
     server: Option<ServerSession>,
@@ -166,6 +168,12 @@ pub struct Sim {
     pub packets_lost: u64,
     pub packets_duplicated: u64,
     last_cut_check: u64,
+    /// Nodes (endpoint indices) that are down: their links are cut and
+    /// connects to them are refused. Every node shares the one hub, as the
+    /// nodes of a cluster share their store.
+    pub down: BTreeSet<usize>,
+    /// Every transport opened: (client, endpoint, virtual ms), in order.
+    pub opens: Vec<(usize, usize, u64)>,
 }
 
 impl Sim {
@@ -198,6 +206,8 @@ impl Sim {
             packets_lost: 0,
             packets_duplicated: 0,
             last_cut_check: 1_000,
+            down: BTreeSet::new(),
+            opens: Vec::new(),
         }
     }
 
@@ -312,6 +322,26 @@ impl Sim {
         }
         let id = ids[self.rng.range(0, ids.len() as u64 - 1) as usize];
         self.cut_link(id, true);
+    }
+
+    /// Take node `endpoint` down: its links are reset, connects refused.
+    pub fn kill_node(&mut self, endpoint: usize) {
+        self.down.insert(endpoint);
+        let ids: Vec<LinkId> =
+            self.links.iter().filter(|(_, l)| l.up && l.endpoint == endpoint).map(|(id, _)| *id).collect();
+        for id in ids {
+            self.cut_link(id, true);
+        }
+    }
+
+    /// Bring node `endpoint` back.
+    pub fn revive_node(&mut self, endpoint: usize) {
+        self.down.remove(&endpoint);
+    }
+
+    /// Endpoints client `c` opened transports to, in order.
+    pub fn opened_endpoints(&self, c: usize) -> Vec<usize> {
+        self.opens.iter().filter(|(cl, _, _)| *cl == c).map(|(_, e, _)| *e).collect()
     }
 
     /// Drop every packet and stall connects for `ms`.
@@ -572,7 +602,13 @@ impl Sim {
                     self.clients[c].timeout = t;
                     return;
                 }
-                Output::Open { conn } => {
+                Output::Open { conn, endpoint } => {
+                    assert!(
+                        endpoint < self.clients[c].cfg.endpoints.max(1),
+                        "seed {}: endpoint {endpoint} out of range",
+                        self.seed
+                    );
+                    self.opens.push((c, endpoint, self.now.as_millis()));
                     let id = self.next_link;
                     self.next_link += 1;
                     let generation = self.clients[c].generation;
@@ -581,6 +617,7 @@ impl Sim {
                         Link {
                             client: c,
                             conn,
+                            endpoint,
                             generation,
                             server: None,
                             up: true,
@@ -591,6 +628,13 @@ impl Sim {
                     );
                     if self.partitioned() {
                         // The SYN goes nowhere: the client's connect timeout fires.
+                        continue;
+                    }
+                    if self.down.contains(&endpoint) {
+                        // Nothing listens there: refused after a round trip.
+                        self.links.get_mut(&id).unwrap().up = false;
+                        let d = self.latency() * 2;
+                        self.schedule(d, Packet::ClientSideClosed { link: id, code: None, reason: "refused".into() });
                         continue;
                     }
                     let d = self.latency() * 2;

@@ -56,3 +56,8 @@ const custom: StorageAdapter = { load: (k) => memory.get(k), save: (k, v) => voi
 declare const wx: Parameters<typeof miniProgramTransport>[0];
 const t: Transport = miniProgramTransport(wx);
 new FerryClient('ws://127.0.0.1:8000/ws', { token: 'bob', storage: custom, transport: t, encoding: 'json' }).close();
+// Several nodes of one cluster; a fixed seed replays the choice of the first.
+const many = new FerryClient(['wss://a.example/ws', 'wss://b.example/ws'] as const, { seed: 7 });
+const firstUrl: string = many.urls[0] ?? many.url;
+void firstUrl;
+many.close();

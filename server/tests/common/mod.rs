@@ -263,7 +263,7 @@ impl TestClient {
                     self.deadline = t;
                     return;
                 }
-                Output::Open { conn } => {
+                Output::Open { conn, .. } => {
                     let mut req = self.url.as_str().into_client_request().unwrap();
                     req.headers_mut().insert("Sec-WebSocket-Protocol", self.enc.subprotocol().parse().unwrap());
                     match tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(req)).await {

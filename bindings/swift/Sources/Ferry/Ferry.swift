@@ -794,6 +794,27 @@ public convenience init(url: String, config: ClientConfig, tokenProvider: TokenP
     }
 
     
+    /**
+     * Create a client for several server URLs, the nodes of one cluster;
+     * otherwise as the main constructor. The client starts on one picked
+     * from its seed (so many clients spread over the nodes), stays there
+     * while it works, and after a failed attempt or a lost connection
+     * tries the next URL in the list after the usual backoff,
+     * recovering subscriptions by offsets as after any reconnect
+     * (PROTOCOL.md 9.2). Every URL is checked here: a bad one, or an
+     * empty list, throws `FerryError.Config`.
+     */
+public static func withUrls(urls: [String], config: ClientConfig, tokenProvider: TokenProvider?)throws  -> FerryClient  {
+    return try  FfiConverterTypeFerryClient_lift(try rustCallWithError(FfiConverterTypeFerryError_lift) {
+        uniffiCallStatus in
+    uniffi_ferry_ffi_fn_constructor_ferryclient_with_urls(
+        FfiConverterSequenceString.lower(urls),
+        FfiConverterTypeClientConfig_lower(config),
+        FfiConverterOptionTypeTokenProvider.lower(tokenProvider),uniffiCallStatus
+    )
+})
+}
+    
 
     
     /**
@@ -2201,6 +2222,12 @@ public struct ClientConfig: Equatable, Hashable {
      * CA; the public roots bundled with the client are trusted anyway.
      */
     public var tlsRootCertificatesPem: String?
+    /**
+     * Seed for backoff jitter, message-id nonces and the choice of the
+     * first server URL; `None` (default) draws one at random. For
+     * reproducible tests.
+     */
+    public var seed: UInt64?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2243,7 +2270,12 @@ public struct ClientConfig: Equatable, Hashable {
         /**
          * Extra root certificates (PEM) trusted for `wss://`, e.g. a private
          * CA; the public roots bundled with the client are trusted anyway.
-         */tlsRootCertificatesPem: String? = nil) {
+         */tlsRootCertificatesPem: String? = nil, 
+        /**
+         * Seed for backoff jitter, message-id nonces and the choice of the
+         * first server URL; `None` (default) draws one at random. For
+         * reproducible tests.
+         */seed: UInt64? = nil) {
         self.deviceId = deviceId
         self.token = token
         self.storageDir = storageDir
@@ -2255,6 +2287,7 @@ public struct ClientConfig: Equatable, Hashable {
         self.requestTimeoutMs = requestTimeoutMs
         self.connectTimeoutMs = connectTimeoutMs
         self.tlsRootCertificatesPem = tlsRootCertificatesPem
+        self.seed = seed
     }
 
     
@@ -2283,7 +2316,8 @@ public struct FfiConverterTypeClientConfig: FfiConverterRustBuffer {
                 messageTtlMs: FfiConverterOptionUInt64.read(from: &buf), 
                 requestTimeoutMs: FfiConverterOptionUInt64.read(from: &buf), 
                 connectTimeoutMs: FfiConverterOptionUInt64.read(from: &buf), 
-                tlsRootCertificatesPem: FfiConverterOptionString.read(from: &buf)
+                tlsRootCertificatesPem: FfiConverterOptionString.read(from: &buf), 
+                seed: FfiConverterOptionUInt64.read(from: &buf)
         )
     }
 
@@ -2299,6 +2333,7 @@ public struct FfiConverterTypeClientConfig: FfiConverterRustBuffer {
         FfiConverterOptionUInt64.write(value.requestTimeoutMs, into: &buf)
         FfiConverterOptionUInt64.write(value.connectTimeoutMs, into: &buf)
         FfiConverterOptionString.write(value.tlsRootCertificatesPem, into: &buf)
+        FfiConverterOptionUInt64.write(value.seed, into: &buf)
     }
 }
 
@@ -4239,6 +4274,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_ferry_ffi_checksum_constructor_ferryclient_new() != 5708) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_ferry_ffi_checksum_constructor_ferryclient_with_urls() != 17564) {
         return InitializationResult.apiChecksumMismatch
     }
 

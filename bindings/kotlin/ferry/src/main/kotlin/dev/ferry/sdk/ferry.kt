@@ -838,6 +838,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_ferry_ffi_checksum_constructor_ferryclient_new(
     ): Int
+    external fun uniffi_ferry_ffi_checksum_constructor_ferryclient_with_urls(
+    ): Int
     external fun ffi_ferry_ffi_uniffi_contract_version(
     ): Int
 
@@ -866,6 +868,8 @@ internal object UniffiLib {
     external fun uniffi_ferry_ffi_fn_free_ferryclient(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_ferry_ffi_fn_constructor_ferryclient_new(`url`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,`tokenProvider`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_ferry_ffi_fn_constructor_ferryclient_with_urls(`urls`: RustBuffer.ByValue,`config`: RustBuffer.ByValue,`tokenProvider`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_ferry_ffi_fn_method_ferryclient_app_background(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
@@ -1139,6 +1143,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_ferry_ffi_checksum_constructor_ferryclient_new() and 0xFFFF) != 5708) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_ferry_ffi_checksum_constructor_ferryclient_with_urls() and 0xFFFF) != 17564) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
 }
@@ -2205,11 +2212,34 @@ open class FerryClient: Disposable, AutoCloseable, FerryClientInterface
 
 
     
-    
+    companion object {
+        
     /**
-     * @suppress
+     * Create a client for several server URLs, the nodes of one cluster;
+     * otherwise as the main constructor. The client starts on one picked
+     * from its seed (so many clients spread over the nodes), stays there
+     * while it works, and after a failed attempt or a lost connection
+     * tries the next URL in the list after the usual backoff,
+     * recovering subscriptions by offsets as after any reconnect
+     * (PROTOCOL.md 9.2). Every URL is checked here: a bad one, or an
+     * empty list, throws `FerryError.Config`.
      */
-    companion object
+    @Throws(FerryException::class) fun `withUrls`(`urls`: List<kotlin.String>, `config`: ClientConfig, `tokenProvider`: TokenProvider?): FerryClient {
+            return FfiConverterTypeFerryClient.lift(
+    uniffiRustCallWithError(FerryException) { _status ->
+    UniffiLib.uniffi_ferry_ffi_fn_constructor_ferryclient_with_urls(
+    
+        
+        FfiConverterSequenceString.lower(`urls`),
+        FfiConverterTypeClientConfig.lower(`config`),
+        FfiConverterOptionalTypeTokenProvider.lower(`tokenProvider`),_status)
+}
+    )
+    }
+    
+
+        
+    }
     
 }
 
@@ -3798,6 +3828,13 @@ data class ClientConfig (
      * CA; the public roots bundled with the client are trusted anyway.
      */
     var `tlsRootCertificatesPem`: kotlin.String? = null 
+    , 
+    /**
+     * Seed for backoff jitter, message-id nonces and the choice of the
+     * first server URL; `None` (default) draws one at random. For
+     * reproducible tests.
+     */
+    var `seed`: kotlin.ULong? = null 
     
 ){
     
@@ -3825,6 +3862,7 @@ public object FfiConverterTypeClientConfig: FfiConverterRustBuffer<ClientConfig>
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalULong.read(buf),
             FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalULong.read(buf),
         )
     }
 
@@ -3839,7 +3877,8 @@ public object FfiConverterTypeClientConfig: FfiConverterRustBuffer<ClientConfig>
             FfiConverterOptionalULong.allocationSize(value.`messageTtlMs`) +
             FfiConverterOptionalULong.allocationSize(value.`requestTimeoutMs`) +
             FfiConverterOptionalULong.allocationSize(value.`connectTimeoutMs`) +
-            FfiConverterOptionalString.allocationSize(value.`tlsRootCertificatesPem`)
+            FfiConverterOptionalString.allocationSize(value.`tlsRootCertificatesPem`) +
+            FfiConverterOptionalULong.allocationSize(value.`seed`)
     )
 
     override fun write(value: ClientConfig, buf: ByteBuffer) {
@@ -3854,6 +3893,7 @@ public object FfiConverterTypeClientConfig: FfiConverterRustBuffer<ClientConfig>
             FfiConverterOptionalULong.write(value.`requestTimeoutMs`, buf)
             FfiConverterOptionalULong.write(value.`connectTimeoutMs`, buf)
             FfiConverterOptionalString.write(value.`tlsRootCertificatesPem`, buf)
+            FfiConverterOptionalULong.write(value.`seed`, buf)
     }
 }
 
