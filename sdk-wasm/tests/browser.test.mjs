@@ -67,9 +67,11 @@ test('connect, subscribe, publish at QoS 0/1/2 and receive (binary and JSON enco
       window.publish({ n: 2, text: 'qos two' }, 2);
       window.publish({ bytes: [0, 1, 2, 254, 255] }, 1);
     });
+    // Alice's four are acknowledged before Bob publishes, so the offsets are
+    // deterministic: two connections publishing at once may interleave.
+    await waitPublished(a);
     // JSON-encoded client publishes too.
     await b.evaluate(() => window.publish({ n: 4, text: 'from json client' }, 2));
-    await waitPublished(a);
     await waitPublished(b);
     const acks = await a.evaluate(() => window.pending.map((p) => ({ ok: p.ok, offset: p.ack?.offset })));
     assert.ok(acks.every((x) => x.ok), `all publishes acknowledged: ${JSON.stringify(acks)}`);

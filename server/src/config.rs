@@ -514,6 +514,9 @@ impl Config {
         if !c.webhooks.secret.is_empty() {
             c.webhooks.secret = REDACTED.into();
         }
+        for u in &mut c.redis.urls {
+            *u = redact_url(u);
+        }
         Ok(toml::to_string(&c)?)
     }
 
@@ -582,8 +585,25 @@ impl Config {
     }
 }
 
+/// A URL with its password (`scheme://user:password@host`) replaced by
+/// [`REDACTED`], for printing.
+pub fn redact_url(u: &str) -> String {
+    let Some((scheme, rest)) = u.split_once("://") else { return u.to_string() };
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_end].rfind('@') {
+        Some(at) => format!("{scheme}://{REDACTED}@{}", &rest[at + 1..]),
+        None => u.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn redis_passwords_are_redacted() {
+        assert_eq!(super::redact_url("redis://:s3cret@10.0.0.1:6379/0"), "redis://<redacted>@10.0.0.1:6379/0");
+        assert_eq!(super::redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+
     use super::*;
 
     fn env(vars: &[(&str, &str)]) -> anyhow::Result<(Config, EnvReport)> {

@@ -76,6 +76,11 @@ enum Cmd {
         /// Listen address of the backend API (overrides file and environment); `off` disables it.
         #[arg(long)]
         api_listen: Option<String>,
+        /// Keep streams, message ids, cursors and fan-out in Redis, shared
+        /// with every node given the same Redis (docs/CLUSTER.md); repeat for
+        /// several URLs. Overrides `[redis] urls` and `FERRY_REDIS_URLS`.
+        #[arg(long, value_name = "redis://HOST:PORT")]
+        redis: Vec<String>,
     },
 }
 
@@ -138,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}: ok", config.display());
             Ok(())
         }
-        Cmd::Serve { config, listen, data_dir, api_listen } => {
+        Cmd::Serve { config, listen, data_dir, api_listen, redis } => {
             // Precedence: defaults < file < FERRY_* environment < flags.
             let cfg = match &config {
                 Some(path) => load(path)?,
@@ -150,6 +155,9 @@ async fn main() -> anyhow::Result<()> {
             }
             if let Some(d) = data_dir {
                 cfg.data_dir = d;
+            }
+            if !redis.is_empty() {
+                cfg.redis.urls = redis;
             }
             match api_listen.as_deref() {
                 Some("off") => cfg.api.enabled = false,
@@ -193,7 +201,13 @@ async fn main() -> anyhow::Result<()> {
                     Some(a) => format!("{api_http}://{a}/api"),
                     None => "off".into(),
                 },
-                cfg.data_dir.display(),
+                if cfg.redis.urls.is_empty() {
+                    cfg.data_dir.display().to_string()
+                } else {
+                    let urls: Vec<String> =
+                        cfg.redis.urls.iter().map(|u| ferry_server::config::redact_url(u)).collect();
+                    format!("redis {}", urls.join(","))
+                },
                 if cfg.allow_anonymous { "on" } else { "off" },
                 if dev_auth(&cfg) { "DEVELOPMENT (token = user id; configure [auth] for production)" } else { "JWT" },
             );

@@ -31,7 +31,7 @@ use ferry_client::{Client, ClientBuilder, SubscriptionEvent};
 use futures_util::StreamExt;
 
 pub use proxy::{FaultProxy, RandomCuts};
-pub use server::{free_addr, FerryServer, Settings, TempDir};
+pub use server::{free_addr, FerryServer, RedisServer, Settings, TempDir};
 
 /// SplitMix64: small, seedable, good enough to pick cuts and delays.
 #[derive(Clone, Debug)]
@@ -91,7 +91,12 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 /// the token as the user id), device `device`, fast reconnects, and an
 /// outbox big enough for pipelined load.
 pub fn builder(url: &str, user: &str, device: &str, seed: u64) -> ClientBuilder {
-    Client::builder(url)
+    builder_urls(&[url.to_string()], user, device, seed)
+}
+
+/// [`builder`] for a client given several server URLs (a cluster's nodes).
+pub fn builder_urls(urls: &[String], user: &str, device: &str, seed: u64) -> ClientBuilder {
+    Client::builder_urls(urls.iter().cloned())
         .token(user)
         .device_id(device)
         .seed(seed)

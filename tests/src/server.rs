@@ -122,6 +122,9 @@ pub struct Settings {
     /// `personal_publish` in `[namespaces.user]`: clients may publish into
     /// other users' `#user:<id>` (off by default, as in the server).
     pub personal_publish: bool,
+    /// `[redis] urls`: the node keeps its streams in this Redis, shared
+    /// with every node given the same one (docs/CLUSTER.md).
+    pub redis: Option<String>,
 }
 
 impl Default for Settings {
@@ -134,6 +137,7 @@ impl Default for Settings {
             join_leave: Vec::new(),
             hmac_secret: None,
             personal_publish: false,
+            redis: None,
         }
     }
 }
@@ -154,6 +158,9 @@ impl Settings {
                 "\n[namespaces.user]\nhistory_size = {}\npersonal_publish = true\n",
                 self.history_size
             ));
+        }
+        if let Some(url) = &self.redis {
+            t.push_str(&format!("\n[redis]\nurls = [{url:?}]\n"));
         }
         for ns in &self.join_leave {
             t.push_str(&format!("\n[namespaces.{ns}]\nhistory_size = {}\njoin_leave = true\n", self.history_size));
@@ -293,5 +300,47 @@ async fn spawn(bin: &Path, config: &Path, data: &Path, listen: SocketAddr) -> Re
             let status = child.wait().ok();
             Err(format!("startup line {line:?}, exit {status:?}"))
         }
+    }
+}
+
+/// A private `redis-server` on a free loopback port, without persistence.
+/// Killed on drop.
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    /// Start one and wait until it accepts connections.
+    pub fn start() -> RedisServer {
+        use std::io::{BufRead, BufReader};
+        let port = free_addr().port();
+        let dir = TempDir::new("redis");
+        let mut child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("redis-server is installed (scripts/test-all.sh installs it)");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        // Bounded by the lines it prints before it is ready.
+        let ready = (0..200).any(|_| matches!(lines.next(), Some(Ok(l)) if l.contains("Ready to accept connections")));
+        assert!(ready, "redis-server on port {port} did not start");
+        std::thread::spawn(move || for _ in lines {});
+        RedisServer { child, port, _dir: dir }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

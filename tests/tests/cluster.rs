@@ -1,0 +1,127 @@
+//! Three `ferry` nodes on one Redis (docs/CLUSTER.md): kill -9 of nodes
+//! under a QoS 1/2 load while clients that know every node's URL are
+//! spread over them. No acknowledged publish may be lost, no QoS 2
+//! subscriber may see a message twice, and clients resume on the nodes
+//! left by themselves.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_client::{Error, PublishAck, Qos};
+use ferry_e2e::load::{self, Tag, Verdict};
+use ferry_e2e::{builder_urls, seed, wait_subscribed, FerryServer, RedisServer, Rng, Settings};
+
+const CHANNEL: &str = "orders:cluster";
+const WINDOW: usize = 32;
+const T: Duration = Duration::from_secs(30);
+
+type Outcome = Option<Result<PublishAck, Error>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_nodes_under_load_loses_no_acknowledged_publish() {
+    let _serial = ferry_e2e::serial().await;
+    let mut rng = Rng::new(seed("cluster"));
+    let redis = RedisServer::start();
+    let settings = Settings { redis: Some(redis.url()), ..Settings::default() };
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(FerryServer::start(&settings).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+
+    let mut subs = Vec::new();
+    for i in 0..4 {
+        let qos = if i % 2 == 0 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
+        let c = builder_urls(&urls, &format!("reader{i}"), &format!("reader{i}-dev"), rng.next_u64()).build().unwrap();
+        let mut s = c.subscribe(CHANNEL, qos).await.unwrap();
+        c.connect();
+        assert!(wait_subscribed(&mut s, T).await);
+        subs.push((qos, c, tokio::spawn(load::record(s, Duration::from_secs(120)))));
+    }
+    let publisher = builder_urls(&urls, "writer", "writer-dev", rng.next_u64()).build().unwrap();
+    publisher.connect();
+    let results: Arc<Mutex<Vec<Outcome>>> = Arc::default();
+    let acked = Arc::new(tokio::sync::watch::Sender::new(0usize));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (client, results, acked, stop) = (publisher.clone(), results.clone(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let items = (0u32..).take_while(move |_| !stop.load(Ordering::Relaxed)).map(|seq| {
+                let qos = if seq % 2 == 0 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
+                (CHANNEL.to_string(), Tag { publisher: 0, seq }.encode(), qos)
+            });
+            load::publish_pipelined(&client, items, WINDOW, |i, r| {
+                let mut all = results.lock().unwrap();
+                if all.len() <= i {
+                    all.resize(i + 1, None);
+                }
+                all[i] = Some(r);
+                acked.send_modify(|n| *n += 1);
+            })
+            .await;
+        })
+    };
+    // Kill node 0, then node 1: whoever was on them must move, and
+    // everyone ends on node 2.
+    let mut progress = acked.subscribe();
+    let mut resumed = Vec::new();
+    for (round, victim) in [0usize, 1].into_iter().enumerate() {
+        let target = *progress.borrow() + rng.between(200, 400) as usize;
+        let reached = tokio::time::timeout(T, progress.wait_for(|n| *n >= target)).await.is_ok();
+        assert!(reached, "round {round}: load stalled at {} acks", *acked.borrow());
+        nodes[victim].kill9();
+        let killed = Instant::now();
+        let n = *progress.borrow();
+        tokio::time::timeout(T, progress.wait_for(|m| *m > n + WINDOW))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: acks did not resume after node {victim} died"))
+            .unwrap();
+        resumed.push(killed.elapsed());
+    }
+    stop.store(true, Ordering::Relaxed);
+    tokio::time::timeout(T, load).await.expect("in-flight publishes settle").unwrap();
+    publisher.publish(CHANNEL, Tag::END.encode(), Qos::ExactlyOnce).await.expect("END marker");
+
+    let results = std::mem::take(&mut *results.lock().unwrap());
+    let failed = results.iter().filter(|r| !matches!(r, Some(Ok(_)))).count();
+    let acks: Vec<&PublishAck> = results.iter().filter_map(|r| r.as_ref()?.as_ref().ok()).collect();
+    let expected: BTreeSet<Tag> = (0..results.len() as u32).map(|seq| Tag { publisher: 0, seq }).collect();
+    let (stored, _) = load::full_history(&publisher, CHANNEL).await.expect("history");
+    let stored_tags: BTreeSet<Tag> = stored.iter().filter_map(Tag::of).filter(|t| *t != Tag::END).collect();
+    let epochs: BTreeSet<&str> = stored.iter().map(|p| p.epoch.as_str()).collect();
+    let mut total = Verdict::default();
+    for (qos, c, task) in subs {
+        let rec = task.await.unwrap();
+        let v = Verdict::of(&rec, &expected);
+        println!(
+            "[cluster] {qos:?} subscriber: {v:?}, resubscribed {}, unrecovered {}, gaps {}, complete {}",
+            rec.resubscribed,
+            rec.unrecovered,
+            rec.gaps.len(),
+            rec.complete
+        );
+        assert!(rec.complete, "{qos:?}: the END marker arrived");
+        assert_eq!((v.lost, v.offset_regressions, v.fifo_violations, v.unexpected), (0, 0, 0, 0), "{qos:?}: {v:?}");
+        if qos == Qos::ExactlyOnce {
+            assert_eq!(v.duplicates, 0, "exactly once: {v:?}");
+        }
+        total.add(&v);
+        c.close(Duration::from_millis(100)).await;
+    }
+    println!(
+        "[cluster] 3 nodes on one Redis, 2 killed: {} publishes, {} acknowledged, {failed} failed; stored {} (epochs {}); \
+         acks resumed {:.2?} and {:.2?} after each kill; subscribers in total: {total:?}",
+        results.len(),
+        acks.len(),
+        stored_tags.len(),
+        epochs.len(),
+        resumed[0],
+        resumed[1]
+    );
+    assert_eq!(failed, 0, "every publish acknowledged");
+    assert_eq!(stored_tags, expected, "every acknowledged publish is stored");
+    assert_eq!(stored.len(), expected.len() + 1, "each stored once");
+    assert_eq!(epochs.len(), 1, "no epoch change: nothing was lost");
+}
