@@ -369,7 +369,7 @@ fn thousand() -> usize {
 }
 
 async fn presence(State(api): State<Api>, ApiJson(b): ApiJson<PresenceBody>) -> Result<Json<Value>, ApiError> {
-    let list = api.hub.presence(&b.channel, b.after.as_deref(), b.limit.min(10_000)).map_err(from_reply)?;
+    let list = api.hub.presence(&b.channel, b.after.as_deref(), b.limit.min(10_000)).await.map_err(from_reply)?;
     let next = if list.len() == b.limit { list.last().map(|c| c.client.clone()) } else { None };
     let clients: Vec<Value> = list.iter().map(|c| json!({"client": c.client, "user": c.user})).collect();
     Ok(Json(json!({ "clients": clients, "next": next })))
@@ -382,7 +382,7 @@ struct ChannelBody {
 }
 
 async fn presence_stats(State(api): State<Api>, ApiJson(b): ApiJson<ChannelBody>) -> Result<Json<Value>, ApiError> {
-    let s = api.hub.presence_stats(&b.channel).map_err(from_reply)?;
+    let s = api.hub.presence_stats(&b.channel).await.map_err(from_reply)?;
     Ok(Json(json!({ "clients": s.clients, "users": s.users })))
 }
 
@@ -393,7 +393,8 @@ struct UsersBody {
 }
 
 async fn online(State(api): State<Api>, ApiJson(b): ApiJson<UsersBody>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "online": api.hub.online(&b.users) })))
+    let online = api.hub.online(&b.users).await.map_err(from_reply)?;
+    Ok(Json(json!({ "online": online })))
 }
 
 #[derive(Deserialize)]
@@ -408,7 +409,7 @@ struct DisconnectBody {
 
 async fn disconnect(State(api): State<Api>, ApiJson(b): ApiJson<DisconnectBody>) -> Result<Json<Value>, ApiError> {
     let code = if b.reconnect { CloseCode::ForceReconnect } else { CloseCode::ForceDisconnect };
-    let n = api.hub.disconnect_user(&b.user, b.client.as_deref(), code);
+    let n = api.hub.disconnect_user(&b.user, b.client.as_deref(), code).await.map_err(from_reply)?;
     Ok(Json(json!({ "disconnected": n })))
 }
 
@@ -420,7 +421,8 @@ struct UnsubscribeBody {
 }
 
 async fn unsubscribe(State(api): State<Api>, ApiJson(b): ApiJson<UnsubscribeBody>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "unsubscribed": api.hub.unsubscribe_user(&b.user, &b.channel) })))
+    let n = api.hub.unsubscribe_user(&b.user, &b.channel).await.map_err(from_reply)?;
+    Ok(Json(json!({ "unsubscribed": n })))
 }
 
 #[derive(Deserialize)]
@@ -468,12 +470,14 @@ async fn batch_one(api: &Api, i: usize, item: Value) -> Result<Value, ApiError> 
             let p: ChannelBody = parse_value(&what, c.params)?;
             api.hub
                 .presence_stats(&p.channel)
+                .await
                 .map(|s| json!({"clients": s.clients, "users": s.users}))
                 .map_err(from_reply)
         }
         "online" => {
             let u: UsersBody = parse_value(&what, c.params)?;
-            Ok(json!({"online": api.hub.online(&u.users)}))
+            let online = api.hub.online(&u.users).await.map_err(from_reply)?;
+            Ok(json!({ "online": online }))
         }
         other => Err(ApiError(
             StatusCode::BAD_REQUEST,

@@ -501,14 +501,20 @@ impl Conn {
             }
             Command::Presence { channel } => {
                 // The client protocol returns the first page; the backend API pages further.
-                let r = hub.presence(&channel, None, 1000).map(|clients| ReplyBody::Presence { clients });
-                self.answer(req, r);
+                tokio::spawn(async move {
+                    let result =
+                        hub.presence(&channel, None, 1000).await.map(|clients| ReplyBody::Presence { clients });
+                    let _ = tx.send(ConnMsg::Reply { req, result });
+                });
             }
             Command::PresenceStats { channel } => {
-                let r = hub
-                    .presence_stats(&channel)
-                    .map(|s| ReplyBody::PresenceStats { clients: s.clients, users: s.users });
-                self.answer(req, r);
+                tokio::spawn(async move {
+                    let result = hub
+                        .presence_stats(&channel)
+                        .await
+                        .map(|s| ReplyBody::PresenceStats { clients: s.clients, users: s.users });
+                    let _ = tx.send(ConnMsg::Reply { req, result });
+                });
             }
             _ => self.answer(req, Err(ErrorReply::new(ErrorCode::MethodNotFound))),
         }

@@ -198,6 +198,8 @@ pub struct Hub {
     webhooks: Option<Arc<crate::webhooks::Webhooks>>,
     /// Set when streams, ids, cursors and fan-out are in Redis.
     redis: std::sync::OnceLock<Arc<crate::cluster::RedisNode>>,
+    /// Set with `redis`: presence, online users and control across nodes.
+    cpresence: std::sync::OnceLock<Arc<crate::cluster_presence::ClusterPresence>>,
 }
 
 /// Wall clock, Unix ms.
@@ -252,6 +254,7 @@ impl Hub {
             webhooks,
             metrics,
             redis: std::sync::OnceLock::new(),
+            cpresence: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&hub);
         let _ = broker.hub.set(weak.clone());
@@ -270,7 +273,16 @@ impl Hub {
         streams: crate::engine::redis::RedisStreams,
     ) -> Result<Arc<Hub>, crate::store::StoreError> {
         let redis_cfg = cfg.redis.clone();
+        let grace = cfg.presence_grace_ms;
         let hub = Hub::start(cfg, store)?;
+        // Client ids are shown cluster-wide (presence, disconnect by
+        // client): each node numbers its connections from a random base.
+        let base = u64::from_str_radix(&new_epoch(), 16).unwrap_or(0) & 0xffff_ffff;
+        hub.next_conn.store((base << 32) | 1, Ordering::Relaxed);
+        let url = redis_cfg.urls.first().cloned().unwrap_or_default();
+        let cp = crate::cluster_presence::ClusterPresence::start(Arc::downgrade(&hub), streams.clone(), url, grace);
+        tracing::info!(node = cp.node_id(), "node registered in Redis");
+        let _ = hub.cpresence.set(cp);
         let node = crate::cluster::RedisNode::start(Arc::downgrade(&hub), streams, &redis_cfg);
         let _ = hub.redis.set(node);
         Ok(hub)
@@ -485,8 +497,13 @@ impl Hub {
     /// After a subscriber is registered: presence, webhooks, and the
     /// durable cursor of a new durable subscription.
     fn subscribed(self: &Arc<Self>, conn: &ConnHandle, channel: &str, new_durable: bool, start: &StreamStart) {
-        let change = self.presence.join(channel, conn.id, &conn.info);
-        self.announce(channel, change);
+        match self.cpresence.get() {
+            Some(cp) => cp.join(channel, &conn.info),
+            None => {
+                let change = self.presence.join(channel, conn.id, &conn.info);
+                self.announce(channel, change);
+            }
+        }
         self.hook(crate::webhooks::Hook::Subscribe { user: conn.info.user.clone(), channel: channel.into() });
         if new_durable {
             // A durable subscription starts here: if the device goes away
@@ -579,8 +596,14 @@ impl Hub {
             }
         }
         for ch in channels {
-            let change = self.presence.leave(ch, conn);
-            self.announce(ch, change);
+            match self.cpresence.get() {
+                // Client ids are the connection id in hex (conn.rs).
+                Some(cp) => cp.leave(ch, &format!("{conn:x}")),
+                None => {
+                    let change = self.presence.leave(ch, conn);
+                    self.announce(ch, change);
+                }
+            }
         }
         if let Some(r) = self.redis.get() {
             // Stop this channel's fan-out to this node once nobody here
@@ -634,6 +657,31 @@ impl Hub {
         }
     }
 
+    /// Send a push to every subscriber of a channel on this node.
+    pub(crate) fn broadcast_local(&self, channel: &str, push: Push) {
+        self.broadcast(channel, push)
+    }
+
+    /// A webhook decided by the cluster's presence.
+    pub(crate) fn cluster_hook(&self, h: crate::webhooks::Hook) {
+        self.hook(h)
+    }
+
+    /// Put every local connection and subscription back into the
+    /// cluster's presence (the registry lost this node).
+    pub(crate) fn reregister_presence(&self) {
+        let Some(cp) = self.cpresence.get() else { return };
+        let st = self.lock();
+        for h in st.conns.values() {
+            cp.user_up(&h.info.user, &h.info.client);
+        }
+        for (ch, c) in &st.channels {
+            for h in c.subs.values() {
+                cp.join(ch, &h.info);
+            }
+        }
+    }
+
     /// Send a push to every subscriber of a channel.
     fn broadcast(&self, channel: &str, push: Push) {
         let st = self.lock();
@@ -652,19 +700,27 @@ impl Hub {
 
     /// A connection is live.
     pub fn register(&self, conn: &ConnHandle) {
-        if let Some(w) = &self.webhooks {
-            w.user_up(&conn.info.user);
+        if let Some(cp) = self.cpresence.get() {
+            cp.user_up(&conn.info.user, &conn.info.client);
+        } else {
+            if let Some(w) = &self.webhooks {
+                w.user_up(&conn.info.user);
+            }
+            self.presence.user_up(&conn.info.user);
         }
-        self.presence.user_up(&conn.info.user);
         self.lock().conns.insert(conn.id, conn.clone());
     }
 
     /// A connection ended.
     pub fn unregister(&self, conn: &ConnHandle) {
-        if let Some(w) = &self.webhooks {
-            w.user_down(&conn.info.user, std::time::Duration::from_millis(self.cfg.presence_grace_ms));
+        if let Some(cp) = self.cpresence.get() {
+            cp.user_down(&conn.info.user, &conn.info.client);
+        } else {
+            if let Some(w) = &self.webhooks {
+                w.user_down(&conn.info.user, std::time::Duration::from_millis(self.cfg.presence_grace_ms));
+            }
+            self.presence.user_down(&conn.info.user);
         }
-        self.presence.user_down(&conn.info.user);
         self.lock().conns.remove(&conn.id);
     }
 
@@ -728,8 +784,31 @@ impl Hub {
         v
     }
 
-    /// Close every connection of `user` (or just `client`); returns how many.
-    pub fn disconnect_user(&self, user: &str, client: Option<&str>, code: CloseCode) -> usize {
+    /// Close every connection of `user` (or just `client`) on every node;
+    /// returns how many there were.
+    pub async fn disconnect_user(
+        &self,
+        user: &str,
+        client: Option<&str>,
+        code: CloseCode,
+    ) -> Result<usize, ErrorReply> {
+        match self.cpresence.get() {
+            Some(cp) => cp.disconnect(user, client, code).await,
+            None => Ok(self.disconnect_local(user, client, code)),
+        }
+    }
+
+    /// End the subscriptions of `user` to `channel` on every node; returns
+    /// how many there were.
+    pub async fn unsubscribe_user(self: &Arc<Self>, user: &str, channel: &str) -> Result<usize, ErrorReply> {
+        match self.cpresence.get() {
+            Some(cp) => cp.unsubscribe(user, channel).await,
+            None => Ok(self.unsubscribe_local(user, channel)),
+        }
+    }
+
+    /// Close `user`'s connections (or just `client`) on this node.
+    pub(crate) fn disconnect_local(&self, user: &str, client: Option<&str>, code: CloseCode) -> usize {
         let st = self.lock();
         let mut n = 0;
         for h in st.conns.values() {
@@ -741,8 +820,8 @@ impl Hub {
         n
     }
 
-    /// End the subscriptions of `user` to `channel`; returns how many.
-    pub fn unsubscribe_user(self: &Arc<Self>, user: &str, channel: &str) -> usize {
+    /// End `user`'s subscriptions to `channel` on this node.
+    pub(crate) fn unsubscribe_local(self: &Arc<Self>, user: &str, channel: &str) -> usize {
         let ids: Vec<(ConnId, ConnHandle)> = {
             let st = self.lock();
             st.channels
@@ -762,9 +841,12 @@ impl Hub {
         ids.len()
     }
 
-    /// Which of `users` are online now.
-    pub fn online(&self, users: &[String]) -> Vec<String> {
-        self.presence.online(users)
+    /// Which of `users` are online now (on any node).
+    pub async fn online(&self, users: &[String]) -> Result<Vec<String>, ErrorReply> {
+        match self.cpresence.get() {
+            Some(cp) => cp.online(users).await,
+            None => Ok(self.presence.online(users)),
+        }
     }
 
     /// Publications `from..` of `channel` in `epoch`: at most `limit`, and
@@ -895,20 +977,31 @@ impl Hub {
         Ok(ReplyBody::History { publications: pubs, top })
     }
 
-    /// Presence of a channel, paginated by client id.
-    pub fn presence(&self, channel: &str, after: Option<&str>, limit: usize) -> Result<Vec<ClientInfo>, ErrorReply> {
+    /// Presence of a channel (every node), paginated by client id.
+    pub async fn presence(
+        &self,
+        channel: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ClientInfo>, ErrorReply> {
         if !self.cfg.namespace(channel).presence {
             return Err(ErrorReply::new(ErrorCode::NotAvailable));
         }
-        Ok(self.presence.list(channel, after, limit))
+        match self.cpresence.get() {
+            Some(cp) => cp.list(channel, after, limit).await,
+            None => Ok(self.presence.list(channel, after, limit)),
+        }
     }
 
-    /// Presence counts of a channel.
-    pub fn presence_stats(&self, channel: &str) -> Result<Stats, ErrorReply> {
+    /// Presence counts of a channel (every node).
+    pub async fn presence_stats(&self, channel: &str) -> Result<Stats, ErrorReply> {
         if !self.cfg.namespace(channel).presence {
             return Err(ErrorReply::new(ErrorCode::NotAvailable));
         }
-        Ok(self.presence.stats(channel))
+        match self.cpresence.get() {
+            Some(cp) => cp.stats(channel).await,
+            None => Ok(self.presence.stats(channel)),
+        }
     }
 
     /// Commit a batch built by the sequencer, then apply it in memory.

@@ -18,6 +18,7 @@ pub mod api;
 pub mod auth;
 pub mod channel;
 pub mod cluster;
+pub mod cluster_presence;
 pub mod config;
 pub mod conn;
 pub mod engine;

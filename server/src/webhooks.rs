@@ -28,11 +28,19 @@ pub enum Hook {
     Online {
         /// User id.
         user: String,
+        /// On a cluster: the user's transition number (online and offline
+        /// count up together), so a receiver can order calls from
+        /// different nodes.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        transition: Option<u64>,
     },
     /// A user's last connection went away and they did not come back within the grace period.
     Offline {
         /// User id.
         user: String,
+        /// As for `online`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        transition: Option<u64>,
     },
     /// A subscription started.
     Subscribe {
@@ -114,7 +122,7 @@ impl Webhooks {
             e.conns == 1 && e.pending.take().is_none()
         };
         if online {
-            self.send(Hook::Online { user: user.into() });
+            self.send(Hook::Online { user: user.into(), transition: None });
         }
     }
 
@@ -147,7 +155,7 @@ impl Webhooks {
                 still
             };
             if gone {
-                me.send(Hook::Offline { user });
+                me.send(Hook::Offline { user, transition: None });
             }
         });
     }

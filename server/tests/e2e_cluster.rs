@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -236,5 +237,206 @@ async fn redis_down_means_temporary_errors_then_service_resumes_with_a_visible_g
         c.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Subscribed { recovered: false, .. }))).await,
         "{:?}",
         c.events
+    );
+}
+
+/// A webhook receiver that accepts every call; `notify` fires after each.
+async fn hook_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>, Arc<tokio::sync::Notify>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://127.0.0.1:{}/hooks", l.local_addr().unwrap().port());
+    let got: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let (g, n) = (got.clone(), notify.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let (g, n) = (g.clone(), n.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let body = loop {
+                    let k = s.read(&mut chunk).await.unwrap_or(0);
+                    if k == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..k]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some((h, b)) = text.split_once("\r\n\r\n") {
+                        let len: usize = h
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length: ")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if b.len() >= len {
+                            break b[..len].to_string();
+                        }
+                    }
+                };
+                g.lock().unwrap().push(serde_json::from_str(&body).unwrap());
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                let _ = s.shutdown().await;
+                n.notify_waiters();
+            });
+        }
+    });
+    (url, got, notify)
+}
+
+fn of_user<'a>(hooks: &'a [serde_json::Value], user: &str) -> Vec<&'a serde_json::Value> {
+    hooks.iter().filter(|h| h["user"] == user).collect()
+}
+
+fn joins(c: &TestClient, user: &str) -> usize {
+    c.events.iter().filter(|e| matches!(e, Event::Join { info, .. } if info.user == user)).count()
+}
+
+fn leaves(c: &TestClient, user: &str) -> usize {
+    c.events.iter().filter(|e| matches!(e, Event::Leave { info, .. } if info.user == user)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_webhooks_span_nodes_and_a_dead_node_leaves_in_bounded_time() {
+    use ferry_server::cluster_presence::{NODE_BEAT_MS, NODE_DEAD_MS};
+    const GRACE_MS: u64 = 300;
+    let redis = Redis::start(&[]);
+    let (hook_url, hooks, hooked) = hook_receiver().await;
+    let mut cfg = on_redis(&redis);
+    cfg.presence_grace_ms = GRACE_MS;
+    cfg.namespaces.insert(
+        "room".into(),
+        ferry_server::config::Namespace { join_leave: true, ..ferry_server::config::Namespace::default() },
+    );
+    cfg.webhooks = ferry_server::config::WebhookConfig {
+        url: hook_url.clone(),
+        secret: "a webhook secret of a decent length".into(),
+        events: vec!["online".into(), "offline".into()],
+        retry_initial_ms: 50,
+        ..Default::default()
+    };
+    // Nodes A and B in this process; node C a `ferry` process, to kill -9.
+    let a = TestServer::start_with_api(cfg.clone()).await;
+    let b = TestServer::start_with_api(cfg.clone()).await;
+    let dir = TempDir::new("node-c");
+    let toml = format!(
+        "presence_grace_ms = {GRACE_MS}\n[redis]\nurls = [\"{}\"]\n[limits]\npublish_rate = 0\n\
+         [webhooks]\nurl = \"{hook_url}\"\nsecret = \"a webhook secret of a decent length\"\n\
+         events = [\"online\", \"offline\"]\nretry_initial_ms = 50\n[namespaces.room]\njoin_leave = true\n",
+        redis.url()
+    );
+    let conf = dir.path().join("ferry.toml");
+    std::fs::write(&conf, toml).unwrap();
+    let mut c_node = ServerProcess::spawn(&dir.path().join("data"), &["--config", conf.to_str().unwrap()]);
+    let (api_a, api_b) = (a.api.unwrap(), b.api.unwrap());
+
+    let mut watcher = TestClient::new(&a.url(), TestClient::config("w", "watch", Encoding::Binary));
+    watcher.subscribe("room:x", Qos::AtMostOnce).await;
+    watcher.connect().await;
+    assert!(watcher.run_until(T, subscribed).await);
+    // Alice on two nodes: one join, one online.
+    let mut alice1 = TestClient::new(&b.url(), TestClient::config("a1", "alice", Encoding::Json));
+    let mut alice2 = TestClient::new(&c_node.url(), TestClient::config("a2", "alice", Encoding::Binary));
+    alice1.subscribe("room:x", Qos::AtLeastOnce).await;
+    alice1.connect().await;
+    let mut cs = vec![watcher, alice1];
+    assert!(run_all(&mut cs, T, |cs| subscribed(&cs[1]) && joins(&cs[0], "alice") == 1).await);
+    alice2.subscribe("room:x", Qos::AtLeastOnce).await;
+    alice2.connect().await;
+    cs.push(alice2);
+    assert!(run_all(&mut cs, T, |cs| subscribed(&cs[2])).await);
+    // Both nodes' APIs give the same cluster-wide answers; the presence
+    // writes are asynchronous, so wait for the counts (bounded poll).
+    let stats = json!({"channel": "room:x"});
+    let mut counts = (json!(null), json!(null));
+    for _ in 0..100 {
+        counts = (
+            http(api_a, "POST", "/api/presence_stats", Some(&stats), None).await.1,
+            http(api_b, "POST", "/api/presence_stats", Some(&stats), None).await.1,
+        );
+        if counts.0 == json!({"clients": 3, "users": 2}) && counts.0 == counts.1 {
+            break;
+        }
+        run_all(&mut cs, Duration::from_millis(30), |_| false).await; // no event for a Redis write: bounded poll
+    }
+    assert_eq!(counts.0, json!({"clients": 3, "users": 2}), "every node's connections are counted");
+    assert_eq!(counts.0, counts.1, "the same on every node");
+    let (_, list_a) = http(api_a, "POST", "/api/presence", Some(&stats), None).await;
+    let (_, list_b) = http(api_b, "POST", "/api/presence", Some(&stats), None).await;
+    assert_eq!(list_a, list_b);
+    let clients: std::collections::BTreeSet<&str> =
+        list_a["clients"].as_array().unwrap().iter().map(|c| c["client"].as_str().unwrap()).collect();
+    assert_eq!(clients.len(), 3, "client ids are distinct across nodes: {list_a}");
+    let users = json!({"users": ["alice", "watch", "nobody"]});
+    for api in [api_a, api_b] {
+        let (_, r) = http(api, "POST", "/api/online", Some(&users), None).await;
+        assert_eq!(r["online"], json!(["alice", "watch"]));
+    }
+
+    // Alice's connection on B goes: she is still on C, so no leave. Then C
+    // dies: its connections leave within the documented bound.
+    let [watcher, mut alice1, alice2]: [TestClient; 3] = cs.try_into().ok().unwrap();
+    let now = alice1.now();
+    alice1.session.disconnect(now);
+    alice1.run_for(Duration::from_millis(50)).await;
+    drop(alice1);
+    let mut cs = vec![watcher, alice2];
+    // The one-connection-left state is visible in the counts.
+    let mut two = false;
+    for _ in 0..100 {
+        if http(api_a, "POST", "/api/presence_stats", Some(&stats), None).await.1 == json!({"clients": 2, "users": 2}) {
+            two = true;
+            break;
+        }
+        run_all(&mut cs, Duration::from_millis(30), |_| false).await; // bounded poll, as above
+    }
+    assert!(two, "alice's closed connection left the list");
+    c_node.kill9();
+    let killed = Instant::now();
+    assert!(run_all(&mut cs, T, |cs| leaves(&cs[0], "alice") == 1).await, "alice leaves once her node is dead");
+    let leave_after = killed.elapsed();
+    let bound = Duration::from_millis(NODE_DEAD_MS + 2 * NODE_BEAT_MS + GRACE_MS);
+    assert_eq!(joins(&cs[0], "alice"), 1, "one join for two connections on two nodes");
+    // Offline once, after online once, numbered in order across nodes.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        if of_user(&hooks.lock().unwrap(), "alice").iter().any(|h| h["event"] == "offline") {
+            break;
+        }
+        let woke = tokio::time::timeout_at(deadline, hooked.notified()).await;
+        assert!(woke.is_ok(), "no offline webhook: {:?}", hooks.lock().unwrap());
+    }
+    let offline_after = killed.elapsed();
+    let all = hooks.lock().unwrap().clone();
+    let alice: Vec<(&str, u64)> = of_user(&all, "alice")
+        .iter()
+        .map(|h| (h["event"].as_str().unwrap(), h["transition"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(alice, vec![("online", 1), ("offline", 2)], "once per transition, in order: {all:?}");
+    let (_, r) = http(api_b, "POST", "/api/presence_stats", Some(&stats), None).await;
+    assert_eq!(r, json!({"clients": 1, "users": 1}), "only the watcher is left");
+    println!(
+        "[cluster presence] 3 nodes, node with alice's last connection killed: leave after {leave_after:.2?}, \
+         offline webhook after {offline_after:.2?} (bound {bound:?} = node timeout {NODE_DEAD_MS} ms + 2 beats + grace)"
+    );
+    assert!(leave_after <= bound + Duration::from_secs(2), "leave within the bound: {leave_after:?}");
+
+    // Disconnect and unsubscribe through one node's API reach a user on another.
+    let mut bob = TestClient::new(&b.url(), TestClient::config("b", "bob", Encoding::Binary));
+    bob.subscribe("room:x", Qos::AtLeastOnce).await;
+    bob.connect().await;
+    cs.push(bob);
+    assert!(run_all(&mut cs, T, |cs| subscribed(&cs[2]) && joins(&cs[0], "bob") == 1).await);
+    let (s, r) =
+        http(api_a, "POST", "/api/unsubscribe", Some(&json!({"user": "bob", "channel": "room:x"})), None).await;
+    assert_eq!((s, r), (200, json!({"unsubscribed": 1})));
+    assert!(run_all(&mut cs, T, |cs| cs[2].events.iter().any(|e| matches!(e, Event::Unsubscribed { .. }))).await);
+    let (s, r) = http(api_a, "POST", "/api/disconnect", Some(&json!({"user": "bob"})), None).await;
+    assert_eq!((s, r), (200, json!({"disconnected": 1})));
+    assert!(
+        run_all(&mut cs, T, |cs| cs[2].events.iter().any(|e| matches!(e, Event::Disconnected { code: 3503, .. })))
+            .await,
+        "bob on node B is disconnected by node A's API"
     );
 }

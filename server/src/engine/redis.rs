@@ -620,6 +620,31 @@ pub fn conflict_error(message_id: &str) -> ferry_core::frame::ErrorReply {
     )
 }
 
+/// Generic access for the other parts of the Redis engine (presence,
+/// node registry), which keep their own scripts and key layout.
+impl RedisStreams {
+    /// Run one command.
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, EngineError> {
+        on_conn!(self, |c| cmd.query_async(&mut c).await.map_err(unavailable))
+    }
+
+    /// Run a script (loaded on first use by the `redis` crate).
+    pub async fn invoke<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> Result<T, EngineError> {
+        on_conn!(self, |c| inv.invoke_async(&mut c).await.map_err(unavailable))
+    }
+
+    /// A key of this deployment: `<prefix>:{<tag>}:<what>`, where `tag`
+    /// (a channel, user or node) is the Redis Cluster hash tag.
+    pub fn tagged_key(&self, tag_of: &str, what: &str) -> String {
+        format!("{}:{{{}}}:{what}", self.prefix, tag(tag_of))
+    }
+
+    /// A key of this deployment without a hash tag of its own.
+    pub fn plain_key(&self, what: &str) -> String {
+        format!("{}:{what}", self.prefix)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
