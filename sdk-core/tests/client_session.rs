@@ -367,3 +367,53 @@ fn a_missing_transport_closes_for_good_instead_of_retrying() {
     s2.handle_input(t, Input::TransportUnavailable { conn: conn2 + 1, reason: "stale".into() });
     assert_eq!(s2.state(), ConnectionState::Connecting);
 }
+
+#[test]
+fn a_subscribe_refused_as_temporary_is_retried_on_the_same_connection() {
+    // Seen on a node whose Redis was briefly down: the connection stayed
+    // up, and the subscription was never asked for again.
+    let mut cfg = ClientConfig::new("dev");
+    cfg.encoding = Encoding::Json;
+    cfg.retry_delay = std::time::Duration::from_millis(500);
+    let mut s = ClientSession::new(cfg, 1);
+    let t = Instant(0);
+    s.subscribe(t, "ch", Qos::AtLeastOnce);
+    s.connect(t);
+    let conn = drain(&mut s, t).opened.expect("asks to open");
+    s.handle_input(t, Input::TransportOpened { conn });
+    let id = match &drain(&mut s, t).frames[..] {
+        [ClientFrame::Request { id, cmd: Command::Connect(_) }] => *id,
+        other => panic!("{other:?}"),
+    };
+    let refused =
+        SubscribeResult::Error { channel: "ch".into(), error: ErrorReply::new(ferry_core::ErrorCode::Unavailable) };
+    let o = server_says(&mut s, conn, t, &[reply(id, connected(vec![refused]))]);
+    assert!(s.is_connected());
+    assert!(!o.events.iter().any(|e| matches!(e, Event::SubscribeFailed { .. })), "temporary: kept, not failed");
+    assert!(o.frames.is_empty(), "no retry at once: {:?}", o.frames);
+    s.handle_input(Instant(499), Input::Timeout);
+    assert!(drain(&mut s, Instant(499)).frames.is_empty(), "not before retry_delay");
+    s.handle_input(Instant(500), Input::Timeout);
+    let o = drain(&mut s, Instant(500));
+    let id = match &o.frames[..] {
+        [ClientFrame::Request { id, cmd: Command::Subscribe(r) }] if r.channel == "ch" => *id,
+        other => panic!("the subscribe is sent again on the same connection: {other:?}"),
+    };
+    // Refused again: retried again; then it goes through.
+    let again = ServerFrame::Reply { id, outcome: Outcome::Error(ErrorReply::new(ferry_core::ErrorCode::Unavailable)) };
+    server_says(&mut s, conn, Instant(500), &[again]);
+    s.handle_input(Instant(1000), Input::Timeout);
+    let id = match &drain(&mut s, Instant(1000)).frames[..] {
+        [ClientFrame::Request { id, cmd: Command::Subscribe(_) }] => *id,
+        other => panic!("{other:?}"),
+    };
+    let sub =
+        Subscribed { channel: "ch".into(), qos: Qos::AtLeastOnce, epoch: "e".into(), top: 0, from: 1, recovered: true };
+    let o = server_says(&mut s, conn, Instant(1000), &[reply(id, ReplyBody::Subscribed(sub))]);
+    assert!(o.events.iter().any(|e| matches!(e, Event::Subscribed { .. })), "{:?}", o.events);
+    s.handle_input(Instant(5000), Input::Timeout);
+    assert!(drain(&mut s, Instant(5000))
+        .frames
+        .iter()
+        .all(|f| !matches!(f, ClientFrame::Request { cmd: Command::Subscribe(_), .. })));
+}

@@ -279,6 +279,8 @@ async fn fanout(hub: Weak<Hub>, node: Weak<RedisNode>, url: String) {
                     ok
                 };
                 if resubscribed {
+                    let count = n.interest.lock().await.channels.len();
+                    tracing::info!(channels = count, "Redis pub/sub link up");
                     n.fanout_up.store(true, Ordering::Relaxed);
                     if !first {
                         if let Some(h) = hub.upgrade() {

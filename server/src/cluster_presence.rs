@@ -444,11 +444,11 @@ impl ClusterPresence {
 
     /// Settle due leaves and offlines; purge dead nodes. Returns whether
     /// this node was missing from the registry (so must re-register).
-    async fn sweep(&self, hub: &Arc<Hub>) -> Result<bool, EngineError> {
+    async fn sweep(&self, hub: &Arc<Hub>, may_purge: bool) -> Result<bool, EngineError> {
         let mut inv = self.scripts.beat.prepare_invoke();
         inv.key(self.streams.plain_key("nodes")).arg(&self.node).arg(NODE_DEAD_MS);
         let (added, dead): (i64, Vec<String>) = self.streams.invoke(&inv).await?;
-        for d in dead.iter().filter(|d| **d != self.node) {
+        for d in dead.iter().filter(|d| may_purge && **d != self.node) {
             self.purge(d).await?;
         }
         let mut inv = self.scripts.due.prepare_invoke();
@@ -533,13 +533,19 @@ async fn writer(hub: Weak<Hub>, p: Weak<ClusterPresence>, mut rx: mpsc::Unbounde
 /// this node's connections when the registry lost it.
 async fn sweeper(hub: Weak<Hub>, p: Weak<ClusterPresence>) {
     let mut first = true;
+    // Since when sweeps succeed without a break: after an outage every
+    // node's beat looks old, so nobody is purged until the live ones have
+    // had a full node timeout to beat again.
+    let mut up_since: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(NODE_BEAT_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let (Some(h), Some(p)) = (hub.upgrade(), p.upgrade()) else { return };
-        match p.sweep(&h).await {
+        let may_purge = up_since.is_some_and(|t| t.elapsed() >= Duration::from_millis(NODE_DEAD_MS));
+        match p.sweep(&h, may_purge).await {
             Ok(missing) => {
+                up_since.get_or_insert_with(tokio::time::Instant::now);
                 if missing && !first {
                     // Taken for dead (a pause, a partition) or Redis lost
                     // its data: put this node's connections back.
@@ -548,7 +554,10 @@ async fn sweeper(hub: Weak<Hub>, p: Weak<ClusterPresence>) {
                 }
                 first = false;
             }
-            Err(e) => tracing::debug!("presence sweep: {e}"),
+            Err(e) => {
+                up_since = None;
+                tracing::debug!("presence sweep: {e}");
+            }
         }
     }
 }

@@ -109,8 +109,21 @@ impl Conn {
         let hub = self.hub.clone();
         let tx = self.ctl_tx.clone();
         tokio::spawn(async move {
-            let (pubs, end) = hub.fetch(&channel, &epoch, from, limit, FETCH_CHUNK_BYTES).await;
-            let _ = tx.send(ConnMsg::Fetched { channel, pubs, end });
+            // While the engine is unreachable the fetch waits and tries
+            // again (the connection stays up; its position stays valid),
+            // until the connection is gone.
+            let mut delay = std::time::Duration::from_millis(100);
+            loop {
+                if let Some((pubs, end)) = hub.fetch(&channel, &epoch, from, limit, FETCH_CHUNK_BYTES).await {
+                    let _ = tx.send(ConnMsg::Fetched { channel, pubs, end });
+                    return;
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
         });
     }
 }

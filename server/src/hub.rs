@@ -858,16 +858,19 @@ impl Hub {
         from: u64,
         limit: usize,
         max_bytes: usize,
-    ) -> (Vec<Arc<SharedPublication>>, FetchEnd) {
+    ) -> Option<(Vec<Arc<SharedPublication>>, FetchEnd)> {
         {
             let st = self.lock();
             let Some(c) = st.channels.get(channel) else {
-                return (vec![], FetchEnd::Done);
+                return Some((vec![], FetchEnd::Done));
             };
             if c.header.epoch != epoch || from < c.header.first {
-                return (vec![], FetchEnd::Lost);
+                return Some((vec![], FetchEnd::Lost));
             }
-            if c.hot.front().is_some_and(|p| p.publication().offset <= from) {
+            // From the hot window when it holds `from`, or when `from` is
+            // past the top (nothing to read); otherwise from the engine.
+            let back = c.hot.back().map_or(0, |p| p.publication().offset);
+            if c.hot.front().is_some_and(|p| p.publication().offset <= from) && (from <= back || from > c.header.top) {
                 let mut out = Vec::new();
                 let mut bytes = 0;
                 for p in c.hot.iter().filter(|p| p.publication().offset >= from) {
@@ -877,11 +880,16 @@ impl Hub {
                     bytes += p.publication().payload.data.0.len();
                     out.push(p.clone());
                 }
-                return (out, FetchEnd::Done);
+                return Some((out, FetchEnd::Done));
             }
         }
         let read = match self.redis.get() {
-            Some(r) => Ok(r.streams().range(channel, from, limit, max_bytes).await.map_err(|e| e.to_string())),
+            Some(r) => match r.streams().range(channel, from, limit, max_bytes).await {
+                Ok(pubs) => Ok(Ok(pubs)),
+                // Redis unreachable is temporary: the position is not lost.
+                Err(crate::engine::EngineError::Unavailable(_)) => return None,
+                Err(e) => Ok(Err(e.to_string())),
+            },
             None => {
                 let hub = self.clone();
                 let ch = channel.to_string();
@@ -895,9 +903,9 @@ impl Hub {
             Ok(Ok(pubs)) => {
                 // Records of another epoch are leftovers of a reset stream.
                 let pubs = pubs.into_iter().filter(|p| p.epoch == epoch).map(SharedPublication::new).collect();
-                (pubs, FetchEnd::Done)
+                Some((pubs, FetchEnd::Done))
             }
-            _ => (vec![], FetchEnd::Lost),
+            _ => Some((vec![], FetchEnd::Lost)),
         }
     }
 
@@ -1146,7 +1154,18 @@ impl Hub {
                 let Some(c) = st.channels.get_mut(&shared.publication().channel) else {
                     continue;
                 };
-                c.hot.push_back(shared.clone());
+                // The hot window stays contiguous: on Redis a fan-out
+                // message can be missed (pub/sub is at most once), and a
+                // window with a hole would serve a fetch without it.
+                let offset = shared.publication().offset;
+                match c.hot.back().map(|p| p.publication().offset) {
+                    Some(back) if offset <= back => {}
+                    Some(back) if offset != back + 1 => {
+                        c.hot.clear();
+                        c.hot.push_back(shared.clone());
+                    }
+                    _ => c.hot.push_back(shared.clone()),
+                }
                 if c.hot.len() > HOT_WINDOW {
                     c.hot.pop_front();
                 }

@@ -303,22 +303,36 @@ async fn spawn(bin: &Path, config: &Path, data: &Path, listen: SocketAddr) -> Re
     }
 }
 
-/// A private `redis-server` on a free loopback port, without persistence.
-/// Killed on drop.
+/// A private `redis-server` on a free loopback port. Killed on drop.
 pub struct RedisServer {
     child: Child,
     port: u16,
-    _dir: TempDir,
+    persistent: bool,
+    dir: TempDir,
 }
 
 impl RedisServer {
-    /// Start one and wait until it accepts connections.
+    /// Start one without persistence and wait until it accepts connections.
     pub fn start() -> RedisServer {
+        Self::spawn(free_addr().port(), false, TempDir::new("redis"))
+    }
+
+    /// Start one that fsyncs its append-only file on every write
+    /// (`appendfsync always`), so a kill -9 loses nothing it acknowledged.
+    pub fn start_persistent() -> RedisServer {
+        Self::spawn(free_addr().port(), true, TempDir::new("redis"))
+    }
+
+    fn spawn(port: u16, persistent: bool, dir: TempDir) -> RedisServer {
         use std::io::{BufRead, BufReader};
-        let port = free_addr().port();
-        let dir = TempDir::new("redis");
+        let persistence: &[&str] = if persistent {
+            &["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--save", "", "--appendonly", "no"]
+        };
         let mut child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(persistence)
             .arg("--dir")
             .arg(dir.path())
             .stdout(std::process::Stdio::piped())
@@ -329,7 +343,20 @@ impl RedisServer {
         let ready = (0..200).any(|_| matches!(lines.next(), Some(Ok(l)) if l.contains("Ready to accept connections")));
         assert!(ready, "redis-server on port {port} did not start");
         std::thread::spawn(move || for _ in lines {});
-        RedisServer { child, port, _dir: dir }
+        RedisServer { child, port, persistent, dir }
+    }
+
+    /// SIGKILL, keeping its files.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start again on the same port over the same files.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let dir = std::mem::replace(&mut self.dir, TempDir::new("redis-unused"));
+        *self = Self::spawn(self.port, self.persistent, dir);
     }
 
     /// Its URL.

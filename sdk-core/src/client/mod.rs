@@ -486,6 +486,9 @@ struct Sub {
     /// Subscription token for a private channel (not persisted: tokens
     /// expire; after a restart the app subscribes again with a fresh one).
     token: String,
+    /// Subscribe again at this instant, on the same connection, after a
+    /// temporary refusal (the server's engine was briefly unavailable).
+    retry_at: Option<Instant>,
 }
 
 enum Queued {
@@ -1181,6 +1184,7 @@ impl ClientSession {
         }
         if self.timers.take_due(Timer::Retry as usize, now) {
             self.pump_outbox(now);
+            self.retry_subscribes(now);
         }
         self.arm_outbox_timers(now);
     }
@@ -1212,8 +1216,31 @@ impl ClientSession {
 
     fn arm_outbox_timers(&mut self, now: Instant) {
         self.timers.set_opt(Timer::Expiry as usize, self.outbox.next_expiry());
-        let retry = if self.is_connected() { self.outbox.next_retry(now) } else { None };
+        let retry = if self.is_connected() {
+            let subs = self.subs.values().filter(|s| s.phase == SubPhase::Wanted).filter_map(|s| s.retry_at).min();
+            match (self.outbox.next_retry(now), subs) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        } else {
+            None
+        };
         self.timers.set_opt(Timer::Retry as usize, retry);
+    }
+
+    /// Subscribes refused as temporary whose retry time has come.
+    fn retry_subscribes(&mut self, now: Instant) {
+        let State::Live(l) = &self.state else { return };
+        let conn = l.conn;
+        let due: Vec<String> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.phase == SubPhase::Wanted && s.retry_at.is_some_and(|t| t <= now))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for ch in due {
+            self.send_subscribe(now, conn, &ch);
+        }
     }
 
     fn arm_request_timer(&mut self) {
@@ -1351,9 +1378,10 @@ impl ClientSession {
                 self.subscribe(now, &ch, self.cfg.auto_subscribe_qos);
             }
         }
-        // Subscriptions the server did not answer for (or added meanwhile).
+        // Subscriptions the server did not answer for (or added meanwhile);
+        // those refused as temporary wait for their retry time.
         for ch in wanted {
-            if self.subs.get(&ch).is_some_and(|s| s.phase != SubPhase::Active) {
+            if self.subs.get(&ch).is_some_and(|s| s.phase != SubPhase::Active && s.retry_at.is_none()) {
                 self.send_subscribe(now, conn, &ch);
             }
         }
@@ -1378,6 +1406,7 @@ impl ClientSession {
             return;
         }
         s.phase = SubPhase::Pending;
+        s.retry_at = None;
         let since = if s.qos == Qos::AtMostOnce { None } else { s.position.clone() };
         let req = SubscribeRequest { channel: ch.into(), qos: s.qos, since, token: s.token.clone() };
         self.request(now, conn, Pending::Subscribe(ch.into()), Command::Subscribe(req));
@@ -1439,12 +1468,16 @@ impl ClientSession {
             return;
         }
         if error.temporary {
-            // Kept: the next connection retries it.
+            // Kept and retried after `retry_delay` on this connection (a
+            // connection that stays up would otherwise never ask again),
+            // or by the next connection.
             if let Some(s) = self.subs.get_mut(&channel) {
                 if s.phase == SubPhase::Pending {
                     s.phase = SubPhase::Wanted;
+                    s.retry_at = Some(now.plus(self.cfg.retry_delay));
                 }
             }
+            self.arm_outbox_timers(now);
             return;
         }
         if self.subs.remove(&channel).is_some() {
@@ -1715,6 +1748,7 @@ impl Sub {
             early: Vec::new(),
             ack_due: false,
             token: String::new(),
+            retry_at: None,
         }
     }
 }
