@@ -7,10 +7,13 @@
 //! channel, so one channel's publishes keep their order and different
 //! channels proceed in parallel. A shard drains its queue, groups it by
 //! channel and makes one script call per channel batch. Fan-out comes back
-//! through one pub/sub connection per node, subscribed to the channels this
-//! node has subscribers for; after that connection is lost and regained,
-//! every local subscriber catches up from the stream, since pub/sub may
-//! have dropped messages meanwhile.
+//! through pub/sub links subscribed to the channels this node has
+//! subscribers for: one link to the server (standalone) or to the primary
+//! (Sentinel), one per primary on a Cluster, where each channel is
+//! `SSUBSCRIBE`d on the shard that owns its slot. Any lost link, moved slot
+//! or new primary rebuilds the whole set (rediscover, reconnect,
+//! resubscribe); then every local subscriber catches up from the stream,
+//! since pub/sub may have dropped messages meanwhile.
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -21,10 +24,10 @@ use std::time::Duration;
 use ferry_core::frame::{ClientInfo, ErrorReply, Qos};
 use ferry_core::server::SharedPublication;
 use ferry_core::ErrorCode;
-use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch, Notify};
 
-use crate::engine::redis::{conflict_error, Appended, RedisConfig, RedisStreams};
+use crate::engine::pubsub::{Link, LinkEvent, NodeAddr};
+use crate::engine::redis::{conflict_error, Appended, RedisConfig, RedisStreams, Topology};
 use crate::engine::{EngineError, Known, PublishItem, Retention};
 use crate::hub::{Committed, Hub, ReplyTo, Stored};
 
@@ -40,20 +43,49 @@ pub(crate) struct RedisPublish {
     pub reply: ReplyTo,
 }
 
+/// How long a subscribe waits for fan-out links that are being rebuilt
+/// (a failover) before it answers "unavailable".
+const WANT_WAIT: Duration = Duration::from_secs(5);
+/// Between health checks of the links (pings; on a Cluster, a look at the
+/// slot map). A safety net: a lost link, a moved slot and a new primary
+/// are events that rebuild at once.
+const CHECK_EVERY: Duration = Duration::from_secs(5);
+
 /// This node's link to Redis.
 pub struct RedisNode {
     streams: RedisStreams,
     shards: Vec<mpsc::UnboundedSender<RedisPublish>>,
     cursors: mpsc::UnboundedSender<(String, String, String, String, u64)>,
-    interest: tokio::sync::Mutex<Interest>,
-    /// The pub/sub link is up (fan-out flows).
+    fan: Arc<Fan>,
+}
+
+impl Drop for RedisNode {
+    fn drop(&mut self) {
+        // The fan-out task holds no reference to the node: tell it.
+        self.fan.stop.notify_one();
+    }
+}
+
+/// Fan-out state shared by `want`/`unwant` and the fan-out task.
+struct Fan {
+    state: tokio::sync::Mutex<FanState>,
+    /// (generation of the link set, whether it is complete and live).
+    up: watch::Sender<(u64, bool)>,
+    /// Mirrors `up.1` for cheap reads (`/readyz`, metrics).
     fanout_up: AtomicBool,
+    /// A subscribe found the slot map stale (`MOVED`).
+    rebuild: Notify,
+    /// The node is gone.
+    stop: Notify,
 }
 
 #[derive(Default)]
-struct Interest {
-    sink: Option<redis::aio::PubSubSink>,
+struct FanState {
+    /// Channels whose subscription Redis confirmed.
     channels: BTreeSet<String>,
+    /// The live links, by index in `topology.nodes`.
+    links: Vec<Arc<Link>>,
+    topology: Option<Topology>,
 }
 
 fn unavailable(e: EngineError) -> ErrorReply {
@@ -61,21 +93,13 @@ fn unavailable(e: EngineError) -> ErrorReply {
 }
 
 impl RedisNode {
-    /// Connect to Redis; refuses a Redis Cluster for now (its sharded
-    /// pub/sub fan-out is not built yet).
+    /// Connect to Redis: standalone, Cluster or Sentinel (docs/CLUSTER.md).
     pub async fn connect(cfg: &RedisConfig) -> Result<RedisStreams, EngineError> {
-        let streams = RedisStreams::connect(cfg).await?;
-        if streams.is_cluster() {
-            return Err(EngineError::Unavailable(
-                "Redis Cluster (several [redis] urls) is not supported yet: give one URL (standalone or primary)"
-                    .into(),
-            ));
-        }
-        Ok(streams)
+        RedisStreams::connect(cfg).await
     }
 
     /// Start the node's tasks for `hub` (inside a tokio runtime).
-    pub(crate) fn start(hub: Weak<Hub>, streams: RedisStreams, cfg: &RedisConfig) -> Arc<RedisNode> {
+    pub(crate) fn start(hub: Weak<Hub>, streams: RedisStreams, _cfg: &RedisConfig) -> Arc<RedisNode> {
         let mut shards = Vec::with_capacity(SHARDS);
         let mut rxs = Vec::with_capacity(SHARDS);
         for _ in 0..SHARDS {
@@ -84,19 +108,19 @@ impl RedisNode {
             rxs.push(rx);
         }
         let (cursors, cursor_rx) = mpsc::unbounded_channel();
-        let node = Arc::new(RedisNode {
-            streams,
-            shards,
-            cursors,
-            interest: tokio::sync::Mutex::new(Interest::default()),
+        let fan = Arc::new(Fan {
+            state: tokio::sync::Mutex::new(FanState::default()),
+            up: watch::Sender::new((0, false)),
             fanout_up: AtomicBool::new(false),
+            rebuild: Notify::new(),
+            stop: Notify::new(),
         });
+        let node = Arc::new(RedisNode { streams, shards, cursors, fan: fan.clone() });
         for rx in rxs {
             tokio::spawn(shard(hub.clone(), node.streams.clone(), rx));
         }
         tokio::spawn(cursor_writer(node.streams.clone(), cursor_rx));
-        let url = cfg.urls.first().cloned().unwrap_or_default();
-        tokio::spawn(fanout(hub, Arc::downgrade(&node), url));
+        tokio::spawn(fanout(hub, fan, node.streams.clone()));
         node
     }
 
@@ -105,9 +129,10 @@ impl RedisNode {
         &self.streams
     }
 
-    /// Whether fan-out from Redis currently flows.
+    /// Whether fan-out from Redis currently flows: every link the node
+    /// needs (each Cluster primary's) is up and subscribed.
     pub fn fanout_up(&self) -> bool {
-        self.fanout_up.load(Ordering::Relaxed)
+        self.fan.fanout_up.load(Ordering::Relaxed)
     }
 
     pub(crate) fn submit(&self, p: RedisPublish) {
@@ -124,32 +149,67 @@ impl RedisNode {
     }
 
     /// Make sure fan-out of `channel` reaches this node; returns once Redis
-    /// confirmed the subscription, so nothing published after is missed.
+    /// confirmed the subscription (on the shard owning the channel), so
+    /// nothing published after is missed. While the links are being
+    /// rebuilt it waits for them, up to [`WANT_WAIT`].
     pub(crate) async fn want(&self, channel: &str) -> Result<(), ErrorReply> {
-        let mut i = self.interest.lock().await;
-        if i.channels.contains(channel) {
-            return Ok(());
+        let deadline = tokio::time::Instant::now() + WANT_WAIT;
+        let fan_channel = self.streams.fan_channel(channel);
+        let (sub, _) = self.streams.fan_commands();
+        let mut why = String::from("fan-out from Redis is down");
+        loop {
+            let (generation, was_up) = {
+                let mut st = self.fan.state.lock().await;
+                if st.channels.contains(channel) {
+                    return Ok(());
+                }
+                let (generation, up) = *self.fan.up.borrow();
+                if up {
+                    let link = st.topology.as_ref().and_then(|t| t.route(&fan_channel)).and_then(|i| st.links.get(i));
+                    match link {
+                        Some(link) => match link.subscribe(sub, &[fan_channel.clone().into_bytes()]).await {
+                            Ok(()) => {
+                                st.channels.insert(channel.to_string());
+                                return Ok(());
+                            }
+                            Err(e) => {
+                                why = format!("fan-out subscription: {e}");
+                                tracing::warn!(%channel, "{why}; rebuilding fan-out");
+                                self.fan.rebuild.notify_one();
+                            }
+                        },
+                        None => {
+                            why = "no Redis node serves this channel's slot".into();
+                            self.fan.rebuild.notify_one();
+                        }
+                    }
+                }
+                (generation, up)
+            };
+            // Wait for a link set (a newer one, if this one failed us).
+            let mut rx = self.fan.up.subscribe();
+            let ready = tokio::time::timeout_at(deadline, rx.wait_for(|(g, up)| *up && (!was_up || *g != generation)))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if !ready {
+                return Err(ErrorReply::with_message(ErrorCode::Unavailable, why));
+            }
         }
-        let Some(sink) = i.sink.as_mut() else {
-            return Err(ErrorReply::with_message(ErrorCode::Unavailable, "fan-out from Redis is down"));
-        };
-        sink.subscribe(self.streams.fan_channel(channel))
-            .await
-            .map_err(|e| ErrorReply::with_message(ErrorCode::Unavailable, e.to_string()))?;
-        i.channels.insert(channel.to_string());
-        Ok(())
     }
 
     /// Stop fan-out of `channel` to this node if `still_unused` holds
-    /// (checked under the interest lock, so a concurrent `want` wins).
+    /// (checked under the fan-out lock, so a concurrent `want` wins).
     pub(crate) async fn unwant(&self, channel: &str, still_unused: impl Fn() -> bool) {
-        let mut i = self.interest.lock().await;
-        if !i.channels.contains(channel) || !still_unused() {
+        let mut st = self.fan.state.lock().await;
+        if !st.channels.contains(channel) || !still_unused() {
             return;
         }
-        i.channels.remove(channel);
-        if let Some(sink) = i.sink.as_mut() {
-            let _ = sink.unsubscribe(self.streams.fan_channel(channel)).await;
+        st.channels.remove(channel);
+        tracing::debug!(%channel, "no local subscriber left: fan-out unsubscribed");
+        let fan_channel = self.streams.fan_channel(channel);
+        let link = st.topology.as_ref().and_then(|t| t.route(&fan_channel)).and_then(|i| st.links.get(i));
+        if let Some(link) = link {
+            link.unsubscribe(self.streams.fan_commands().1, fan_channel.as_bytes()).await;
         }
     }
 }
@@ -250,76 +310,168 @@ async fn cursor_writer(streams: RedisStreams, mut rx: mpsc::UnboundedReceiver<(S
     }
 }
 
-/// The pub/sub link: (re)connects, resubscribes the node's channels, and
-/// hands each fan-out message to the hub. After a reconnect every local
-/// subscriber catches up from the stream.
-async fn fanout(hub: Weak<Hub>, node: Weak<RedisNode>, url: String) {
+/// Connect a link to every node of a fresh topology and subscribe every
+/// wanted channel on the node owning it; installs the set only when all of
+/// it is confirmed.
+async fn build(
+    fan: &Fan,
+    streams: &RedisStreams,
+    hints: &[NodeAddr],
+    events: &mpsc::UnboundedSender<LinkEvent>,
+) -> Result<Topology, String> {
+    let topology = streams.fan_topology(hints).await.map_err(|e| e.to_string())?;
+    let creds = streams.credentials();
+    let links = futures_util::future::join_all(
+        topology.nodes.iter().map(|a| Link::connect(a, &creds, Duration::from_secs(2), events.clone())),
+    )
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(|e| e.to_string())?;
+    let mut st = fan.state.lock().await;
+    let mut per_node: Vec<Vec<Vec<u8>>> = vec![Vec::new(); links.len()];
+    for ch in &st.channels {
+        let f = streams.fan_channel(ch);
+        let i = topology.route(&f).ok_or_else(|| format!("no Redis node serves the slot of {ch:?} yet"))?;
+        per_node[i].push(f.into_bytes());
+    }
+    let (sub, _) = streams.fan_commands();
+    let subscribed = futures_util::future::join_all(links.iter().zip(&per_node).map(|(l, chs)| l.subscribe(sub, chs)));
+    for r in subscribed.await {
+        r.map_err(|e| e.to_string())?;
+    }
+    st.links = links.into_iter().map(Arc::new).collect();
+    st.topology = Some(topology.clone());
+    tracing::debug!(channels = st.channels.len(), nodes = topology.nodes.len(), "Redis fan-out links up");
+    Ok(topology)
+}
+
+/// Whether the installed links still answer and (Cluster) the slot map is
+/// still the one they were built for.
+async fn healthy(fan: &Fan, streams: &RedisStreams, topology: &Topology) -> Result<(), String> {
+    let links: Vec<Arc<Link>> = fan.state.lock().await.links.clone();
+    for l in links {
+        l.ping().await.map_err(|e| format!("{}: {e}", l.addr()))?;
+    }
+    if !topology.slots.is_empty() {
+        let now = streams.fan_topology(&topology.nodes).await.map_err(|e| e.to_string())?;
+        if now != *topology {
+            return Err("the cluster's slot map changed".into());
+        }
+    }
+    Ok(())
+}
+
+/// The fan-out task: builds the link set, hands each fan-out message to the
+/// hub, and rebuilds the whole set on any sign that it is incomplete (a link
+/// lost, a subscription ended by the server, `MOVED`, a new primary, a
+/// failed health check). After every rebuild the local subscribers catch up
+/// from the streams.
+async fn fanout(hub: Weak<Hub>, fan: Arc<Fan>, streams: RedisStreams) {
     let mut delay = Duration::from_millis(100);
     let mut first = true;
+    let mut hints: Vec<NodeAddr> = Vec::new();
+    let mut primary = streams.primary_changes();
     loop {
-        let Some(n) = node.upgrade() else { return };
-        let link = async {
-            let client = redis::Client::open(url.as_str())?;
-            let ps = tokio::time::timeout(Duration::from_secs(5), client.get_async_pubsub())
-                .await
-                .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connect timed out")))??;
-            Ok::<_, redis::RedisError>(ps)
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let built = tokio::select! {
+            b = build(&fan, &streams, &hints, &tx) => b,
+            _ = fan.stop.notified() => return,
         };
-        match link.await {
-            Ok(ps) => {
-                delay = Duration::from_millis(100);
-                let (mut sink, mut stream) = ps.split();
-                let resubscribed = {
-                    let mut i = n.interest.lock().await;
-                    let mut ok = true;
-                    for ch in &i.channels {
-                        ok &= sink.subscribe(n.streams.fan_channel(ch)).await.is_ok();
-                    }
-                    i.sink = Some(sink);
-                    ok
-                };
-                if resubscribed {
-                    let count = n.interest.lock().await.channels.len();
-                    tracing::info!(channels = count, "Redis pub/sub link up");
-                    n.fanout_up.store(true, Ordering::Relaxed);
-                    if !first {
-                        if let Some(h) = hub.upgrade() {
-                            h.catch_up_all().await;
-                        }
-                    }
-                    first = false;
-                    drop(n);
-                    while let Some(msg) = stream.next().await {
-                        let (Some(h), Some(n)) = (hub.upgrade(), node.upgrade()) else { return };
-                        match n.streams.decode_fanout(msg.get_channel_name(), msg.get_payload_bytes()) {
-                            Ok(f) => h.deliver_local(Committed {
-                                headers: vec![(
-                                    f.channel.clone(),
-                                    crate::store::StreamHeader {
-                                        epoch: f.epoch.clone(),
-                                        first: f.first,
-                                        top: f.publications.last().map(|p| p.offset).unwrap_or(0),
-                                    },
-                                )],
-                                trims: [(f.channel.clone(), f.first)].into_iter().collect(),
-                                publications: f.publications.into_iter().map(SharedPublication::new).collect(),
-                            }),
-                            Err(e) => tracing::warn!("fan-out message: {e}"),
-                        }
-                    }
-                }
-                let Some(n) = node.upgrade() else { return };
-                n.fanout_up.store(false, Ordering::Relaxed);
-                n.interest.lock().await.sink = None;
-                tracing::warn!("Redis pub/sub link lost; reconnecting");
-            }
+        drop(tx);
+        let topology = match built {
+            Ok(t) => t,
             Err(e) => {
-                drop(n);
-                tracing::warn!("Redis pub/sub: {e}; retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                tracing::warn!("Redis fan-out: {e}; retrying in {delay:?}");
+                fan.state.lock().await.links.clear();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = fan.stop.notified() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        delay = Duration::from_millis(100);
+        hints = topology.nodes.clone();
+        if let Some(p) = primary.as_mut() {
+            p.borrow_and_update();
+        }
+        fan.fanout_up.store(true, Ordering::Relaxed);
+        fan.up.send_modify(|(g, up)| {
+            *g += 1;
+            *up = true;
+        });
+        if !first {
+            tracing::info!(nodes = topology.nodes.len(), "Redis fan-out resubscribed; local subscribers catch up");
+            if let Some(h) = hub.upgrade() {
+                h.catch_up_all().await;
             }
         }
+        first = false;
+        let mut lost = false;
+        let why = loop {
+            let primary_changed = async {
+                match primary.as_mut() {
+                    Some(p) => p.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(LinkEvent::Message { channel, payload }) => {
+                        let Some(h) = hub.upgrade() else { return };
+                        deliver(&h, &streams, &channel, &payload);
+                    }
+                    Some(LinkEvent::Dropped(ch)) => {
+                        break format!("Redis ended the subscription to {} (slot moved?)", String::from_utf8_lossy(&ch));
+                    }
+                    Some(LinkEvent::Closed(why)) => {
+                        lost = true;
+                        break format!("link lost: {why}");
+                    }
+                    None => break "links gone".to_string(),
+                },
+                _ = fan.rebuild.notified() => break "a subscription was refused (slot map changed?)".to_string(),
+                true = primary_changed => break "the Redis primary changed".to_string(),
+                _ = tokio::time::sleep(CHECK_EVERY) => {
+                    if let Err(e) = healthy(&fan, &streams, &topology).await {
+                        lost = true;
+                        break format!("health check: {e}");
+                    }
+                }
+                _ = fan.stop.notified() => return,
+            }
+        };
+        fan.fanout_up.store(false, Ordering::Relaxed);
+        fan.up.send_modify(|(_, up)| *up = false);
+        {
+            let mut st = fan.state.lock().await;
+            st.links.clear();
+            st.topology = None;
+        }
+        if lost {
+            streams.suspect_primary();
+        }
+        tracing::warn!("Redis fan-out: {why}; resubscribing");
+    }
+}
+
+fn deliver(h: &Arc<Hub>, streams: &RedisStreams, channel: &[u8], payload: &[u8]) {
+    match streams.decode_fanout(&String::from_utf8_lossy(channel), payload) {
+        Ok(f) => h.deliver_local(Committed {
+            headers: vec![(
+                f.channel.clone(),
+                crate::store::StreamHeader {
+                    epoch: f.epoch.clone(),
+                    first: f.first,
+                    top: f.publications.last().map(|p| p.offset).unwrap_or(0),
+                },
+            )],
+            trims: [(f.channel.clone(), f.first)].into_iter().collect(),
+            publications: f.publications.into_iter().map(SharedPublication::new).collect(),
+        }),
+        Err(e) => tracing::warn!("fan-out message: {e}"),
     }
 }
 

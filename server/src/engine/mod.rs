@@ -7,7 +7,9 @@
 //! nodes sharing one Redis; the hub moves onto a common async interface
 //! as the cluster issue proceeds.
 
+pub mod pubsub;
 pub mod redis;
+pub mod sentinel;
 
 use ferry_core::frame::{ClientInfo, Qos};
 
@@ -54,6 +56,10 @@ pub enum EngineError {
     /// A stored record does not decode.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// The engine is set up in a way Ferry cannot run on safely (not
+    /// temporary: the node refuses to start).
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Hex of a digest (stored as text in Redis values).

@@ -11,6 +11,7 @@
 //! claim, and the client's retry completes the publish.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::frame::{ClientInfo, Payload, Publication, Qos};
@@ -19,6 +20,8 @@ use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use serde::{Deserialize, Serialize};
 
+use super::pubsub::{Credentials, NodeAddr};
+use super::sentinel::SentinelLink;
 use super::{hex, EngineError, Known, PublishItem, Retention};
 use crate::store::StreamHeader;
 
@@ -26,9 +29,14 @@ use crate::store::StreamHeader;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port[/db]` URLs: one = a standalone Redis (or a
-    /// primary); several = seed nodes of a Redis Cluster.
+    /// `redis://[user:password@]host:port[/db]` URLs: one = a standalone
+    /// Redis (or a primary); several = seed nodes of a Redis Cluster; with
+    /// `sentinel_master`, the Sentinels (one or more).
     pub urls: Vec<String>,
+    /// The name of the primary the Sentinels at `urls` watch (`SENTINEL
+    /// get-master-addr-by-name`); unset = no Sentinel. The URLs' user and
+    /// password are used for the Sentinels and the data nodes alike.
+    pub sentinel_master: Option<String>,
     /// Key prefix (default `ferry`), so several deployments can share one Redis.
     pub prefix: String,
     /// `leader` (acknowledged once the primary has the write) or
@@ -104,16 +112,29 @@ pub struct FanOut {
 enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(Arc<SentinelLink>),
 }
 
-/// Run `$body` with `$c` bound to a connection of either kind.
+/// Run `$body` (a `RedisResult`) with `$c` bound to a connection of any
+/// kind; gives a `Result<_, EngineError>`. On Sentinel, a failure that may
+/// mean a failover has the Sentinels asked again, and a primary not known
+/// yet answers unavailable at once.
 macro_rules! on_conn {
-    ($self:ident, |$c:ident| $body:expr) => {
-        match $self.conn.clone() {
+    ($self:ident, |$c:ident| $body:expr) => {{
+        let r: redis::RedisResult<_> = match $self.conn.clone() {
             Conn::Single(mut $c) => $body,
             Conn::Cluster(mut $c) => $body,
-        }
-    };
+            Conn::Sentinel(link) => {
+                let mut $c = link.conn()?;
+                let r = $body;
+                if let Err(e) = &r {
+                    link.failed(e);
+                }
+                r
+            }
+        };
+        r.map_err(unavailable)
+    }};
 }
 
 /// How long an id is remembered (QoS 0/1, and QoS 2 after release), ms.
@@ -201,6 +222,9 @@ return 1
 #[derive(Clone)]
 pub struct RedisStreams {
     conn: Conn,
+    /// The configured URLs, parsed: credentials and seeds for the nodes
+    /// found later (Cluster primaries, the Sentinels' primary).
+    seeds: Arc<Vec<redis::ConnectionInfo>>,
     prefix: String,
     durability: Durability,
     publish: std::sync::Arc<redis::Script>,
@@ -232,11 +256,22 @@ fn untag(s: &str) -> String {
 }
 
 impl RedisStreams {
-    /// Connect: one URL = standalone, several = Cluster seed nodes.
+    /// Connect: one URL = standalone, several = Cluster seed nodes, with
+    /// `sentinel_master` = Sentinels. Refuses a Redis whose
+    /// `maxmemory-policy` could evict Ferry's keys.
     pub async fn connect(cfg: &RedisConfig) -> Result<Self, EngineError> {
-        let conn = match cfg.urls.as_slice() {
-            [] => return Err(EngineError::Unavailable("no [redis] urls".into())),
-            [one] => {
+        if cfg.urls.is_empty() {
+            return Err(EngineError::Unavailable("no [redis] urls".into()));
+        }
+        let seeds = cfg
+            .urls
+            .iter()
+            .map(|u| redis::IntoConnectionInfo::into_connection_info(u.as_str()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unavailable)?;
+        let conn = match (cfg.sentinel_master.as_deref(), cfg.urls.as_slice()) {
+            (Some(master), urls) => Conn::Sentinel(SentinelLink::connect(urls, master).await?),
+            (None, [one]) => {
                 let client = redis::Client::open(one.as_str()).map_err(unavailable)?;
                 let mc = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(Duration::from_secs(5)))
@@ -244,7 +279,7 @@ impl RedisStreams {
                     .set_number_of_retries(1);
                 Conn::Single(ConnectionManager::new_with_config(client, mc).await.map_err(unavailable)?)
             }
-            many => {
+            (None, many) => {
                 let client = redis::cluster::ClusterClient::builder(many.iter().map(String::as_str))
                     .connection_timeout(Duration::from_secs(5))
                     .response_timeout(Duration::from_secs(5))
@@ -254,14 +289,161 @@ impl RedisStreams {
             }
         };
         let prefix = if cfg.prefix.is_empty() { "ferry".to_string() } else { cfg.prefix.clone() };
-        Ok(RedisStreams {
+        let streams = RedisStreams {
             conn,
+            seeds: Arc::new(seeds),
             prefix,
             durability: cfg.durability,
             publish: std::sync::Arc::new(redis::Script::new(PUBLISH_LUA)),
             release: std::sync::Arc::new(redis::Script::new(RELEASE_LUA)),
             ensure: std::sync::Arc::new(redis::Script::new(ENSURE_LUA)),
-        })
+        };
+        streams.check_eviction_policy().await?;
+        Ok(streams)
+    }
+
+    /// `maxmemory-policy` must be `noeviction` on every primary: any other
+    /// policy may drop streams and message ids under memory pressure,
+    /// silently losing acknowledged publishes and breaking dedup. Where
+    /// `CONFIG` is not allowed (managed Redis, ACLs), one warning.
+    async fn check_eviction_policy(&self) -> Result<(), EngineError> {
+        let mut conns: Vec<(String, redis::aio::MultiplexedConnection)> = Vec::new();
+        let policy = |r: redis::RedisResult<Vec<String>>| r.map(|v| v.get(1).cloned());
+        let mut answers: Vec<(String, redis::RedisResult<Option<String>>)> = Vec::new();
+        let mut get = redis::cmd("CONFIG");
+        get.arg("GET").arg("maxmemory-policy");
+        match &self.conn {
+            Conn::Single(c) => {
+                answers.push((self.seeds[0].addr().to_string(), policy(get.query_async(&mut c.clone()).await)))
+            }
+            Conn::Sentinel(link) => {
+                let mut c = link.conn()?;
+                let at = link.primary().map(|a| a.to_string()).unwrap_or_default();
+                answers.push((at, policy(get.query_async(&mut c).await)));
+            }
+            Conn::Cluster(_) => {
+                for addr in self.fan_topology(&[]).await?.nodes {
+                    conns.push((addr.to_string(), self.node_conn(&addr).await?));
+                }
+            }
+        }
+        for (at, mut c) in conns {
+            answers.push((at, policy(get.query_async(&mut c).await)));
+        }
+        let mut warned = false;
+        for (at, answer) in answers {
+            match answer {
+                Ok(Some(p)) if p == "noeviction" => {}
+                Ok(Some(p)) => {
+                    return Err(EngineError::Config(format!(
+                        "Redis at {at} has maxmemory-policy {p:?}: set `maxmemory-policy noeviction` \
+                         (eviction would drop streams and message ids, losing acknowledged publishes)"
+                    )))
+                }
+                Ok(None) if !warned => {
+                    warned = true;
+                    tracing::warn!(redis = %at, "could not read maxmemory-policy; make sure it is noeviction");
+                }
+                Err(e) if e.code().is_some() && !warned => {
+                    // A refusal (NOPERM, unknown command on managed Redis),
+                    // not a broken link: the operator checks it instead.
+                    warned = true;
+                    tracing::warn!(
+                        redis = %at,
+                        "CONFIG GET maxmemory-policy not permitted ({e}); make sure maxmemory-policy is noeviction"
+                    );
+                }
+                Err(e) if e.code().is_some() => {}
+                Err(e) => return Err(unavailable(e)),
+                Ok(None) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A direct connection to one node (Cluster discovery, checks).
+    async fn node_conn(&self, addr: &NodeAddr) -> Result<redis::aio::MultiplexedConnection, EngineError> {
+        let info = self.node_info(addr);
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(3)));
+        redis::Client::open(info)
+            .map_err(unavailable)?
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(|e| EngineError::Unavailable(format!("{addr}: {e}")))
+    }
+
+    fn node_info(&self, addr: &NodeAddr) -> redis::ConnectionInfo {
+        self.seeds[0].clone().set_addr(redis::ConnectionAddr::Tcp(addr.host.clone(), addr.port))
+    }
+
+    /// Credentials for fan-out links (those of the first URL).
+    pub fn credentials(&self) -> Credentials {
+        let r = self.seeds[0].redis_settings();
+        Credentials { username: r.username().map(str::to_string), password: r.password().map(str::to_string) }
+    }
+
+    /// The commands fan-out subscribes and unsubscribes with: sharded ones
+    /// on a Cluster (the script `SPUBLISH`es there).
+    pub fn fan_commands(&self) -> (&'static str, &'static str) {
+        match self.conn {
+            Conn::Cluster(_) => ("SSUBSCRIBE", "SUNSUBSCRIBE"),
+            _ => ("SUBSCRIBE", "UNSUBSCRIBE"),
+        }
+    }
+
+    /// Changes whenever the Sentinels' primary changes (Sentinel only).
+    pub fn primary_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        match &self.conn {
+            Conn::Sentinel(l) => Some(l.changes()),
+            _ => None,
+        }
+    }
+
+    /// Fan-out lost its link to the primary: on Sentinel, ask again.
+    pub fn suspect_primary(&self) {
+        if let Conn::Sentinel(l) = &self.conn {
+            l.suspect();
+        }
+    }
+
+    /// The nodes fan-out subscribes on, and on a Cluster which of them owns
+    /// which slots. On a Cluster, `CLUSTER SLOTS` from the first node of
+    /// `hints` (the last known primaries) or the seeds that answers.
+    pub async fn fan_topology(&self, hints: &[NodeAddr]) -> Result<Topology, EngineError> {
+        let addr_of = |i: &redis::ConnectionInfo| match i.addr() {
+            redis::ConnectionAddr::Tcp(h, p) => Some(NodeAddr { host: h.clone(), port: *p }),
+            _ => None,
+        };
+        match &self.conn {
+            Conn::Single(_) => {
+                let a =
+                    addr_of(&self.seeds[0]).ok_or_else(|| EngineError::Unavailable("only tcp redis:// URLs".into()))?;
+                Ok(Topology { nodes: vec![a], slots: Vec::new() })
+            }
+            Conn::Sentinel(l) => match l.primary() {
+                Some(a) => Ok(Topology { nodes: vec![a], slots: Vec::new() }),
+                None => Err(EngineError::Unavailable("no primary known (Sentinel failover in progress?)".into())),
+            },
+            Conn::Cluster(_) => {
+                let mut why = String::from("no cluster node answered");
+                let candidates = hints.iter().cloned().chain(self.seeds.iter().filter_map(addr_of));
+                for at in candidates {
+                    let asked = async {
+                        let mut c = self.node_conn(&at).await?;
+                        let v: redis::Value =
+                            redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c).await.map_err(unavailable)?;
+                        Topology::from_cluster_slots(&v, &at)
+                    };
+                    match asked.await {
+                        Ok(t) => return Ok(t),
+                        Err(e) => why = e.to_string(),
+                    }
+                }
+                Err(EngineError::Unavailable(why))
+            }
+        }
     }
 
     fn key(&self, channel: &str, what: &str) -> String {
@@ -317,13 +499,22 @@ impl RedisStreams {
                     cmd
                 })
                 .collect();
+            let pipe = |claims: Vec<redis::Cmd>| {
+                let mut pipe = redis::pipe();
+                for cmd in claims {
+                    pipe.add_command(cmd);
+                }
+                pipe
+            };
             let prev: Vec<Option<String>> = match self.conn.clone() {
-                Conn::Single(mut c) => {
-                    let mut pipe = redis::pipe();
-                    for cmd in claims {
-                        pipe.add_command(cmd);
+                Conn::Single(mut c) => pipe(claims).query_async(&mut c).await.map_err(unavailable)?,
+                Conn::Sentinel(link) => {
+                    let mut c = link.conn()?;
+                    let r = pipe(claims).query_async(&mut c).await;
+                    if let Err(e) = &r {
+                        link.failed(e);
                     }
-                    pipe.query_async(&mut c).await.map_err(unavailable)?
+                    r.map_err(unavailable)?
                 }
                 // Claims live on the shards of their ids: one command each,
                 // all in flight together.
@@ -353,7 +544,7 @@ impl RedisStreams {
         }
         let (known_epoch, known_top) = known.map(|k| (k.epoch.as_str(), k.top)).unwrap_or(("", 0));
         let pubcmd = match self.conn {
-            Conn::Single(_) => "PUBLISH",
+            Conn::Single(_) | Conn::Sentinel(_) => "PUBLISH",
             Conn::Cluster(_) => "SPUBLISH",
         };
         inv.arg(fresh_epoch)
@@ -375,8 +566,7 @@ impl RedisStreams {
             inv.arg(hex(&it.digest)).arg(it.qos.as_u8()).arg(rec);
         }
         type Reply = (String, String, String, Vec<(String, String, String)>);
-        let (epoch, first, top, out): Reply =
-            on_conn!(self, |c| inv.invoke_async(&mut c).await.map_err(unavailable)?);
+        let (epoch, first, top, out): Reply = on_conn!(self, |c| inv.invoke_async(&mut c).await)?;
         if self.durability == Durability::Replicated && !todo.is_empty() {
             self.wait_replica(&self.key(channel, "meta")).await?;
         }
@@ -406,6 +596,14 @@ impl RedisStreams {
         cmd.arg(1).arg(1000);
         let n: i64 = match self.conn.clone() {
             Conn::Single(mut c) => cmd.query_async(&mut c).await.map_err(unavailable)?,
+            Conn::Sentinel(link) => {
+                let mut c = link.conn()?;
+                let r = cmd.query_async(&mut c).await;
+                if let Err(e) = &r {
+                    link.failed(e);
+                }
+                r.map_err(unavailable)?
+            }
             Conn::Cluster(mut c) => {
                 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
                 let route = Route::new(slot(key.as_bytes()), SlotAddr::Master);
@@ -426,8 +624,7 @@ impl RedisStreams {
     pub async fn header(&self, channel: &str) -> Result<Option<StreamHeader>, EngineError> {
         let mut cmd = redis::cmd("HMGET");
         cmd.arg(self.key(channel, "meta")).arg("epoch").arg("first").arg("top");
-        let (e, f, t): (Option<String>, Option<u64>, Option<u64>) =
-            on_conn!(self, |c| cmd.query_async(&mut c).await.map_err(unavailable)?);
+        let (e, f, t): (Option<String>, Option<u64>, Option<u64>) = on_conn!(self, |c| cmd.query_async(&mut c).await)?;
         Ok(match (e, f, t) {
             (Some(epoch), Some(first), Some(top)) => Some(StreamHeader { epoch, first, top }),
             _ => None,
@@ -439,8 +636,7 @@ impl RedisStreams {
     pub async fn ensure(&self, channel: &str, fresh_epoch: &str) -> Result<StreamHeader, EngineError> {
         let mut inv = self.ensure.prepare_invoke();
         inv.key(self.key(channel, "meta")).key(self.key(channel, "log")).arg(fresh_epoch);
-        let (epoch, first, top): (String, u64, u64) =
-            on_conn!(self, |c| inv.invoke_async(&mut c).await.map_err(unavailable)?);
+        let (epoch, first, top): (String, u64, u64) = on_conn!(self, |c| inv.invoke_async(&mut c).await)?;
         Ok(StreamHeader { epoch, first, top })
     }
 
@@ -462,7 +658,7 @@ impl RedisStreams {
         let mut cmd = redis::cmd("XRANGE");
         cmd.arg(self.key(channel, "log")).arg(format!("{from}-0")).arg("+").arg("COUNT").arg(limit.max(1));
         type Entry = (String, HashMap<String, redis::Value>);
-        let entries: Vec<Entry> = on_conn!(self, |c| cmd.query_async(&mut c).await.map_err(unavailable)?);
+        let entries: Vec<Entry> = on_conn!(self, |c| cmd.query_async(&mut c).await)?;
         let mut out = Vec::new();
         let mut bytes = 0;
         for (id, fields) in entries {
@@ -483,7 +679,7 @@ impl RedisStreams {
         for key in [self.claim_key(message_id), self.id_key(channel, message_id)] {
             let mut inv = self.release.prepare_invoke();
             inv.key(key).arg(ID_TTL_MS);
-            let _: i64 = on_conn!(self, |c| inv.invoke_async(&mut c).await.map_err(unavailable)?);
+            let _: i64 = on_conn!(self, |c| inv.invoke_async(&mut c).await)?;
         }
         Ok(())
     }
@@ -492,7 +688,7 @@ impl RedisStreams {
     pub async fn claimed_channel(&self, message_id: &str) -> Result<Option<String>, EngineError> {
         let mut cmd = redis::cmd("GET");
         cmd.arg(self.claim_key(message_id));
-        let v: Option<String> = on_conn!(self, |c| cmd.query_async(&mut c).await.map_err(unavailable)?);
+        let v: Option<String> = on_conn!(self, |c| cmd.query_async(&mut c).await)?;
         Ok(v.and_then(|v| v.split_once('|').map(|(c, _)| untag(c))))
     }
 
@@ -507,7 +703,7 @@ impl RedisStreams {
     ) -> Result<(), EngineError> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.cursor_key(user, device, channel)).arg(format!("{epoch}|{offset}"));
-        let _: () = on_conn!(self, |c| cmd.query_async(&mut c).await.map_err(unavailable)?);
+        let _: () = on_conn!(self, |c| cmd.query_async(&mut c).await)?;
         Ok(())
     }
 
@@ -515,7 +711,7 @@ impl RedisStreams {
     pub async fn cursor(&self, user: &str, device: &str, channel: &str) -> Result<Option<(String, u64)>, EngineError> {
         let mut cmd = redis::cmd("GET");
         cmd.arg(self.cursor_key(user, device, channel));
-        let v: Option<String> = on_conn!(self, |c| cmd.query_async(&mut c).await.map_err(unavailable)?);
+        let v: Option<String> = on_conn!(self, |c| cmd.query_async(&mut c).await)?;
         Ok(v.and_then(|v| {
             let (e, o) = v.rsplit_once('|')?;
             Some((e.to_string(), o.parse().ok()?))
@@ -549,8 +745,67 @@ impl RedisStreams {
     }
 }
 
+/// Where fan-out subscribes: the nodes, and on a Cluster the slot ranges
+/// each primary serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topology {
+    /// Standalone: the server; Sentinel: the primary; Cluster: every primary.
+    pub nodes: Vec<NodeAddr>,
+    /// Cluster only: `(first slot, last slot, index in nodes)`, sorted.
+    pub slots: Vec<(u16, u16, usize)>,
+}
+
+impl Topology {
+    /// The node a pub/sub channel's subscription goes to (None: a slot no
+    /// primary serves right now).
+    pub fn route(&self, fan_channel: &str) -> Option<usize> {
+        if self.slots.is_empty() {
+            return (!self.nodes.is_empty()).then_some(0);
+        }
+        let s = slot(fan_channel.as_bytes());
+        self.slots.iter().find(|(lo, hi, _)| (*lo..=*hi).contains(&s)).map(|(_, _, i)| *i)
+    }
+
+    /// Parse a `CLUSTER SLOTS` reply given by the node at `asked`.
+    fn from_cluster_slots(v: &redis::Value, asked: &NodeAddr) -> Result<Topology, EngineError> {
+        use redis::Value;
+        let bad = || EngineError::Corrupt(format!("CLUSTER SLOTS reply from {asked}"));
+        let Value::Array(ranges) = v else { return Err(bad()) };
+        let mut owned: Vec<(u16, u16, NodeAddr)> = Vec::new();
+        for r in ranges {
+            let Value::Array(r) = r else { return Err(bad()) };
+            let (Some(Value::Int(lo)), Some(Value::Int(hi)), Some(Value::Array(primary))) =
+                (r.first(), r.get(1), r.get(2))
+            else {
+                return Err(bad());
+            };
+            let host = match primary.first() {
+                Some(Value::BulkString(h)) if !h.is_empty() => String::from_utf8_lossy(h).to_string(),
+                // An unknown host (`""`): the node that answered.
+                _ => asked.host.clone(),
+            };
+            let Some(Value::Int(port)) = primary.get(1) else { return Err(bad()) };
+            let num = |n: i64| u16::try_from(n).map_err(|_| bad());
+            owned.push((num(*lo)?, num(*hi)?, NodeAddr { host, port: num(*port)? }));
+        }
+        // Canonical (by slot), so two answers describing the same cluster
+        // compare equal.
+        owned.sort();
+        let mut nodes: Vec<NodeAddr> = Vec::new();
+        let mut slots = Vec::with_capacity(owned.len());
+        for (lo, hi, addr) in owned {
+            let i = nodes.iter().position(|n| *n == addr).unwrap_or_else(|| {
+                nodes.push(addr);
+                nodes.len() - 1
+            });
+            slots.push((lo, hi, i));
+        }
+        Ok(Topology { nodes, slots })
+    }
+}
+
 /// Redis Cluster hash slot of a key (CRC16/XMODEM of its hash tag).
-fn slot(key: &[u8]) -> u16 {
+pub(crate) fn slot(key: &[u8]) -> u16 {
     let tagged = key
         .iter()
         .position(|b| *b == b'{')
@@ -625,12 +880,12 @@ pub fn conflict_error(message_id: &str) -> ferry_core::frame::ErrorReply {
 impl RedisStreams {
     /// Run one command.
     pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, EngineError> {
-        on_conn!(self, |c| cmd.query_async(&mut c).await.map_err(unavailable))
+        on_conn!(self, |c| cmd.query_async(&mut c).await)
     }
 
     /// Run a script (loaded on first use by the `redis` crate).
     pub async fn invoke<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> Result<T, EngineError> {
-        on_conn!(self, |c| inv.invoke_async(&mut c).await.map_err(unavailable))
+        on_conn!(self, |c| inv.invoke_async(&mut c).await)
     }
 
     /// A key of this deployment: `<prefix>:{<tag>}:<what>`, where `tag`

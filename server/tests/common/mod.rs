@@ -631,3 +631,181 @@ impl Drop for Redis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+impl Redis {
+    /// `kill -9`: no chance to flush or hand over anything.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// Poll `cond` every 50 ms for at most `limit` (for Redis states that have
+/// no event to wait on: replication links, cluster state, Sentinel views).
+pub async fn poll_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A Redis Cluster of real `redis-server`s: `primaries` primaries with
+/// `replicas` replicas each, made by `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    pub async fn start(primaries: usize, replicas: usize, extra: &[&str]) -> RedisCluster {
+        let mut args = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"];
+        args.extend_from_slice(extra);
+        let nodes: Vec<Redis> = (0..primaries * (1 + replicas)).map(|_| Redis::start(&args)).collect();
+        let addrs: Vec<String> = nodes.iter().map(Redis::addr).collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        let c = RedisCluster { nodes };
+        let ok = poll_until(Duration::from_secs(20), || {
+            c.nodes.iter().all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+                && c.nodes.iter().filter(|n| n.role() == "slave").all(|n| {
+                    let info = n.cli(&["INFO", "replication"]);
+                    info.contains("master_link_status:up")
+                })
+                && c.nodes.iter().filter(|n| n.role() == "slave").count() == primaries * replicas
+        })
+        .await;
+        assert!(ok, "cluster up with its replicas linked");
+        c
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Redis::url).collect()
+    }
+
+    /// Index of the node serving `key`'s slot as primary.
+    pub fn owner(&self, key: &str) -> Option<usize> {
+        let slot: u16 = self.nodes.iter().find_map(|n| n.cli(&["CLUSTER", "KEYSLOT", key]).parse().ok())?;
+        self.nodes.iter().position(|n| n.role() == "master" && owns(n, slot))
+    }
+}
+
+fn owns(n: &Redis, slot: u16) -> bool {
+    // `CLUSTER NODES`: the line with `myself` lists the slot ranges it serves.
+    let nodes = n.cli(&["CLUSTER", "NODES"]);
+    let Some(me) = nodes.lines().find(|l| l.contains("myself")) else { return false };
+    me.split_whitespace().skip(8).any(|r| {
+        let (lo, hi) = r.split_once('-').unwrap_or((r, r));
+        match (lo.parse::<u16>(), hi.parse::<u16>()) {
+            (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+            _ => false,
+        }
+    })
+}
+
+impl Redis {
+    /// `master` or `slave` (first line of `ROLE`).
+    pub fn role(&self) -> String {
+        self.cli(&["ROLE"]).lines().next().unwrap_or_default().to_string()
+    }
+}
+
+/// A Redis Sentinel process watching one primary, killed on drop. Its
+/// `+switch-master` log lines arrive on `switched`.
+pub struct SentinelProc {
+    child: std::process::Child,
+    pub port: u16,
+    dir: std::path::PathBuf,
+    pub switched: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl SentinelProc {
+    /// Watch `primary_port` as `name` (quorum 2) with fast failure
+    /// detection; runs `redis-server <conf> --sentinel`.
+    pub fn start(name: &str, primary_port: u16, down_after_ms: u64) -> SentinelProc {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("ferry-sentinel-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {name} 127.0.0.1 {primary_port} 2\n\
+                 sentinel down-after-milliseconds {name} {down_after_ms}\n\
+                 sentinel failover-timeout {name} 3000\n\
+                 sentinel parallel-syncs {name} 2\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("redis-server --sentinel");
+        let out = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(out).lines();
+        let mut ready = false;
+        for _ in 0..200 {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("+monitor") => {
+                    ready = true;
+                    break;
+                }
+                Some(Ok(_)) => {}
+                _ => break,
+            }
+        }
+        assert!(ready, "sentinel on port {port} did not start");
+        let (tx, switched) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            let echo = std::env::var_os("FERRY_TEST_SENTINEL_LOG").is_some();
+            for l in lines.map_while(Result::ok) {
+                if echo {
+                    println!("[sentinel {port}] {l}");
+                }
+                if l.contains("+switch-master") {
+                    let _ = tx.send(l);
+                }
+            }
+        });
+        SentinelProc { child, port, dir, switched }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out =
+            std::process::Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for SentinelProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
