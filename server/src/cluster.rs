@@ -99,7 +99,7 @@ impl RedisNode {
     }
 
     /// Start the node's tasks for `hub` (inside a tokio runtime).
-    pub(crate) fn start(hub: Weak<Hub>, streams: RedisStreams, _cfg: &RedisConfig) -> Arc<RedisNode> {
+    pub(crate) fn start(hub: Weak<Hub>, streams: RedisStreams) -> Arc<RedisNode> {
         let mut shards = Vec::with_capacity(SHARDS);
         let mut rxs = Vec::with_capacity(SHARDS);
         for _ in 0..SHARDS {

@@ -611,6 +611,20 @@ mod tests {
     }
 
     #[test]
+    fn redis_sentinel_settings_come_from_the_environment() {
+        let (c, r) = env(&[
+            ("FERRY_REDIS_URLS", r#"["redis://10.0.0.1:26379", "redis://10.0.0.2:26379"]"#),
+            ("FERRY_REDIS_SENTINEL_MASTER", "ferry-main"),
+            ("FERRY_REDIS_DURABILITY", "replicated"),
+        ])
+        .unwrap();
+        assert_eq!(c.redis.sentinel_master.as_deref(), Some("ferry-main"));
+        assert_eq!(c.redis.urls.len(), 2);
+        assert_eq!(c.redis.durability, crate::engine::redis::Durability::Replicated);
+        assert_eq!(r.applied.len(), 3);
+    }
+
+    #[test]
     fn kubernetes_links_are_recognised_by_name_and_value() {
         for (n, v) in [
             ("FERRY_PORT", "tcp://10.0.0.1:8000"),

@@ -283,7 +283,7 @@ impl Hub {
         let cp = crate::cluster_presence::ClusterPresence::start(Arc::downgrade(&hub), streams.clone(), url, grace);
         tracing::info!(node = cp.node_id(), "node registered in Redis");
         let _ = hub.cpresence.set(cp);
-        let node = crate::cluster::RedisNode::start(Arc::downgrade(&hub), streams, &redis_cfg);
+        let node = crate::cluster::RedisNode::start(Arc::downgrade(&hub), streams);
         let _ = hub.redis.set(node);
         Ok(hub)
     }

@@ -101,9 +101,10 @@ pub async fn serve(
     let hub = if cfg.redis.urls.is_empty() {
         Hub::start(Arc::new(cfg), Arc::new(store))?
     } else {
-        let streams = cluster::RedisNode::connect(&cfg.redis)
-            .await
-            .map_err(|e| anyhow::anyhow!("redis {:?}: {e}", cfg.redis.urls))?;
+        let streams = cluster::RedisNode::connect(&cfg.redis).await.map_err(|e| {
+            let urls: Vec<String> = cfg.redis.urls.iter().map(|u| config::redact_url(u)).collect();
+            anyhow::anyhow!("redis {urls:?}: {e}")
+        })?;
         Hub::start_redis(Arc::new(cfg), Arc::new(store), streams)?
     };
     let weak_hub = Arc::downgrade(&hub);

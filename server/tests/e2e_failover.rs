@@ -389,3 +389,51 @@ async fn sentinel_failover_with_leader_durability_loses_nothing_silently() {
         assert_eq!(out.qos2_duplicates, 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_primary_killed_under_load_loses_nothing_silently() {
+    let _serial = SERIAL.lock().await;
+    // 3 primaries + 3 replicas; the shard of `acct:0` loses its primary.
+    let mut cluster = RedisCluster::start(3, 1, &[]).await;
+    let cfg = RedisConfig { urls: cluster.urls(), ..RedisConfig::default() };
+    let nodes = [
+        TestServer::start_with_api(node_config(cfg.clone())).await,
+        TestServer::start_with_api(node_config(cfg.clone())).await,
+        TestServer::start_with_api(node_config(cfg.clone())).await,
+    ];
+    let key = format!("ferry:{{{}}}:meta", CHANNELS[0]);
+    let victim = cluster.owner(&key).expect("owner");
+    let other = cluster.owner(&format!("ferry:{{{}}}:meta", CHANNELS[1]));
+    println!("[failover] cluster: {} on primary {victim}, {} on {other:?}", CHANNELS[0], CHANNELS[1]);
+    let victim_port = cluster.nodes[victim].port;
+    let replica = cluster
+        .nodes
+        .iter()
+        .position(|n| n.cli(&["INFO", "replication"]).contains(&format!("master_port:{victim_port}")))
+        .expect("the shard's replica");
+    let (killed, survivor) = if victim < replica {
+        let (a, b) = cluster.nodes.split_at_mut(replica);
+        (&mut a[victim], &b[0])
+    } else {
+        let (a, b) = cluster.nodes.split_at_mut(victim);
+        (&mut b[0], &a[replica])
+    };
+    let out = failover_under_load(
+        &nodes,
+        &cfg,
+        || killed.kill9(),
+        || async {
+            // No event for "the replica took over the slots": a bounded
+            // poll of its role.
+            poll_until(Duration::from_secs(20), || survivor.role() == "master").await
+        },
+    )
+    .await;
+    assert!(out.kill_to_switch.is_some(), "a replica took over the shard");
+    assert!(out.kill_to_acks.is_some(), "publishes are acknowledged again after the failover");
+    assert_eq!(out.silent, 0, "a subscriber missing an acknowledged publish was told of the gap");
+    if out.epochs_changed == 0 {
+        assert_eq!(out.not_in_history, 0, "no epoch change: nothing acknowledged is missing");
+        assert_eq!(out.qos2_duplicates, 0);
+    }
+}

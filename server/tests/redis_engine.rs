@@ -237,3 +237,53 @@ async fn a_redis_cluster_spreads_channels_over_shards() {
     assert_eq!(offsets(&r.items), ["conflict"]);
     b.release("chan:5", "chan:5/m0").await.unwrap();
 }
+
+#[tokio::test]
+async fn an_evicting_redis_is_refused_and_a_locked_down_one_accepted_with_a_warning() {
+    // Eviction would drop streams and ids: refused, naming the setting.
+    let lru = Redis::start(&["--maxmemory-policy", "allkeys-lru"]);
+    let cfg = RedisConfig { urls: vec![lru.url()], ..RedisConfig::default() };
+    match RedisStreams::connect(&cfg).await {
+        Err(EngineError::Config(m)) => assert!(m.contains("maxmemory-policy") && m.contains("noeviction"), "{m}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("an evicting Redis was accepted"),
+    }
+    // The node refuses to start, saying why.
+    let dir = common::TempDir::new("evict");
+    let node = ferry_server::config::Config { redis: cfg, data_dir: dir.path().to_path_buf(), ..Default::default() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let served =
+        tokio::time::timeout(Duration::from_secs(20), ferry_server::serve(listener, None, node, async {})).await;
+    let err = served.expect("serve returns at once").expect_err("refused");
+    assert!(format!("{err:#}").contains("maxmemory-policy"), "{err:#}");
+    // Managed Redis often forbids CONFIG: a warning, and on we go. Here an
+    // ACL user without it, which also exercises AUTH on the fan-out link.
+    let locked = Redis::start(&["--user", "ferry", "on", ">s3cret", "~*", "&*", "+@all", "-config"]);
+    let url = format!("redis://ferry:s3cret@127.0.0.1:{}/", locked.port);
+    let a = RedisStreams::connect(&RedisConfig { urls: vec![url], ..RedisConfig::default() }).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let link = ferry_server::engine::pubsub::Link::connect(
+        &ferry_server::engine::pubsub::NodeAddr { host: "127.0.0.1".into(), port: locked.port },
+        &a.credentials(),
+        Duration::from_secs(5),
+        tx,
+    )
+    .await
+    .unwrap();
+    link.subscribe("SUBSCRIBE", &[a.fan_channel("news").into_bytes()]).await.unwrap();
+    a.publish("news", KEEP, None, &[item("n1", b"hello", Qos::AtLeastOnce, "u")], 1, "e1").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("fan-out message");
+    match got {
+        Some(ferry_server::engine::pubsub::LinkEvent::Message { channel, payload }) => {
+            let f = a.decode_fanout(std::str::from_utf8(&channel).unwrap(), &payload).unwrap();
+            assert_eq!(f.publications[0].payload.data.0, b"hello");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Without the password, the link is refused.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let wrong =
+        ferry_server::engine::pubsub::Credentials { username: Some("ferry".into()), password: Some("no".into()) };
+    let addr = ferry_server::engine::pubsub::NodeAddr { host: "127.0.0.1".into(), port: locked.port };
+    assert!(ferry_server::engine::pubsub::Link::connect(&addr, &wrong, Duration::from_secs(5), tx).await.is_err());
+}
