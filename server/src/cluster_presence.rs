@@ -228,7 +228,7 @@ fn unavailable(e: EngineError) -> ErrorReply {
 
 impl ClusterPresence {
     /// Start this node's writer, sweeper and control listener.
-    pub(crate) fn start(hub: Weak<Hub>, streams: RedisStreams, url: String, grace_ms: u64) -> Arc<ClusterPresence> {
+    pub(crate) fn start(hub: Weak<Hub>, streams: RedisStreams, grace_ms: u64) -> Arc<ClusterPresence> {
         let (ops, rx) = mpsc::unbounded_channel();
         let scripts = Arc::new(Scripts {
             join: redis::Script::new(JOIN_LUA),
@@ -245,7 +245,7 @@ impl ClusterPresence {
         let p = Arc::new(ClusterPresence { streams, node: crate::hub::new_epoch(), ops, scripts, grace_ms });
         tokio::spawn(writer(hub.clone(), Arc::downgrade(&p), rx));
         tokio::spawn(sweeper(hub.clone(), Arc::downgrade(&p)));
-        tokio::spawn(control(hub, p.streams.plain_key("ctl"), url));
+        tokio::spawn(control(hub, p.streams.plain_key("ctl"), p.streams.clone()));
         p
     }
 
@@ -563,11 +563,15 @@ async fn sweeper(hub: Weak<Hub>, p: Weak<ClusterPresence>) {
 }
 
 /// Listens to the control channel and applies each message locally.
-async fn control(hub: Weak<Hub>, channel: String, url: String) {
+async fn control(hub: Weak<Hub>, channel: String, streams: RedisStreams) {
     let mut delay = Duration::from_millis(100);
     loop {
         let link = async {
-            let client = redis::Client::open(url.as_str())?;
+            // Asked again at every (re)connect: on Sentinel the primary moves.
+            let client = streams
+                .pubsub_client()
+                .await
+                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "no pub/sub node", e.to_string())))?;
             let mut ps = tokio::time::timeout(Duration::from_secs(5), client.get_async_pubsub())
                 .await
                 .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connect timed out")))??;

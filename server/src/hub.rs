@@ -272,15 +272,13 @@ impl Hub {
         store: Arc<dyn Store>,
         streams: crate::engine::redis::RedisStreams,
     ) -> Result<Arc<Hub>, crate::store::StoreError> {
-        let redis_cfg = cfg.redis.clone();
         let grace = cfg.presence_grace_ms;
         let hub = Hub::start(cfg, store)?;
         // Client ids are shown cluster-wide (presence, disconnect by
         // client): each node numbers its connections from a random base.
         let base = u64::from_str_radix(&new_epoch(), 16).unwrap_or(0) & 0xffff_ffff;
         hub.next_conn.store((base << 32) | 1, Ordering::Relaxed);
-        let url = redis_cfg.urls.first().cloned().unwrap_or_default();
-        let cp = crate::cluster_presence::ClusterPresence::start(Arc::downgrade(&hub), streams.clone(), url, grace);
+        let cp = crate::cluster_presence::ClusterPresence::start(Arc::downgrade(&hub), streams.clone(), grace);
         tracing::info!(node = cp.node_id(), "node registered in Redis");
         let _ = hub.cpresence.set(cp);
         let node = crate::cluster::RedisNode::start(Arc::downgrade(&hub), streams);

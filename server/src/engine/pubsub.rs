@@ -72,13 +72,6 @@ pub enum LinkError {
     Broken(String),
 }
 
-impl LinkError {
-    /// The channel's slot is served elsewhere: the topology changed.
-    pub fn moved(&self) -> bool {
-        matches!(self, LinkError::Refused(m) if m.starts_with("MOVED") || m.starts_with("ASK"))
-    }
-}
-
 #[derive(Debug, PartialEq, Eq)]
 enum Kind {
     Subscribe,

@@ -393,6 +393,16 @@ impl RedisStreams {
         }
     }
 
+    /// A client for classic pub/sub (`SUBSCRIBE`, the control channel):
+    /// the server; on Sentinel the current primary (replicas get every
+    /// `PUBLISH` too, so a demoted primary keeps delivering); on a Cluster
+    /// one primary (a `PUBLISH` reaches every node of the cluster).
+    pub async fn pubsub_client(&self) -> Result<redis::Client, EngineError> {
+        let t = self.fan_topology(&[]).await?;
+        let addr = t.nodes.first().ok_or_else(|| EngineError::Unavailable("no Redis node known".into()))?;
+        redis::Client::open(self.node_info(addr)).map_err(unavailable)
+    }
+
     /// Changes whenever the Sentinels' primary changes (Sentinel only).
     pub fn primary_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         match &self.conn {
