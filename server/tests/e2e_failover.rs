@@ -58,7 +58,7 @@ impl SentinelRedis {
         })
         .await;
         assert!(linked, "replicas linked");
-        let sentinels: Vec<SentinelProc> = (0..3).map(|_| SentinelProc::start(MASTER, primary.port, 1000)).collect();
+        let sentinels: Vec<SentinelProc> = (0..3).map(|_| SentinelProc::start(MASTER, primary.port, 2000)).collect();
         // Each Sentinel must know both replicas (to promote one) and the
         // other two Sentinels (to reach the quorum and elect a leader).
         let known = poll_until(Duration::from_secs(20), || {
