@@ -259,3 +259,52 @@ pub async fn full_history(client: &Client, channel: &str) -> Result<(Vec<Publica
     }
     panic!("{channel}: history paging did not end");
 }
+
+/// The outcome of each publish of a [`TaggedLoad`], by its sequence number.
+pub type Outcomes = Vec<Option<Result<PublishAck, Error>>>;
+
+/// A publisher sending tagged QoS 2 / QoS 1 publishes (alternating) into
+/// one channel, pipelined, until finished.
+pub struct TaggedLoad {
+    /// Publishes completed so far (acknowledged or failed); wait on it.
+    pub acked: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
+    results: std::sync::Arc<std::sync::Mutex<Outcomes>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Start a [`TaggedLoad`] from `client` into `channel`, `window` in flight.
+pub fn tagged_load(client: &Client, channel: &str, window: usize) -> TaggedLoad {
+    use std::sync::atomic::Ordering;
+    let acked = std::sync::Arc::new(tokio::sync::watch::Sender::new(0usize));
+    let results: std::sync::Arc<std::sync::Mutex<Outcomes>> = Default::default();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (client, channel) = (client.clone(), channel.to_string());
+    let (r, a, s) = (results.clone(), acked.clone(), stop.clone());
+    let task = tokio::spawn(async move {
+        let items = (0u32..).take_while(move |_| !s.load(Ordering::Relaxed)).map(move |seq| {
+            let qos = if seq % 2 == 0 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
+            (channel.clone(), Tag { publisher: 0, seq }.encode(), qos)
+        });
+        publish_pipelined(&client, items, window, |i, res| {
+            let mut all = r.lock().unwrap();
+            if all.len() <= i {
+                all.resize(i + 1, None);
+            }
+            all[i] = Some(res);
+            a.send_modify(|n| *n += 1);
+        })
+        .await;
+    });
+    TaggedLoad { acked, results, stop, task }
+}
+
+impl TaggedLoad {
+    /// Stop issuing publishes, wait (at most `limit`) for those in flight
+    /// to settle, and return every outcome in sequence order.
+    pub async fn finish(self, limit: Duration) -> Outcomes {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::timeout(limit, self.task).await.expect("in-flight publishes settle").unwrap();
+        std::mem::take(&mut *self.results.lock().unwrap())
+    }
+}

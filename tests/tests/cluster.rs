@@ -5,19 +5,15 @@
 //! left by themselves.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_client::{Error, PublishAck, Qos};
+use ferry_client::{PublishAck, Qos};
 use ferry_e2e::load::{self, Tag, Verdict};
 use ferry_e2e::{builder_urls, seed, wait_subscribed, FerryServer, RedisServer, Rng, Settings};
 
 const CHANNEL: &str = "orders:cluster";
 const WINDOW: usize = 32;
 const T: Duration = Duration::from_secs(30);
-
-type Outcome = Option<Result<PublishAck, Error>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_nodes_under_load_loses_no_acknowledged_publish() {
@@ -42,27 +38,8 @@ async fn killing_nodes_under_load_loses_no_acknowledged_publish() {
     }
     let publisher = builder_urls(&urls, "writer", "writer-dev", rng.next_u64()).build().unwrap();
     publisher.connect();
-    let results: Arc<Mutex<Vec<Outcome>>> = Arc::default();
-    let acked = Arc::new(tokio::sync::watch::Sender::new(0usize));
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (client, results, acked, stop) = (publisher.clone(), results.clone(), acked.clone(), stop.clone());
-        tokio::spawn(async move {
-            let items = (0u32..).take_while(move |_| !stop.load(Ordering::Relaxed)).map(|seq| {
-                let qos = if seq % 2 == 0 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
-                (CHANNEL.to_string(), Tag { publisher: 0, seq }.encode(), qos)
-            });
-            load::publish_pipelined(&client, items, WINDOW, |i, r| {
-                let mut all = results.lock().unwrap();
-                if all.len() <= i {
-                    all.resize(i + 1, None);
-                }
-                all[i] = Some(r);
-                acked.send_modify(|n| *n += 1);
-            })
-            .await;
-        })
-    };
+    let load = load::tagged_load(&publisher, CHANNEL, WINDOW);
+    let acked = load.acked.clone();
     // Kill node 0, then node 1: whoever was on them must move, and
     // everyone ends on node 2.
     let mut progress = acked.subscribe();
@@ -80,11 +57,9 @@ async fn killing_nodes_under_load_loses_no_acknowledged_publish() {
             .unwrap();
         resumed.push(killed.elapsed());
     }
-    stop.store(true, Ordering::Relaxed);
-    tokio::time::timeout(T, load).await.expect("in-flight publishes settle").unwrap();
+    let results = load.finish(T).await;
     publisher.publish(CHANNEL, Tag::END.encode(), Qos::ExactlyOnce).await.expect("END marker");
 
-    let results = std::mem::take(&mut *results.lock().unwrap());
     let failed = results.iter().filter(|r| !matches!(r, Some(Ok(_)))).count();
     let acks: Vec<&PublishAck> = results.iter().filter_map(|r| r.as_ref()?.as_ref().ok()).collect();
     let expected: BTreeSet<Tag> = (0..results.len() as u32).map(|seq| Tag { publisher: 0, seq }).collect();
@@ -155,27 +130,8 @@ async fn redis_down_for_ten_seconds_loses_no_acknowledged_publish() {
     }
     let publisher = builder_urls(&[nodes[0].url()], "w", "w-dev", rng.next_u64()).build().unwrap();
     publisher.connect();
-    let results: Arc<Mutex<Vec<Outcome>>> = Arc::default();
-    let acked = Arc::new(tokio::sync::watch::Sender::new(0usize));
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (client, results, acked, stop) = (publisher.clone(), results.clone(), acked.clone(), stop.clone());
-        tokio::spawn(async move {
-            let items = (0u32..).take_while(move |_| !stop.load(Ordering::Relaxed)).map(|seq| {
-                let qos = if seq % 2 == 0 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
-                (CHANNEL.to_string(), Tag { publisher: 0, seq }.encode(), qos)
-            });
-            load::publish_pipelined(&client, items, WINDOW, |i, r| {
-                let mut all = results.lock().unwrap();
-                if all.len() <= i {
-                    all.resize(i + 1, None);
-                }
-                all[i] = Some(r);
-                acked.send_modify(|n| *n += 1);
-            })
-            .await;
-        })
-    };
+    let load = load::tagged_load(&publisher, CHANNEL, WINDOW);
+    let acked = load.acked.clone();
     let mut progress = acked.subscribe();
     assert!(tokio::time::timeout(T, progress.wait_for(|n| *n >= 300)).await.is_ok(), "load runs");
     redis.kill9();
@@ -194,11 +150,9 @@ async fn redis_down_for_ten_seconds_loses_no_acknowledged_publish() {
         .expect("acks resume after Redis is back")
         .ok();
     let resumed = back.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    tokio::time::timeout(T, load).await.expect("in-flight publishes settle").unwrap();
+    let results = load.finish(T).await;
     publisher.publish(CHANNEL, Tag::END.encode(), Qos::ExactlyOnce).await.expect("END marker");
 
-    let results = std::mem::take(&mut *results.lock().unwrap());
     let failed = results.iter().filter(|r| !matches!(r, Some(Ok(_)))).count();
     let expected: BTreeSet<Tag> = (0..results.len() as u32).map(|seq| Tag { publisher: 0, seq }).collect();
     let (stored, _) = load::full_history(&publisher, CHANNEL).await.expect("history");

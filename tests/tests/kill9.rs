@@ -4,11 +4,9 @@
 //! epoch without holes, and clients must resume by themselves.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_client::{Error, PublishAck, Qos};
+use ferry_client::{PublishAck, Qos};
 use ferry_e2e::load::{self, Tag, Verdict};
 use ferry_e2e::{builder, free_addr, seed, wait_subscribed, FerryServer, Rng, Settings};
 
@@ -21,7 +19,6 @@ const CHANNEL: &str = "orders:k9";
 const T: Duration = Duration::from_secs(30);
 
 /// A publish's result, by index; None until it settles.
-type Outcome = Option<Result<PublishAck, Error>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_five_times_under_load_loses_no_acknowledged_publish() {
@@ -40,28 +37,8 @@ async fn kill9_five_times_under_load_loses_no_acknowledged_publish() {
 
     let publisher = builder(&url, "writer", "writer-dev", rng.next_u64()).build().unwrap();
     publisher.connect();
-    let results: Arc<Mutex<Vec<Outcome>>> = Arc::default();
-    let acked = Arc::new(tokio::sync::watch::Sender::new(0usize));
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (client, results, acked, stop) = (publisher.clone(), results.clone(), acked.clone(), stop.clone());
-        tokio::spawn(async move {
-            // Alternate QoS 1 and 2, until told to stop.
-            let items = (0u32..).take_while(move |_| !stop.load(Ordering::Relaxed)).map(|seq| {
-                let qos = if seq % 2 == 0 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
-                (CHANNEL.to_string(), Tag { publisher: 0, seq }.encode(), qos)
-            });
-            load::publish_pipelined(&client, items, WINDOW, |i, r| {
-                let mut all = results.lock().unwrap();
-                if all.len() <= i {
-                    all.resize(i + 1, None);
-                }
-                all[i] = Some(r);
-                acked.send_modify(|n| *n += 1);
-            })
-            .await;
-        })
-    };
+    let load = load::tagged_load(&publisher, CHANNEL, WINDOW);
+    let acked = load.acked.clone();
 
     let mut progress = acked.subscribe();
     let mut target = rng.between(PER_ROUND.0, PER_ROUND.1) as usize;
@@ -85,11 +62,9 @@ async fn kill9_five_times_under_load_loses_no_acknowledged_publish() {
         target = *progress.borrow() + rng.between(PER_ROUND.0, PER_ROUND.1) as usize;
     }
     tokio::time::timeout(T, progress.wait_for(|n| *n >= target)).await.expect("load after the last restart").unwrap();
-    stop.store(true, Ordering::Relaxed);
-    tokio::time::timeout(T, load).await.expect("in-flight publishes settle").unwrap();
+    let results = load.finish(T).await;
     publisher.publish(CHANNEL, Tag::END.encode(), Qos::ExactlyOnce).await.expect("END marker");
 
-    let results = std::mem::take(&mut *results.lock().unwrap());
     let failed: Vec<String> = results
         .iter()
         .enumerate()
