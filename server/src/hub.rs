@@ -903,7 +903,14 @@ impl Hub {
                 let pubs = pubs.into_iter().filter(|p| p.epoch == epoch).map(SharedPublication::new).collect();
                 Some((pubs, FetchEnd::Done))
             }
-            _ => Some((vec![], FetchEnd::Lost)),
+            Ok(Err(e)) => {
+                tracing::warn!(%channel, from, "fetch failed, the subscriber's position is given up: {e}");
+                Some((vec![], FetchEnd::Lost))
+            }
+            Err(e) => {
+                tracing::warn!(%channel, from, "fetch task failed: {e}");
+                Some((vec![], FetchEnd::Lost))
+            }
         }
     }
 

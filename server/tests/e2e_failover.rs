@@ -258,10 +258,27 @@ where
     }
     // Subscribers: until each has as many publications as were
     // acknowledged (or a bound: with `leader`, some may be gone for good).
+    // A slow subscriber (a loaded CI machine, a long catch-up) is not a
+    // lost one: wait while any of them still makes progress, and stop once
+    // none has for 10 s (a stall) or after 60 s in all.
     let want = acked.len();
-    for rx in sub_progress.iter_mut() {
-        let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|n| *n >= want)).await;
+    let t_wait = Instant::now();
+    loop {
+        let done = sub_progress.iter().all(|rx| *rx.borrow() >= want);
+        if done || t_wait.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        let changes = sub_progress.iter_mut().map(|rx| Box::pin(rx.changed()));
+        if tokio::time::timeout(Duration::from_secs(10), futures_util::future::select_all(changes)).await.is_err() {
+            println!("[failover] no subscriber made progress for 10 s");
+            break;
+        }
     }
+    println!(
+        "[failover] subscribers after {:?}: {:?} of {want}",
+        t_wait.elapsed(),
+        sub_progress.iter().map(|rx| *rx.borrow()).collect::<Vec<_>>()
+    );
     stop.store(true, Ordering::Relaxed);
     let mut subs = Vec::new();
     for (t, qos) in sub_tasks {
@@ -304,6 +321,31 @@ where
             }
         }
     }
+    // Which subscriber missed what: a failure names the node and channel.
+    for (i, (c, _)) in subs.iter().enumerate() {
+        for ch in CHANNELS {
+            let got: BTreeSet<String> = c.ids(ch).into_iter().collect();
+            let missed: Vec<&str> = published
+                .iter()
+                .filter(|s| s.channel == ch && acked.contains_key(&s.id) && !got.contains(&s.id))
+                .map(|s| s.id.as_str())
+                .collect();
+            if !missed.is_empty() {
+                println!(
+                    "[failover] subscriber {i} on {ch}: missed {} (first {:?}), received {}, told of a gap: {}, \
+                     events: {:?}",
+                    missed.len(),
+                    missed.first(),
+                    got.len(),
+                    told_of_gap(c, ch),
+                    c.events
+                        .iter()
+                        .filter(|e| !matches!(e, Event::Publication(_) | Event::PublishAcked { .. }))
+                        .collect::<Vec<_>>()
+                );
+            }
+        }
+    }
     for (c, qos) in &subs {
         if *qos == Qos::ExactlyOnce {
             for ch in CHANNELS {
@@ -331,11 +373,16 @@ where
     out
 }
 
+/// The nodes' view of the failover (info by default, `FERRY_LOG` to
+/// change), captured by the test harness: printed only when a test fails.
+fn logs() {
+    let f = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("ferry_server=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(f).with_test_writer().try_init();
+}
+
 async fn sentinel_run(durability: Durability) -> Outcome {
-    // FERRY_LOG=ferry_server=info shows the nodes' view of the failover.
-    if let Ok(f) = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG") {
-        let _ = tracing_subscriber::fmt().with_env_filter(f).with_test_writer().try_init();
-    }
+    logs();
     let mut redis = SentinelRedis::start().await;
     let cfg = redis.config(durability);
     let nodes = [
@@ -393,6 +440,7 @@ async fn sentinel_failover_with_leader_durability_loses_nothing_silently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_primary_killed_under_load_loses_nothing_silently() {
     let _serial = SERIAL.lock().await;
+    logs();
     // 3 primaries + 3 replicas; the shard of `acct:0` loses its primary.
     let mut cluster = RedisCluster::start(3, 1, &[]).await;
     let cfg = RedisConfig { urls: cluster.urls(), ..RedisConfig::default() };
