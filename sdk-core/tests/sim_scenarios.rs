@@ -324,6 +324,36 @@ fn recovery_gap_reported_when_history_trimmed_or_reset() {
     assert_eq!(gap, Some(GapReason::EpochChanged));
 }
 
+/// Regression: a stream that lost its tail (a Redis failover) reuses the
+/// lost offsets for new publications; a client that had seen them kept its
+/// position and dropped the new ones as duplicates, silently.
+#[test]
+fn a_lost_tail_is_reported_and_its_offsets_reused_are_delivered() {
+    let mut s = Sim::new(12, Faults::none());
+    let cfg = s.client_config("sub");
+    let r = s.add_client(cfg);
+    s.connect(r);
+    s.subscribe(r, "news", Qos::AtLeastOnce);
+    assert!(s.run_until_cond(5_000, |s| connected(s, 0)));
+    s.run_for(100);
+    for i in 1..=5 {
+        s.backend_publish("news", &format!("m{i}"), vec![i]);
+    }
+    assert!(s.run_until_cond(5_000, |s| received_ids(s, 0, "news").len() == 5));
+    s.network_changed(r, false);
+    s.lose_tail("news", 3);
+    s.network_changed(r, true);
+    assert!(s.run_until_cond(10_000, |s| s.clients[0]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Gap { reason: GapReason::NotRetained, .. }))));
+    for i in 4..=6 {
+        s.backend_publish("news", &format!("n{i}"), vec![i]);
+    }
+    assert!(s.run_until_cond(10_000, |s| received_ids(s, 0, "news").last().map(String::as_str) == Some("n6")));
+    assert_eq!(received_ids(&s, r, "news"), vec!["m1", "m2", "m3", "m4", "m5", "n4", "n5", "n6"]);
+}
+
 /// Regression: QoS 0 publishes once took sequence numbers without
 /// persisting them, so the next QoS 1 publish reused the same message id and
 /// the server dropped it as a duplicate.

@@ -243,7 +243,7 @@ async fn shard(hub: Weak<Hub>, streams: RedisStreams, mut rx: mpsc::UnboundedRec
 
 async fn commit_channel(hub: Arc<Hub>, streams: RedisStreams, channel: String, batch: Vec<RedisPublish>) {
     let known = hub.stream_top(&channel).map(|(epoch, top)| Known { epoch, top });
-    let retention = Retention { history_size: hub.config().namespace(&channel).history_size as u64 };
+    let retention = Retention::of(hub.config().namespace(&channel));
     let items: Vec<PublishItem> = batch.iter().map(|p| p.item.clone()).collect();
     let started = std::time::Instant::now();
     let result = streams

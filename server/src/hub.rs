@@ -476,7 +476,8 @@ impl Hub {
         }
         let header = async {
             r.want(&req.channel).await?;
-            r.streams().ensure(&req.channel, &new_epoch()).await.map_err(unavailable)
+            let cutoff = crate::engine::Retention::of(self.cfg.namespace(&req.channel)).cutoff(now_ms());
+            r.streams().ensure(&req.channel, &new_epoch(), cutoff).await.map_err(unavailable)
         }
         .await;
         let header = match header {
@@ -539,7 +540,8 @@ impl Hub {
         let channels: Vec<String> =
             self.lock().channels.iter().filter(|(_, c)| !c.subs.is_empty()).map(|(k, _)| k.clone()).collect();
         for ch in &channels {
-            if let Ok(Some(h)) = r.streams().header(ch).await {
+            let cutoff = crate::engine::Retention::of(self.cfg.namespace(ch)).cutoff(now_ms());
+            if let Ok(Some(h)) = r.streams().read_header(ch, cutoff).await {
                 self.learn_header(ch, &h);
             }
         }
@@ -857,6 +859,7 @@ impl Hub {
         limit: usize,
         max_bytes: usize,
     ) -> Option<(Vec<Arc<SharedPublication>>, FetchEnd)> {
+        let cutoff = crate::engine::Retention::of(self.cfg.namespace(channel)).cutoff(now_ms());
         {
             let st = self.lock();
             let Some(c) = st.channels.get(channel) else {
@@ -866,9 +869,19 @@ impl Hub {
                 return Some((vec![], FetchEnd::Lost));
             }
             // From the hot window when it holds `from`, or when `from` is
-            // past the top (nothing to read); otherwise from the engine.
+            // past the top (nothing to read); otherwise from the engine. On
+            // Redis an idle channel's window may hold what aged out since:
+            // the engine decides then.
             let back = c.hot.back().map_or(0, |p| p.publication().offset);
-            if c.hot.front().is_some_and(|p| p.publication().offset <= from) && (from <= back || from > c.header.top) {
+            let aged = self.redis.get().is_some()
+                && c.hot
+                    .iter()
+                    .find(|p| p.publication().offset >= from)
+                    .is_some_and(|p| p.publication().time_ms < cutoff);
+            if !aged
+                && c.hot.front().is_some_and(|p| p.publication().offset <= from)
+                && (from <= back || from > c.header.top)
+            {
                 let mut out = Vec::new();
                 let mut bytes = 0;
                 for p in c.hot.iter().filter(|p| p.publication().offset >= from) {
@@ -900,8 +913,13 @@ impl Hub {
         match read {
             Ok(Ok(pubs)) => {
                 // Records of another epoch are leftovers of a reset stream.
-                let pubs = pubs.into_iter().filter(|p| p.epoch == epoch).map(SharedPublication::new).collect();
-                Some((pubs, FetchEnd::Done))
+                let pubs: Vec<Publication> = pubs.into_iter().filter(|p| p.epoch == epoch).collect();
+                // On Redis other nodes trim (by count or age): a stream that
+                // starts after `from`, or with what aged out, lost `from`.
+                if self.redis.get().is_some() && pubs.first().is_some_and(|p| p.offset > from || p.time_ms < cutoff) {
+                    return Some((vec![], FetchEnd::Lost));
+                }
+                Some((pubs.into_iter().map(SharedPublication::new).collect(), FetchEnd::Done))
             }
             Ok(Err(e)) => {
                 tracing::warn!(%channel, from, "fetch failed, the subscriber's position is given up: {e}");
@@ -919,11 +937,14 @@ impl Hub {
     pub async fn history(self: &Arc<Self>, h: &HistoryRequest) -> Result<ReplyBody, ErrorReply> {
         const MAX_BYTES: usize = 1 << 20;
         channel::validate(&h.channel)?;
+        // Past the namespace's age limit nothing is served, on either engine
+        // (the embedded one trims once a second, Redis when it reads).
+        let cutoff = crate::engine::Retention::of(self.cfg.namespace(&h.channel)).cutoff(now_ms());
         let header = match self.redis.get() {
             // Other nodes publish too: Redis has the current header.
             Some(r) => r
                 .streams()
-                .header(&h.channel)
+                .read_header(&h.channel, cutoff)
                 .await
                 .map_err(|e| ErrorReply::with_message(ErrorCode::Unavailable, e.to_string()))?,
             None => self.lock().channels.get(&h.channel).map(|c| c.header.clone()),
@@ -981,8 +1002,10 @@ impl Hub {
             };
             after && before
         };
-        let mut pubs: Vec<Publication> =
-            pubs.into_iter().filter(|p| p.epoch == header.epoch && p.offset <= hi && in_time(p)).collect();
+        let mut pubs: Vec<Publication> = pubs
+            .into_iter()
+            .filter(|p| p.epoch == header.epoch && p.offset <= hi && p.time_ms >= cutoff && in_time(p))
+            .collect();
         if h.reverse {
             pubs.reverse();
         }
@@ -1197,6 +1220,11 @@ fn stream_start(qos: Qos, h: &StreamHeader, since: Option<&StreamPosition>) -> S
     let (from, recovered) = match since {
         None => (h.top + 1, true),
         Some(p) if p.epoch == h.epoch && p.offset <= h.top && p.offset + 1 >= h.first => (p.offset + 1, true),
+        // The client saw offsets the stream no longer has (Redis lost its
+        // tail): they are void; it continues after what is there, told. The
+        // epoch is not bumped on a client's word (any subscriber could reset
+        // a channel for everyone); nodes bump it from what they saw.
+        Some(p) if p.epoch == h.epoch && p.offset > h.top => (h.top + 1, false),
         // Nothing was ever trimmed and the client had seen nothing: no gap.
         Some(p) if p.offset == 0 && h.first == 1 => (1, true),
         Some(_) => (h.first, false),

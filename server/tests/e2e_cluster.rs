@@ -541,3 +541,115 @@ async fn on_a_redis_cluster_every_shard_fans_out_to_every_node_once_in_order() {
         total * channels.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_ages_out_on_redis_for_every_node_and_a_late_device_is_told() {
+    use ferry_server::config::Namespace;
+    let redis = Redis::start(&[]);
+    let cfg = || {
+        let mut c = on_redis(&redis);
+        c.namespaces.insert("tmp".into(), Namespace { history_ttl_secs: 1, ..Namespace::default() });
+        c.namespaces.insert("keep".into(), Namespace { history_ttl_secs: 0, ..Namespace::default() });
+        c
+    };
+    let (a, b) = (TestServer::start_with_api(cfg()).await, TestServer::start_with_api(cfg()).await);
+    let hist = |ch: &'static str| async move {
+        let (s, h) = http(b.api.unwrap(), "POST", "/api/history", Some(&json!({"channel": ch})), None).await;
+        assert_eq!(s, 200, "{h}");
+        (h["publications"].as_array().unwrap().len(), h["top"]["offset"].as_u64().unwrap(), h["top"]["epoch"].clone())
+    };
+    let t_pub = Instant::now();
+    for i in 0..3 {
+        for ch in ["tmp:x", "keep:x"] {
+            let (s, r) =
+                http(a.api.unwrap(), "POST", "/api/publish", Some(&json!({"channel": ch, "data": i})), None).await;
+            assert_eq!(s, 200, "{r}");
+        }
+    }
+    assert_eq!(hist("tmp:x").await.0, 3, "kept while young");
+    // The log of an aged namespace expires by itself once its newest entry
+    // does (an idle channel needs no reader to be freed).
+    let pttl: i64 = redis.cli(&["PTTL", "ferry:{tmp:x}:log"]).parse().unwrap();
+    assert!((1..=1000).contains(&pttl), "PTTL {pttl}");
+    assert_eq!(redis.cli(&["PTTL", "ferry:{keep:x}:log"]), "-1", "no age limit, no TTL");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let epoch = loop {
+        let (n, top, epoch) = hist("tmp:x").await;
+        if n == 0 {
+            assert_eq!(top, 3, "offsets are kept when history ages out");
+            break epoch;
+        }
+        assert!(Instant::now() < deadline, "history never aged out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(t_pub.elapsed() >= Duration::from_millis(1000), "not before its age: {:?}", t_pub.elapsed());
+    assert_eq!(redis.cli(&["XLEN", "ferry:{tmp:x}:log"]), "0", "trimmed in Redis, not only hidden");
+    assert_eq!(hist("keep:x").await.0, 3, "other namespaces keep theirs");
+    // A device that saw only the first publication comes back on the
+    // other node: it is told of the gap, then gets what comes next live.
+    let snapshot = ferry_core::client::Snapshot {
+        subs: vec![ferry_core::client::SubRecord {
+            channel: "tmp:x".into(),
+            qos: Qos::AtLeastOnce,
+            position: Some(ferry_core::frame::StreamPosition { epoch: epoch.as_str().unwrap().into(), offset: 1 }),
+            seen: vec![],
+        }],
+        seen_cap: 1024,
+        ..Default::default()
+    };
+    let mut late = TestClient::restore(&a.url(), TestClient::config("late", "late", Encoding::Json), snapshot);
+    late.connect().await;
+    assert!(late.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Gap { .. }))).await);
+    let gap = late.events.iter().find_map(|e| match e {
+        Event::Gap { reason, to, .. } => Some((*reason, to.offset)),
+        _ => None,
+    });
+    assert_eq!(gap, Some((ferry_core::client::GapReason::NotRetained, 3)));
+    let (s, _) =
+        http(b.api.unwrap(), "POST", "/api/publish", Some(&json!({"channel": "tmp:x", "data": "new"})), None).await;
+    assert_eq!(s, 200);
+    assert!(late.run_until(T, |c| !c.offsets("tmp:x").is_empty()).await);
+    assert_eq!(late.offsets("tmp:x"), vec![4], "nothing aged out is delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_above_the_top_is_told_as_a_gap_and_resets_nothing() {
+    let redis = Redis::start(&[]);
+    let a = TestServer::start_with_api(on_redis(&redis)).await;
+    for i in 0..3 {
+        let (s, _) =
+            http(a.api.unwrap(), "POST", "/api/publish", Some(&json!({"channel": "feed:z", "data": i})), None).await;
+        assert_eq!(s, 200);
+    }
+    let epoch = redis.cli(&["HGET", "ferry:{feed:z}:meta", "epoch"]);
+    // A device claims offset 9 of this epoch: the stream lost its tail (a
+    // failover), or the claim is false. Either way it is told, and one
+    // client's word does not reset the channel for everyone else.
+    let snapshot = ferry_core::client::Snapshot {
+        subs: vec![ferry_core::client::SubRecord {
+            channel: "feed:z".into(),
+            qos: Qos::AtLeastOnce,
+            position: Some(ferry_core::frame::StreamPosition { epoch: epoch.clone(), offset: 9 }),
+            seen: vec![],
+        }],
+        seen_cap: 1024,
+        ..Default::default()
+    };
+    let mut dev = TestClient::restore(&a.url(), TestClient::config("d", "d", Encoding::Binary), snapshot);
+    dev.connect().await;
+    assert!(dev.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Gap { .. }))).await);
+    let gap = dev.events.iter().find_map(|e| match e {
+        Event::Gap { reason, to, .. } => Some((*reason, to.clone())),
+        _ => None,
+    });
+    let (reason, to) = gap.unwrap();
+    assert_eq!(reason, ferry_core::client::GapReason::NotRetained);
+    assert_eq!((to.epoch.as_str(), to.offset), (epoch.as_str(), 3), "continues after what the stream has");
+    // Offset 4 is reused for new data: delivered, not taken for a duplicate.
+    let (s, _) =
+        http(a.api.unwrap(), "POST", "/api/publish", Some(&json!({"channel": "feed:z", "data": "new"})), None).await;
+    assert_eq!(s, 200);
+    assert!(dev.run_until(T, |c| !c.offsets("feed:z").is_empty()).await);
+    assert_eq!(dev.offsets("feed:z"), [4]);
+    assert_eq!(redis.cli(&["HGET", "ferry:{feed:z}:meta", "epoch"]), epoch, "the epoch is kept");
+}

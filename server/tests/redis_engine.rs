@@ -27,7 +27,7 @@ fn item(id: &str, data: &[u8], qos: Qos, user: &str) -> PublishItem {
     }
 }
 
-const KEEP: Retention = Retention { history_size: 1000 };
+const KEEP: Retention = Retention { history_size: 1000, max_age_ms: 0 };
 
 async fn node(urls: Vec<String>) -> RedisStreams {
     RedisStreams::connect(&RedisConfig { urls, ..RedisConfig::default() }).await.unwrap()
@@ -97,7 +97,7 @@ async fn two_nodes_share_offsets_ids_and_history() {
 async fn retention_trims_and_lost_streams_get_a_new_epoch() {
     let redis = Redis::start(&[]);
     let a = node(vec![redis.url()]).await;
-    let keep5 = Retention { history_size: 5 };
+    let keep5 = Retention { history_size: 5, max_age_ms: 0 };
     let items: Vec<_> =
         (1..=12).map(|i| item(&format!("r{i}"), format!("p{i}").as_bytes(), Qos::AtLeastOnce, "u")).collect();
     let r = a.publish("feed:x", keep5, None, &items, 1, "e1").await.unwrap();
@@ -123,6 +123,39 @@ async fn retention_trims_and_lost_streams_get_a_new_epoch() {
     assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
     let r = a.publish("feed:x", keep5, None, &[item("r15", b"p15", Qos::AtLeastOnce, "u")], 4, "e4").await.unwrap();
     assert_eq!((r.header.epoch.as_str(), offsets(&r.items)), ("e4", vec!["new 1".to_string()]));
+}
+
+#[tokio::test]
+async fn age_retention_trims_in_bounded_steps_and_reads_see_an_exact_first() {
+    let redis = Redis::start(&[]);
+    let a = node(vec![redis.url()]).await;
+    let aged = Retention { history_size: 10_000, max_age_ms: 1000 };
+    // 600 publications at time 1 s, then one at 100 s with a 1 s age limit.
+    let old: Vec<_> = (1..=600).map(|i| item(&format!("a{i}"), b"x", Qos::AtMostOnce, "u")).collect();
+    for chunk in old.chunks(200) {
+        a.publish("tmp:a", aged, None, chunk, 1_000, "e1").await.unwrap();
+    }
+    let r = a.publish("tmp:a", aged, None, &[item("a601", b"y", Qos::AtMostOnce, "u")], 100_000, "e1").await.unwrap();
+    // One publish trims a bounded number of expired entries ...
+    assert_eq!((r.header.first, r.header.top), (257, 601), "256 trimmed by the publish");
+    assert_eq!(redis.cli(&["XLEN", "ferry:{tmp:a}:log"]), "345");
+    // ... and a header read (subscribe, history) trims the rest first.
+    let h = a.read_header("tmp:a", aged.cutoff(100_000)).await.unwrap().unwrap();
+    assert_eq!((h.epoch.as_str(), h.first, h.top), ("e1", 601, 601));
+    assert_eq!(
+        a.range("tmp:a", 1, 1000, usize::MAX).await.unwrap().iter().map(|p| p.offset).collect::<Vec<_>>(),
+        [601]
+    );
+    // The log expired as a whole (its key TTL): the header says nothing is left.
+    assert_eq!(redis.cli(&["DEL", "ferry:{tmp:a}:log"]), "1");
+    let h = a.read_header("tmp:a", aged.cutoff(200_000)).await.unwrap().unwrap();
+    assert_eq!((h.first, h.top), (602, 601), "offsets are kept");
+    // No age limit: nothing trimmed, whatever the times.
+    let keep: Vec<_> = (1..=10).map(|i| item(&format!("k{i}"), b"x", Qos::AtMostOnce, "u")).collect();
+    let r = a.publish("keep:a", KEEP, None, &keep, 1_000, "e1").await.unwrap();
+    assert_eq!((r.header.first, r.header.top), (1, 10));
+    assert_eq!(a.read_header("keep:a", 0).await.unwrap().map(|h| h.first), Some(1));
+    assert_eq!(a.read_header("none:a", 5).await.unwrap(), None, "a read creates nothing");
 }
 
 #[tokio::test]

@@ -1424,13 +1424,17 @@ impl ClientSession {
         // offers to start earlier than what was already surfaced, the
         // overlap is dropped as duplicates.
         let from = match &sub.position {
+            // The stream lost offsets this client saw (a failover to a
+            // replica without them): they are void and will be reused, so
+            // delivery continues after what the stream still has.
+            Some(p) if p.epoch == r.epoch && p.offset > r.top => r.from.max(r.top.saturating_add(1)),
             Some(p) if p.epoch == r.epoch => r.from.max(p.offset.saturating_add(1)),
             _ => r.from,
         };
         let resumed = StreamPosition { epoch: r.epoch.clone(), offset: from.saturating_sub(1) };
         let gap = match &sub.position {
             Some(p) if p.epoch != r.epoch => Some(GapReason::EpochChanged),
-            Some(_) if !r.recovered => Some(GapReason::NotRetained),
+            Some(p) if !r.recovered || p.offset > r.top => Some(GapReason::NotRetained),
             _ => None,
         };
         let old = sub.position.clone();

@@ -746,6 +746,8 @@ impl Sim {
         let (from, recovered) = match &req.since {
             None => (top + 1, true),
             Some(p) if p.epoch == st.epoch && p.offset + 1 >= st.first && p.offset <= top => (p.offset + 1, true),
+            // The client saw offsets the stream lost: they are void.
+            Some(p) if p.epoch == st.epoch && p.offset > top => (top + 1, false),
             Some(_) => (st.first, false),
         };
         StreamStart { qos: req.qos, epoch: st.epoch.clone(), top, from, recovered }
@@ -896,6 +898,14 @@ impl Sim {
         self.hub.epoch_counter += 1;
         let epoch = format!("e{}", self.hub.epoch_counter);
         self.hub.streams.insert(ch.into(), Stream { epoch, first: 1, pubs: Vec::new() });
+    }
+
+    /// The stream loses its tail above `top`, keeping its epoch (Redis
+    /// failed over to a replica that lacked it).
+    pub fn lose_tail(&mut self, ch: &str, top: u64) {
+        let st = self.hub.stream(ch);
+        let keep = (top + 1).saturating_sub(st.first) as usize;
+        st.pubs.truncate(keep);
     }
 
     /// Forget all but the newest `keep` publications of a stream.

@@ -33,6 +33,25 @@ pub struct PublishItem {
 pub struct Retention {
     /// Publications kept.
     pub history_size: u64,
+    /// Publications older than this are dropped, ms (0: no age limit).
+    pub max_age_ms: u64,
+}
+
+impl Retention {
+    /// A namespace's retention.
+    pub fn of(ns: &crate::config::Namespace) -> Retention {
+        Retention { history_size: ns.history_size as u64, max_age_ms: ns.history_ttl_secs.saturating_mul(1000) }
+    }
+
+    /// Publications with a time below this (ms) are past the age limit at
+    /// `now_ms`; 0 when there is none.
+    pub fn cutoff(&self, now_ms: u64) -> u64 {
+        if self.max_age_ms == 0 {
+            0
+        } else {
+            now_ms.saturating_sub(self.max_age_ms)
+        }
+    }
 }
 
 /// A channel's stream position as a node last saw it; lets the engine

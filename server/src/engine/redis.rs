@@ -142,15 +142,62 @@ const ID_TTL_MS: u64 = crate::hub::DEDUP_WINDOW_MS;
 /// How long an unreleased QoS 2 id is held at most, ms.
 const QOS2_TTL_MS: u64 = crate::hub::QOS2_HOLD_MS;
 
+/// Age retention, shared by the scripts that write or read a header:
+/// drops entries whose time `t` is below `cutoff` from the front of the
+/// log, scanning at most `budget` of them, and returns the new `first`.
+/// A log that is gone while the header says it holds offsets expired as a
+/// whole (its key TTL, set at each publish, is the age limit).
+const TRIM_AGE_LUA: &str = r#"
+local function trim_age(log, first, top, cutoff, budget)
+  if cutoff <= 0 or first > top then return first end
+  if redis.call('EXISTS', log) == 0 then return top + 1 end
+  local scanned = 0
+  while scanned < budget do
+    local batch = redis.call('XRANGE', log, '-', '+', 'COUNT', 128)
+    local young = nil
+    local cut = nil
+    for _, e in ipairs(batch) do
+      local f, t = e[2], nil
+      for j = 1, #f, 2 do
+        if f[j] == 't' then t = tonumber(f[j + 1]) end
+      end
+      local off = tonumber(string.match(e[1], '^(%d+)'))
+      if t and t < cutoff then
+        cut = off + 1
+      else
+        young = off
+        break
+      end
+    end
+    if cut then redis.call('XTRIM', log, 'MINID', tostring(cut)) end
+    if young then return math.max(first, young) end
+    if #batch < 128 then return top + 1 end
+    scanned = scanned + #batch
+  end
+  -- Budget spent: the rest is trimmed by the next call.
+  local e = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
+  if #e == 0 then return top + 1 end
+  return math.max(first, tonumber(string.match(e[1][1], '^(%d+)')))
+end
+"#;
+
+/// How many expired entries one publish trims at most (the rest go with
+/// the next publishes or header reads).
+const AGE_BUDGET_PUBLISH: u64 = 256;
+/// ... one header read (a subscribe, a history query).
+const AGE_BUDGET_READ: u64 = 4096;
+
 /// The publish script (docs/CLUSTER.md section 3). KEYS: meta, log, fan-out
 /// channel, then one id key per publish. ARGV: fresh epoch, known epoch,
-/// known top, history size, id TTL, QoS 2 TTL, now, publish command, then
-/// per publish: digest, QoS, record.
+/// known top, history size, id TTL, QoS 2 TTL, now, publish command, age
+/// cutoff, age limit (ms), then per publish: digest, QoS, record. Needs
+/// [`TRIM_AGE_LUA`] before it.
 const PUBLISH_LUA: &str = r#"
 local meta, log, fan = KEYS[1], KEYS[2], KEYS[3]
 local fresh, known_epoch, known_top = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local keep, ttl1, ttl2 = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local now, pubcmd = ARGV[7], ARGV[8]
+local cutoff, max_age = tonumber(ARGV[9]), tonumber(ARGV[10])
 local h = redis.call('HMGET', meta, 'epoch', 'first', 'top')
 local epoch, first, top = h[1], tonumber(h[2]), tonumber(h[3])
 if not epoch or not first or not top then
@@ -168,7 +215,7 @@ local fanout = {}
 local n = #KEYS - 3
 for i = 1, n do
   local idkey = KEYS[3 + i]
-  local dg, q, rec = ARGV[6 + i * 3], ARGV[7 + i * 3], ARGV[8 + i * 3]
+  local dg, q, rec = ARGV[8 + i * 3], ARGV[9 + i * 3], ARGV[10 + i * 3]
   local prev = redis.call('GET', idkey)
   if prev then
     local e, o, d = string.match(prev, '^([^|]*)|(%d+)|(.*)$')
@@ -191,6 +238,11 @@ if top - first + 1 > keep then
   first = top + 1 - keep
   redis.call('XTRIM', log, 'MINID', tostring(first))
 end
+first = trim_age(log, first, top, cutoff, AGE_BUDGET)
+if max_age > 0 and #fanout > 0 then
+  -- Its newest entry is this batch: once that is too old, so is the log.
+  redis.call('PEXPIRE', log, max_age)
+end
 redis.call('HSET', meta, 'epoch', epoch, 'first', first, 'top', top)
 if #fanout > 0 then
   redis.call(pubcmd, fan, epoch .. '\n' .. tostring(first) .. '\n' .. now .. '\n' .. table.concat(fanout))
@@ -199,14 +251,25 @@ return {epoch, tostring(first), tostring(top), out}
 "#;
 
 /// A stream's header, created (empty, with the given epoch) if missing,
-/// so every node tells its subscribers the same epoch.
+/// so every node tells its subscribers the same epoch; past the age limit
+/// trimmed first, so `first` is exact. KEYS: meta, log, fan-out channel.
+/// ARGV: fresh epoch ('' = never create), age cutoff, publish command, now.
+/// Needs [`TRIM_AGE_LUA`] before it.
 const ENSURE_LUA: &str = r#"
-if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+if ARGV[1] ~= '' and redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
   redis.call('HSET', KEYS[1], 'first', 1, 'top', 0)
   redis.call('DEL', KEYS[2])
 end
 local h = redis.call('HMGET', KEYS[1], 'epoch', 'first', 'top')
-return {h[1], h[2], h[3]}
+if not h[1] or not h[2] or not h[3] then return {} end
+local first, top = tonumber(h[2]), tonumber(h[3])
+local nfirst = trim_age(KEYS[2], first, top, tonumber(ARGV[2]), AGE_BUDGET)
+if nfirst ~= first then
+  redis.call('HSET', KEYS[1], 'first', nfirst)
+  -- Nodes drop the expired part of their hot windows (an empty batch).
+  redis.call(ARGV[3], KEYS[3], h[1] .. '\n' .. tostring(nfirst) .. '\n' .. ARGV[4] .. '\n')
+end
+return {h[1], tostring(nfirst), h[3]}
 "#;
 
 /// Release: the ids go back to the ordinary window (never lengthened).
@@ -230,6 +293,11 @@ pub struct RedisStreams {
     publish: std::sync::Arc<redis::Script>,
     release: std::sync::Arc<redis::Script>,
     ensure: std::sync::Arc<redis::Script>,
+}
+
+/// A script with the age-trim function before it and its scan budget.
+fn aged(script: &str, budget: u64) -> String {
+    format!("local AGE_BUDGET = {budget}\n{TRIM_AGE_LUA}{script}")
 }
 
 fn unavailable(e: redis::RedisError) -> EngineError {
@@ -294,9 +362,9 @@ impl RedisStreams {
             seeds: Arc::new(seeds),
             prefix,
             durability: cfg.durability,
-            publish: std::sync::Arc::new(redis::Script::new(PUBLISH_LUA)),
+            publish: std::sync::Arc::new(redis::Script::new(&aged(PUBLISH_LUA, AGE_BUDGET_PUBLISH))),
             release: std::sync::Arc::new(redis::Script::new(RELEASE_LUA)),
-            ensure: std::sync::Arc::new(redis::Script::new(ENSURE_LUA)),
+            ensure: std::sync::Arc::new(redis::Script::new(&aged(ENSURE_LUA, AGE_BUDGET_READ))),
         };
         streams.check_eviction_policy().await?;
         Ok(streams)
@@ -553,10 +621,7 @@ impl RedisStreams {
             inv.key(self.id_key(channel, &it.message_id));
         }
         let (known_epoch, known_top) = known.map(|k| (k.epoch.as_str(), k.top)).unwrap_or(("", 0));
-        let pubcmd = match self.conn {
-            Conn::Single(_) | Conn::Sentinel(_) => "PUBLISH",
-            Conn::Cluster(_) => "SPUBLISH",
-        };
+        let pubcmd = self.pubcmd();
         inv.arg(fresh_epoch)
             .arg(known_epoch)
             .arg(known_top)
@@ -564,7 +629,9 @@ impl RedisStreams {
             .arg(ID_TTL_MS)
             .arg(QOS2_TTL_MS)
             .arg(now_ms)
-            .arg(pubcmd);
+            .arg(pubcmd)
+            .arg(retention.cutoff(now_ms))
+            .arg(retention.max_age_ms);
         for it in &todo {
             let rec = ItemRec {
                 message_id: it.message_id.clone(),
@@ -642,12 +709,37 @@ impl RedisStreams {
     }
 
     /// The stream header, creating an empty stream with `fresh_epoch` if
-    /// there is none.
-    pub async fn ensure(&self, channel: &str, fresh_epoch: &str) -> Result<StreamHeader, EngineError> {
+    /// there is none; publications older than `cutoff` (ms, 0 = none) are
+    /// trimmed first, so `first` is exact.
+    pub async fn ensure(&self, channel: &str, fresh_epoch: &str, cutoff: u64) -> Result<StreamHeader, EngineError> {
+        self.aged_header(channel, fresh_epoch, cutoff).await?.ok_or_else(|| EngineError::Corrupt("no header".into()))
+    }
+
+    /// The stream header if the stream exists, after trimming publications
+    /// older than `cutoff` (ms, 0 = none).
+    pub async fn read_header(&self, channel: &str, cutoff: u64) -> Result<Option<StreamHeader>, EngineError> {
+        self.aged_header(channel, "", cutoff).await
+    }
+
+    async fn aged_header(&self, channel: &str, fresh: &str, cutoff: u64) -> Result<Option<StreamHeader>, EngineError> {
         let mut inv = self.ensure.prepare_invoke();
-        inv.key(self.key(channel, "meta")).key(self.key(channel, "log")).arg(fresh_epoch);
-        let (epoch, first, top): (String, u64, u64) = on_conn!(self, |c| inv.invoke_async(&mut c).await)?;
-        Ok(StreamHeader { epoch, first, top })
+        inv.key(self.key(channel, "meta")).key(self.key(channel, "log")).key(self.fan_channel(channel));
+        inv.arg(fresh).arg(cutoff).arg(self.pubcmd()).arg(crate::hub::now_ms());
+        let h: Vec<String> = on_conn!(self, |c| inv.invoke_async(&mut c).await)?;
+        let num = |s: &str| s.parse::<u64>().map_err(|_| EngineError::Corrupt(format!("not a number: {s:?}")));
+        match h.as_slice() {
+            [] => Ok(None),
+            [epoch, first, top] => Ok(Some(StreamHeader { epoch: epoch.clone(), first: num(first)?, top: num(top)? })),
+            _ => Err(EngineError::Corrupt("header reply".into())),
+        }
+    }
+
+    /// The command that fans out: sharded pub/sub on a Cluster.
+    fn pubcmd(&self) -> &'static str {
+        match self.conn {
+            Conn::Single(_) | Conn::Sentinel(_) => "PUBLISH",
+            Conn::Cluster(_) => "SPUBLISH",
+        }
     }
 
     /// Whether this engine talks to a Redis Cluster.
