@@ -102,6 +102,8 @@ pub struct Seen {
     pub message_id: String,
     /// Decoded payload tag.
     pub tag: Option<Tag>,
+    /// When it surfaced.
+    pub at: std::time::Instant,
 }
 
 /// What one subscription delivered.
@@ -113,6 +115,8 @@ pub struct Record {
     pub seen: Vec<Seen>,
     /// `Subscribed` events after the first: one per resubscription.
     pub resubscribed: u32,
+    /// When each of those arrived.
+    pub resubscribed_at: Vec<std::time::Instant>,
     /// Resubscriptions that reported `recovered = false`.
     pub unrecovered: u32,
     /// Gap events.
@@ -140,10 +144,12 @@ pub async fn record(mut sub: Subscription, limit: Duration) -> Record {
                     r.complete = true;
                     return r;
                 }
-                r.seen.push(Seen { epoch: p.epoch, offset: p.offset, message_id: p.message_id, tag });
+                let at = std::time::Instant::now();
+                r.seen.push(Seen { epoch: p.epoch, offset: p.offset, message_id: p.message_id, tag, at });
             }
             SubscriptionEvent::Subscribed { recovered, .. } => {
                 r.resubscribed += 1;
+                r.resubscribed_at.push(std::time::Instant::now());
                 if !recovered {
                     r.unrecovered += 1;
                 }

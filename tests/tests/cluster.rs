@@ -28,7 +28,7 @@ async fn killing_nodes_under_load_loses_no_acknowledged_publish() {
     let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
 
     let mut subs = Vec::new();
-    for i in 0..4 {
+    for i in 0..8 {
         let qos = if i % 2 == 0 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
         let c = builder_urls(&urls, &format!("reader{i}"), &format!("reader{i}-dev"), rng.next_u64()).build().unwrap();
         let mut s = c.subscribe(CHANNEL, qos).await.unwrap();
@@ -44,12 +44,14 @@ async fn killing_nodes_under_load_loses_no_acknowledged_publish() {
     // everyone ends on node 2.
     let mut progress = acked.subscribe();
     let mut resumed = Vec::new();
+    let mut kills = Vec::new();
     for (round, victim) in [0usize, 1].into_iter().enumerate() {
         let target = *progress.borrow() + rng.between(200, 400) as usize;
         let reached = tokio::time::timeout(T, progress.wait_for(|n| *n >= target)).await.is_ok();
         assert!(reached, "round {round}: load stalled at {} acks", *acked.borrow());
         nodes[victim].kill9();
         let killed = Instant::now();
+        kills.push(killed);
         let n = *progress.borrow();
         tokio::time::timeout(T, progress.wait_for(|m| *m > n + WINDOW))
             .await
@@ -67,8 +69,21 @@ async fn killing_nodes_under_load_loses_no_acknowledged_publish() {
     let stored_tags: BTreeSet<Tag> = stored.iter().filter_map(Tag::of).filter(|t| *t != Tag::END).collect();
     let epochs: BTreeSet<&str> = stored.iter().map(|p| p.epoch.as_str()).collect();
     let mut total = Verdict::default();
+    // Per client that had to move: kill -> resubscribed on a live node, and
+    // kill -> its first publication after that.
+    let (mut to_sub, mut to_data) = (Vec::new(), Vec::new());
     for (qos, c, task) in subs {
         let rec = task.await.unwrap();
+        for (k, killed) in kills.iter().enumerate() {
+            let next = kills.get(k + 1).copied();
+            let Some(at) = rec.resubscribed_at.iter().find(|t| **t > *killed && next.is_none_or(|n| **t < n)) else {
+                continue;
+            };
+            to_sub.push(*at - *killed);
+            if let Some(s) = rec.seen.iter().find(|s| s.at >= *at) {
+                to_data.push(s.at - *killed);
+            }
+        }
         let v = Verdict::of(&rec, &expected);
         println!(
             "[cluster] {qos:?} subscriber: {v:?}, resubscribed {}, unrecovered {}, gaps {}, complete {}",
@@ -95,10 +110,28 @@ async fn killing_nodes_under_load_loses_no_acknowledged_publish() {
         resumed[0],
         resumed[1]
     );
+    println!(
+        "[cluster] clients moved: {}; kill -> resubscribed p50 {:.2?} p99 {:.2?}; kill -> data again p50 {:.2?} p99 {:.2?}",
+        to_sub.len(),
+        percentile(&mut to_sub, 50),
+        percentile(&mut to_sub, 99),
+        percentile(&mut to_data, 50),
+        percentile(&mut to_data, 99),
+    );
+    assert!(!to_sub.is_empty(), "clients on the killed nodes moved");
     assert_eq!(failed, 0, "every publish acknowledged");
     assert_eq!(stored_tags, expected, "every acknowledged publish is stored");
     assert_eq!(stored.len(), expected.len() + 1, "each stored once");
     assert_eq!(epochs.len(), 1, "no epoch change: nothing was lost");
+}
+
+/// The `p`th percentile (nearest rank) of `v`; zero when empty.
+fn percentile(v: &mut [Duration], p: usize) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort();
+    v[((v.len() * p).div_ceil(100)).clamp(1, v.len()) - 1]
 }
 
 /// Whether `/readyz` of a node answers 200.
