@@ -23,6 +23,8 @@
 //! disconnect/unsubscribe travel on the `ctl` pub/sub channel to every
 //! node, at most once (pushes are notifications; the lists are the truth).
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -210,6 +212,8 @@ pub(crate) struct ClusterPresence {
     ops: mpsc::UnboundedSender<Op>,
     scripts: Arc<Scripts>,
     grace_ms: u64,
+    /// Changes not written yet (the writer's backlog), for `/metrics`.
+    backlog: AtomicU64,
 }
 
 /// Anonymous connections count as users of their own (as in
@@ -242,7 +246,14 @@ impl ClusterPresence {
             beat: redis::Script::new(BEAT_LUA),
             stats: redis::Script::new("return {redis.call('HLEN', KEYS[1]), redis.call('HLEN', KEYS[2])}"),
         });
-        let p = Arc::new(ClusterPresence { streams, node: crate::hub::new_epoch(), ops, scripts, grace_ms });
+        let p = Arc::new(ClusterPresence {
+            streams,
+            node: crate::hub::new_epoch(),
+            ops,
+            scripts,
+            grace_ms,
+            backlog: AtomicU64::new(0),
+        });
         tokio::spawn(writer(hub.clone(), Arc::downgrade(&p), rx));
         tokio::spawn(sweeper(hub.clone(), Arc::downgrade(&p)));
         tokio::spawn(control(hub, p.streams.plain_key("ctl"), p.streams.clone()));
@@ -252,6 +263,11 @@ impl ClusterPresence {
     /// This node's id in the registry.
     pub(crate) fn node_id(&self) -> &str {
         &self.node
+    }
+
+    /// Presence changes of this node not yet written to Redis.
+    pub(crate) fn backlog(&self) -> u64 {
+        self.backlog.load(Ordering::Relaxed)
     }
 
     pub(crate) fn join(&self, channel: &str, info: &ClientInfo) {
@@ -511,20 +527,103 @@ impl ClusterPresence {
 
 /// Applies this node's changes in order; a change that fails (Redis down)
 /// is retried until it goes through, so the shared view converges.
+/// Changes waiting to be written, in order. A join and the leave of the
+/// same connection and channel, or the up and down of one connection, that
+/// both wait cancel out: while Redis is down the backlog is bounded by the
+/// live connections and subscriptions, not by how many came and went.
+#[derive(Default)]
+struct Backlog {
+    next: u64,
+    ops: std::collections::BTreeMap<u64, Op>,
+    /// (a channel join?, channel or user, client) -> the waiting op.
+    open: HashMap<(bool, String, String), u64>,
+}
+
+impl Backlog {
+    fn push(&mut self, op: Op) {
+        let key = match &op {
+            Op::Leave { channel, client } => {
+                if let Some(seq) = self.open.remove(&(true, channel.clone(), client.clone())) {
+                    self.ops.remove(&seq);
+                    return;
+                }
+                None
+            }
+            Op::Down { user, client } => {
+                if let Some(seq) = self.open.remove(&(false, user.clone(), client.clone())) {
+                    self.ops.remove(&seq);
+                    return;
+                }
+                None
+            }
+            Op::Join { channel, client, .. } => Some((true, channel.clone(), client.clone())),
+            Op::Up { user, client } => Some((false, user.clone(), client.clone())),
+        };
+        if let Some(k) = key {
+            self.open.insert(k, self.next);
+        }
+        self.ops.insert(self.next, op);
+        self.next += 1;
+    }
+
+    /// The oldest waiting change; from here on it is being written, so a
+    /// later leave or down must be written too.
+    fn pop(&mut self) -> Option<Op> {
+        let (seq, op) = self.ops.pop_first()?;
+        let key = match &op {
+            Op::Join { channel, client, .. } => Some((true, channel.clone(), client.clone())),
+            Op::Up { user, client } => Some((false, user.clone(), client.clone())),
+            _ => None,
+        };
+        if let Some(k) = key {
+            if self.open.get(&k) == Some(&seq) {
+                self.open.remove(&k);
+            }
+        }
+        Some(op)
+    }
+
+    fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
 async fn writer(hub: Weak<Hub>, p: Weak<ClusterPresence>, mut rx: mpsc::UnboundedReceiver<Op>) {
-    while let Some(op) = rx.recv().await {
+    let mut backlog = Backlog::default();
+    loop {
+        while let Ok(op) = rx.try_recv() {
+            backlog.push(op);
+        }
+        let op = match backlog.pop() {
+            Some(op) => op,
+            None => match rx.recv().await {
+                Some(op) => {
+                    backlog.push(op);
+                    continue;
+                }
+                None => return,
+            },
+        };
         let mut delay = Duration::from_millis(50);
         loop {
             let (Some(h), Some(p)) = (hub.upgrade(), p.upgrade()) else { return };
+            p.backlog.store(backlog.len() as u64 + 1, Ordering::Relaxed);
             match p.apply(&h, &op).await {
                 Ok(()) => break,
                 Err(e) => {
-                    tracing::warn!("presence change not written yet: {e}");
+                    tracing::warn!(waiting = backlog.len() + 1, "presence change not written yet: {e}");
                     drop((h, p));
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
+                    // What came meanwhile may cancel out.
+                    while let Ok(op) = rx.try_recv() {
+                        backlog.push(op);
+                    }
                 }
             }
+        }
+        if let Some(p) = p.upgrade() {
+            p.backlog.store(backlog.len() as u64, Ordering::Relaxed);
         }
     }
 }

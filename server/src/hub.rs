@@ -743,6 +743,11 @@ impl Hub {
                     "1 while the storage engine is reachable (always for the embedded one).",
                     self.redis.get().map_or(1, |r| u64::from(r.fanout_up())),
                 ),
+                (
+                    "ferry_presence_backlog",
+                    "Presence changes of this node waiting to be written to Redis (0 on the embedded engine).",
+                    self.cpresence.get().map_or(0, |p| p.backlog()),
+                ),
             ],
             &[
                 (

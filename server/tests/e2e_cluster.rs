@@ -653,3 +653,63 @@ async fn a_position_above_the_top_is_told_as_a_gap_and_resets_nothing() {
     assert_eq!(dev.offsets("feed:z"), [4]);
     assert_eq!(redis.cli(&["HGET", "ferry:{feed:z}:meta", "epoch"]), epoch, "the epoch is kept");
 }
+
+/// A gauge from a node's `/metrics`.
+async fn gauge(addr: std::net::SocketAddr, name: &str) -> Option<u64> {
+    let (_, m) = http(addr, "GET", "/metrics", None, None).await;
+    let text = m.as_str().unwrap_or_default().to_string();
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_come_and_go_while_redis_is_down_leave_no_backlog() {
+    let port = free_port();
+    let redis = Redis::start_on(port, &[]);
+    let node = TestServer::start_with_api(on_redis(&redis)).await;
+    let api = node.api.unwrap();
+    let mut stay = TestClient::new(&node.url(), TestClient::config("stay", "stay", Encoding::Binary));
+    stay.connect().await;
+    assert!(stay.connected().await);
+    let users = json!({"users": ["stay", "churn0", "churn199"]});
+    let online = || async { http(api, "POST", "/api/online", Some(&users), None).await };
+    let mut ok = false;
+    for _ in 0..100 {
+        if online().await.1["online"] == json!(["stay"]) {
+            ok = true;
+            break;
+        }
+        stay.run_for(Duration::from_millis(50)).await; // the writer is asynchronous: bounded poll
+    }
+    assert!(ok, "online before the outage");
+    drop(redis);
+    // A reconnect storm while Redis is away: 200 connections come and go.
+    for i in 0..200 {
+        let mut c =
+            TestClient::new(&node.url(), TestClient::config(&format!("c{i}"), &format!("churn{i}"), Encoding::Binary));
+        c.connect().await;
+        assert!(c.connected().await, "connects while Redis is down");
+        c.drop_socket();
+    }
+    // Each connection's up and down cancel out in the writer's backlog.
+    let mut backlog = None;
+    for _ in 0..100 {
+        backlog = gauge(node.addr, "ferry_presence_backlog").await;
+        if backlog.is_some_and(|b| b <= 2) {
+            break;
+        }
+        stay.run_for(Duration::from_millis(100)).await; // the writer drains at its retry pace: bounded poll
+    }
+    assert!(backlog.is_some_and(|b| b <= 2), "presence backlog while Redis is down: {backlog:?}");
+    // Redis is back (empty): the node re-registers who is still here.
+    let _redis = Redis::start_on(port, &[]);
+    let mut ok = false;
+    for _ in 0..200 {
+        if online().await.1["online"] == json!(["stay"]) {
+            ok = true;
+            break;
+        }
+        stay.run_for(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "after the outage: {}", online().await.1);
+    assert_eq!(gauge(node.addr, "ferry_presence_backlog").await, Some(0));
+}
