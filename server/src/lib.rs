@@ -34,6 +34,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
+
+/// Bytes read from a WebSocket per read call (see `ws_handler`).
+const WS_READ_BUFFER: usize = 4 * 1024;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -259,7 +262,11 @@ async fn ws_handler(
     let ws = ws
         .protocols([SUBPROTOCOL_BINARY, SUBPROTOCOL_JSON])
         .max_message_size(limits.max_message_size)
-        .max_frame_size(limits.max_frame_size);
+        .max_frame_size(limits.max_frame_size)
+        // tungstenite zero-fills its whole read buffer on every read, so its
+        // size is resident per connection (128 KiB by default): keep it small,
+        // larger frames grow it while they are read.
+        .read_buffer_size(WS_READ_BUFFER);
     let enc = ws.selected_protocol().and_then(|p| p.to_str().ok()).and_then(Encoding::from_subprotocol);
     let Some(enc) = enc else {
         return (

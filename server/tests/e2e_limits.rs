@@ -341,3 +341,30 @@ async fn full_fanout_queue_drops_copies_not_subscribers() {
         assert!(drops.is_empty(), "no subscriber was disconnected: {drops:?}");
     }
 }
+
+#[tokio::test]
+async fn a_message_near_the_size_limit_is_read_whole() {
+    // The server reads sockets in small chunks (its per-connection buffer
+    // is small on purpose): a message of many chunks still arrives whole.
+    let srv = TestServer::start(test_config()).await;
+    let mut sub = TestClient::new(&srv.url(), TestClient::config("s", "s", Encoding::Binary));
+    sub.subscribe("big:1", Qos::AtLeastOnce).await;
+    sub.connect().await;
+    assert!(sub.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Subscribed { .. }))).await);
+    let mut p = TestClient::new(&srv.url(), TestClient::config("p", "p", Encoding::Binary));
+    p.connect().await;
+    // Incompressible, so it stays this big on the wire.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..60_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    p.publish("big:1", data.clone(), Qos::AtLeastOnce).await;
+    assert!(p.run_until(T, |c| c.acked.len() == 1).await, "acked");
+    assert!(sub.run_until(T, |c| c.received.get("big:1").is_some_and(|v| !v.is_empty())).await);
+    assert_eq!(sub.received["big:1"][0].2, data);
+}
