@@ -95,11 +95,14 @@ fn node_config(redis: RedisConfig) -> ferry_server::config::Config {
 struct Sent {
     id: String,
     channel: String,
+    /// When the publisher first saw it acknowledged.
+    acked_at: Option<Instant>,
 }
 
 /// Publish `PER_PUBLISHER` QoS 1/2 messages, a few per tick without waiting
 /// for acks (pipelined), then drive until every one is acknowledged.
-async fn publisher(mut c: TestClient, acked: watch::Sender<usize>) -> (TestClient, Vec<Sent>) {
+/// Reports (acknowledged, of which into `CHANNELS[0]`).
+async fn publisher(mut c: TestClient, acked: watch::Sender<(usize, usize)>) -> (TestClient, Vec<Sent>) {
     let mut sent = Vec::new();
     let end = tokio::time::Instant::now() + Duration::from_secs(40);
     while (sent.len() < PER_PUBLISHER || c.session.outbox_len() > 0) && tokio::time::Instant::now() < end {
@@ -112,14 +115,22 @@ async fn publisher(mut c: TestClient, acked: watch::Sender<usize>) -> (TestClien
             let channel = CHANNELS[(i / 2) % CHANNELS.len()];
             let now = c.now();
             match c.session.publish(now, channel, format!("{i}").into_bytes(), qos) {
-                Ok(id) => sent.push(Sent { id, channel: channel.into() }),
+                Ok(id) => sent.push(Sent { id, channel: channel.into(), acked_at: None }),
                 // Full while Redis fails over: try again next tick.
                 Err(PublishError::OutboxFull) => break,
                 Err(e) => panic!("publish refused: {e:?}"),
             }
         }
         c.run_for(Duration::from_millis(15)).await;
-        acked.send_replace(c.acked.len());
+        let now = Instant::now();
+        let mut first_channel = 0;
+        for s in sent.iter_mut() {
+            if s.acked_at.is_none() && c.acked.contains_key(&s.id) {
+                s.acked_at = Some(now);
+            }
+            first_channel += usize::from(s.acked_at.is_some() && s.channel == CHANNELS[0]);
+        }
+        acked.send_replace((c.acked.len(), first_channel));
     }
     (c, sent)
 }
@@ -166,9 +177,16 @@ struct Outcome {
     /// ... of which the subscriber was not told of a gap on that channel.
     silent: usize,
     qos2_duplicates: usize,
+    /// Publications a subscriber (any QoS) surfaced twice.
+    duplicates: usize,
+    /// Publications a subscriber surfaced at an offset not above the one
+    /// before (same channel, same epoch).
+    out_of_order: usize,
     epochs_changed: usize,
     kill_to_switch: Option<Duration>,
     kill_to_acks: Option<Duration>,
+    /// The longest time without a new acknowledgement on `CHANNELS[0]`.
+    longest_ack_stall: Duration,
 }
 
 /// Kill the current primary under load; `promoted` waits for the new one
@@ -218,12 +236,14 @@ where
             TestClient::new(&n.url(), TestClient::config(&format!("pub{i}"), &format!("p{i}"), Encoding::Binary));
         c.connect().await;
         assert!(c.connected().await);
-        let (tx, rx) = watch::channel(0);
+        let (tx, rx) = watch::channel((0, 0));
         acked_rx.push(rx);
         pub_tasks.push(tokio::spawn(publisher(c, tx)));
     }
     // Kill once a quarter of the load is acknowledged.
-    let total_acked = |rx: &[watch::Receiver<usize>]| rx.iter().map(|r| *r.borrow()).sum::<usize>();
+    let total_acked = |rx: &[watch::Receiver<(usize, usize)>]| rx.iter().map(|r| r.borrow().0).sum::<usize>();
+    // The channel whose shard fails (or whose slot moves).
+    let first_acked = |rx: &[watch::Receiver<(usize, usize)>]| rx.iter().map(|r| r.borrow().1).sum::<usize>();
     let quarter = nodes.len() * PER_PUBLISHER / 4;
     let mut first = acked_rx[0].clone();
     let t0 = Instant::now();
@@ -237,11 +257,11 @@ where
     kill();
     let switched = promoted().await;
     let kill_to_switch = switched.then(|| t_kill.elapsed());
-    let resumed_from = total_acked(&acked_rx);
+    let resumed_from = first_acked(&acked_rx);
     let mut kill_to_acks = None;
     let t1 = Instant::now();
     while t1.elapsed() < Duration::from_secs(30) {
-        if total_acked(&acked_rx) > resumed_from {
+        if first_acked(&acked_rx) > resumed_from {
             kill_to_acks = Some(t_kill.elapsed());
             break;
         }
@@ -305,6 +325,10 @@ where
         kill_to_acks,
         ..Outcome::default()
     };
+    let mut ack_times: Vec<Instant> =
+        published.iter().filter(|s| s.channel == CHANNELS[0]).filter_map(|s| s.acked_at).collect();
+    ack_times.sort();
+    out.longest_ack_stall = ack_times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
     for s in &published {
         if !acked.contains_key(&s.id) {
             continue;
@@ -347,17 +371,22 @@ where
         }
     }
     for (c, qos) in &subs {
-        if *qos == Qos::ExactlyOnce {
-            for ch in CHANNELS {
-                let ids = c.ids(ch);
-                out.qos2_duplicates += ids.len() - ids.iter().collect::<BTreeSet<_>>().len();
+        for ch in CHANNELS {
+            let ids = c.ids(ch);
+            let dups = ids.len() - ids.iter().collect::<BTreeSet<_>>().len();
+            out.duplicates += dups;
+            if *qos == Qos::ExactlyOnce {
+                out.qos2_duplicates += dups;
             }
+            let offsets = c.offsets(ch);
+            out.out_of_order += offsets.windows(2).filter(|w| w[1] <= w[0]).count();
         }
     }
     println!(
         "[failover] {} publishes ({} acked at the kill), {} acknowledged; acknowledged but not in the stream: {}; \
          (acknowledged, subscriber) not delivered: {} of which silent: {}; QoS 2 duplicates: {}; \
-         epochs changed: {}/{}; kill -> new primary: {:?}; kill -> acks again: {:?}",
+         duplicates (any QoS): {}; out of order: {}; epochs changed: {}/{}; kill -> new primary: {:?}; kill -> acks again: {:?}; \
+         longest stall of acks on {}: {:.2?}",
         out.published,
         acked_at_kill,
         out.acked,
@@ -365,10 +394,14 @@ where
         out.undelivered,
         out.silent,
         out.qos2_duplicates,
+        out.duplicates,
+        out.out_of_order,
         out.epochs_changed,
         CHANNELS.len(),
         out.kill_to_switch,
         out.kill_to_acks,
+        CHANNELS[0],
+        out.longest_ack_stall,
     );
     out
 }
@@ -484,4 +517,94 @@ async fn cluster_primary_killed_under_load_loses_nothing_silently() {
         assert_eq!(out.not_in_history, 0, "no epoch change: nothing acknowledged is missing");
         assert_eq!(out.qos2_duplicates, 0);
     }
+}
+
+/// A live slot migration under load (issue 14): the slot of `acct:0`'s
+/// hash tag moves from its primary to another one with the real commands
+/// (`SETSLOT IMPORTING/MIGRATING`, `MIGRATE ... KEYS`, `SETSLOT NODE` on
+/// every primary) while three nodes publish into it and subscribers on
+/// every node read it. During the move Redis answers the multi-key publish
+/// script `TRYAGAIN` (some of its keys are on the source, some not yet);
+/// nothing may be lost, duplicated or reordered, no epoch may change, and
+/// fan-out must follow the slot to its new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_slot_migrated_under_load_loses_and_duplicates_nothing() {
+    let _serial = SERIAL.lock().await;
+    logs();
+    let cluster = RedisCluster::start(3, 0, &[]).await;
+    let cfg = RedisConfig { urls: cluster.urls(), ..RedisConfig::default() };
+    let nodes = [
+        TestServer::start_with_api(node_config(cfg.clone())).await,
+        TestServer::start_with_api(node_config(cfg.clone())).await,
+        TestServer::start_with_api(node_config(cfg.clone())).await,
+    ];
+    let key = format!("ferry:{{{}}}:meta", CHANNELS[0]);
+    let fan = format!("ferry:{{{}}}:fan", CHANNELS[0]);
+    let slot = cluster.slot_of(&key);
+    let from = cluster.owner(&key).expect("owner");
+    let to = (0..cluster.nodes.len()).find(|i| *i != from && cluster.nodes[*i].role() == "master").expect("a target");
+    let migration = cluster.slot_migration(slot, from, to);
+    println!("[migration] {} (slot {slot}) from primary {from} to primary {to}", CHANNELS[0]);
+    let subscribed_on = |port: u16| -> usize {
+        // `PUBSUB SHARDNUMSUB <channel>`: the channel, then its count.
+        cli_at(port, &["PUBSUB", "SHARDNUMSUB", &fan]).lines().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    let figures: std::sync::Mutex<Vec<String>> = Default::default();
+    let begin = migration.clone();
+    let started = std::sync::Mutex::new(None::<Instant>);
+    let out = failover_under_load(
+        &nodes,
+        &cfg,
+        || {
+            *started.lock().unwrap() = Some(Instant::now());
+            begin.begin();
+        },
+        || async {
+            let m = migration.clone();
+            // Small batches, so publishes meet the half-moved slot.
+            let moved = tokio::task::spawn_blocking(move || {
+                let n = m.move_keys(4);
+                m.finish();
+                n
+            })
+            .await
+            .unwrap();
+            let t0 = started.lock().unwrap().expect("started");
+            let moved_after = t0.elapsed();
+            // Every primary agrees on the new owner (gossip; a bounded poll).
+            let agreed = poll_until(Duration::from_secs(10), || cluster.owner(&key) == Some(to)).await;
+            // Fan-out follows: each node's link now `SSUBSCRIBE`s on the
+            // target, none on the source (no event to await from here).
+            let followed = poll_until(Duration::from_secs(20), || {
+                subscribed_on(migration.to_port) == nodes.len() && subscribed_on(migration.from_port) == 0
+            })
+            .await;
+            figures.lock().unwrap().push(format!(
+                "{moved} keys moved in {moved_after:.2?}; fan-out on the new primary after {:.2?} ({} node links; \
+                 {} left on the old one)",
+                t0.elapsed(),
+                subscribed_on(migration.to_port),
+                subscribed_on(migration.from_port)
+            ));
+            assert!(followed, "fan-out subscriptions moved with the slot");
+            agreed
+        },
+    )
+    .await;
+    for f in figures.lock().unwrap().iter() {
+        println!("[migration] {f}");
+    }
+    for (what, port) in [("source", migration.from_port), ("target", migration.to_port)] {
+        let errors = cli_at(port, &["INFO", "errorstats"]);
+        let errors: Vec<&str> = errors.lines().filter(|l| l.starts_with("errorstat_")).collect();
+        println!("[migration] errors answered by the {what}: {errors:?}");
+    }
+    assert!(out.kill_to_switch.is_some(), "the slot moved");
+    assert!(out.kill_to_acks.is_some(), "publishes are acknowledged again after the move");
+    assert_eq!(out.epochs_changed, 0, "a migration is no loss: no epoch changes");
+    assert_eq!(out.acked, out.published, "every publish acknowledged in the end (outboxes retry)");
+    assert_eq!(out.not_in_history, 0, "every acknowledged publish is in the stream");
+    assert_eq!(out.undelivered, 0, "every subscriber got every acknowledged publish");
+    assert_eq!(out.duplicates, 0, "once");
+    assert_eq!(out.out_of_order, 0, "in order");
 }
