@@ -608,3 +608,171 @@ async fn cluster_slot_migrated_under_load_loses_and_duplicates_nothing() {
     assert_eq!(out.duplicates, 0, "once");
     assert_eq!(out.out_of_order, 0, "in order");
 }
+
+/// Presence across three nodes while Sentinel replaces a primary killed
+/// with `kill -9` (issue 14): clients present in one channel on every node
+/// stay connected through the failover; afterwards every node's API gives
+/// the same, unchanged lists and counts within a bounded time, nobody who
+/// stayed was announced as gone (no `leave` push, no `offline` webhook),
+/// and a client that disconnects after the failover leaves within the
+/// grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_keeps_presence_right_on_every_node() {
+    use ferry_server::cluster_presence::NODE_BEAT_MS;
+    let _serial = SERIAL.lock().await;
+    logs();
+    const GRACE_MS: u64 = 300;
+    const CH: &str = "room:p";
+    let mut redis = SentinelRedis::start().await;
+    let (hook_url, hooks, _) = hook_receiver().await;
+    let mut cfg = node_config(redis.config(Durability::Leader));
+    cfg.presence_grace_ms = GRACE_MS;
+    cfg.namespaces.insert(
+        "room".into(),
+        ferry_server::config::Namespace { join_leave: true, ..ferry_server::config::Namespace::default() },
+    );
+    cfg.webhooks = ferry_server::config::WebhookConfig {
+        url: hook_url,
+        secret: "a webhook secret of a decent length".into(),
+        events: vec!["online".into(), "offline".into()],
+        retry_initial_ms: 50,
+        ..Default::default()
+    };
+    let nodes = [
+        TestServer::start_with_api(cfg.clone()).await,
+        TestServer::start_with_api(cfg.clone()).await,
+        TestServer::start_with_api(cfg.clone()).await,
+    ];
+    let apis: Vec<std::net::SocketAddr> = nodes.iter().map(|n| n.api.unwrap()).collect();
+    // The watcher (node 0) sees join/leave; alice on nodes 0 and 1, bob on
+    // node 1, carol on node 2.
+    let placement = [("watch", 0), ("alice", 0), ("alice", 1), ("bob", 1), ("carol", 2)];
+    let mut cs: Vec<TestClient> = Vec::new();
+    for (i, (user, node)) in placement.iter().enumerate() {
+        let mut c = TestClient::new(&nodes[*node].url(), TestClient::config(&format!("d{i}"), user, Encoding::Binary));
+        c.subscribe(CH, Qos::AtLeastOnce).await;
+        c.connect().await;
+        cs.push(c);
+    }
+    let subscribed = |c: &TestClient| c.events.iter().any(|e| matches!(e, Event::Subscribed { .. }));
+    assert!(run_all(&mut cs, Duration::from_secs(20), |cs| cs.iter().all(subscribed)).await, "subscribed");
+    let stats = serde_json::json!({"channel": CH});
+    let users = serde_json::json!({"users": ["alice", "bob", "carol", "watch", "nobody"]});
+    // What every node must answer: (counts, client ids, online users).
+    type View = (serde_json::Value, Vec<String>, serde_json::Value);
+    async fn view(api: std::net::SocketAddr, stats: &serde_json::Value, users: &serde_json::Value) -> Option<View> {
+        let (s1, counts) = http(api, "POST", "/api/presence_stats", Some(stats), None).await;
+        let (s2, list) = http(api, "POST", "/api/presence", Some(stats), None).await;
+        let (s3, online) = http(api, "POST", "/api/online", Some(users), None).await;
+        if (s1, s2, s3) != (200, 200, 200) {
+            return None;
+        }
+        let mut ids: Vec<String> = list["clients"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|c| c["client"].as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        ids.sort();
+        Some((counts, ids, online["online"].clone()))
+    }
+    // Every node agrees on `want` (None: on the same full view); bounded
+    // poll, driving the clients meanwhile (no event for a Redis write).
+    async fn agreed(
+        cs: &mut [TestClient],
+        apis: &[std::net::SocketAddr],
+        stats: &serde_json::Value,
+        users: &serde_json::Value,
+        want: impl Fn(&View) -> bool,
+        limit: Duration,
+    ) -> Option<View> {
+        let end = tokio::time::Instant::now() + limit;
+        loop {
+            let mut views = Vec::new();
+            for api in apis {
+                views.push(view(*api, stats, users).await);
+            }
+            if let Some(Some(v)) = views.first() {
+                if views.iter().all(|w| w.as_ref() == Some(v)) && want(v) {
+                    return Some(v.clone());
+                }
+            }
+            if tokio::time::Instant::now() >= end {
+                println!("[presence] views not agreed: {views:?}");
+                return None;
+            }
+            run_all(cs, Duration::from_millis(50), |_| false).await;
+        }
+    }
+    let full = |v: &View| v.0 == serde_json::json!({"clients": 5, "users": 4});
+    let before = agreed(&mut cs, &apis, &stats, &users, full, Duration::from_secs(20)).await.expect("presence before");
+    assert_eq!(before.2, serde_json::json!(["alice", "bob", "carol", "watch"]));
+    assert!(
+        run_all(&mut cs, Duration::from_secs(10), |cs| cs[0]
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Join { .. }))
+            .count()
+            >= 3)
+        .await
+    );
+    let events_before = cs[0].events.len();
+
+    // Kill the primary; the clients keep running until Sentinel switched.
+    let old = redis.primary.port;
+    redis.primary.kill9();
+    let killed = Instant::now();
+    let mut switched = None;
+    while killed.elapsed() < Duration::from_secs(20) && switched.is_none() {
+        run_all(&mut cs, Duration::from_millis(50), |_| false).await;
+        switched = redis.sentinels.iter_mut().find_map(|s| s.switched.try_recv().ok());
+    }
+    let line = switched.expect("Sentinel promoted a replica");
+    assert!(!line.ends_with(&format!(" {old}")), "{line}");
+    let switch_after = killed.elapsed();
+    let same = |v: &View| *v == before;
+    let after = agreed(&mut cs, &apis, &stats, &users, same, Duration::from_secs(20)).await;
+    let right_after = killed.elapsed();
+    assert!(after.is_some(), "every node gives the same presence as before the failover");
+    // Nobody left: no leave push, no offline webhook, no reconnect.
+    run_all(&mut cs, Duration::from_millis(2 * NODE_BEAT_MS + GRACE_MS), |_| false).await;
+    let gone: Vec<&Event> = cs[0].events[events_before..].iter().filter(|e| matches!(e, Event::Leave { .. })).collect();
+    let joined: Vec<&Event> =
+        cs[0].events[events_before..].iter().filter(|e| matches!(e, Event::Join { .. })).collect();
+    let offline: Vec<serde_json::Value> =
+        hooks.lock().unwrap().iter().filter(|h| h["event"] == "offline").cloned().collect();
+    let reconnects =
+        cs.iter().map(|c| c.events.iter().filter(|e| matches!(e, Event::Subscribed { .. })).count() - 1).sum::<usize>();
+    println!(
+        "[presence] kill -> new primary {switch_after:.2?}; kill -> every node's presence right again {right_after:.2?}; \
+         after the failover: leaves {}, joins {}, offline webhooks {}, client resubscribes {reconnects}",
+        gone.len(),
+        joined.len(),
+        offline.len()
+    );
+    assert!(gone.is_empty(), "no spurious leave: {gone:?}");
+    assert!(joined.is_empty(), "no spurious join: {joined:?}");
+    assert!(offline.is_empty(), "no spurious offline: {offline:?}");
+    assert_eq!(view(apis[2], &stats, &users).await.as_ref(), Some(&before), "still right");
+
+    // Carol (alone on node 2) leaves after the failover: within the grace
+    // period (and the sweep), on every node.
+    let now = cs[4].now();
+    cs[4].session.disconnect(now);
+    cs[4].run_for(Duration::from_millis(50)).await;
+    let carol = cs.pop().unwrap();
+    drop(carol);
+    let left = Instant::now();
+    let carol_left =
+        |c: &TestClient| c.events.iter().any(|e| matches!(e, Event::Leave { info, .. } if info.user == "carol"));
+    assert!(run_all(&mut cs, Duration::from_secs(10), |cs| carol_left(&cs[0])).await, "carol's leave pushed");
+    let leave_after = left.elapsed();
+    let without_carol = |v: &View| {
+        v.0 == serde_json::json!({"clients": 4, "users": 3}) && v.2 == serde_json::json!(["alice", "bob", "watch"])
+    };
+    assert!(agreed(&mut cs, &apis, &stats, &users, without_carol, Duration::from_secs(10)).await.is_some());
+    let bound = Duration::from_millis(GRACE_MS + 2 * NODE_BEAT_MS);
+    println!("[presence] carol disconnected after the failover: leave after {leave_after:.2?} (grace {GRACE_MS} ms + 2 beats = {bound:?})");
+    assert!(
+        leave_after <= bound + Duration::from_millis(500),
+        "leave within the grace period and a sweep: {leave_after:?}"
+    );
+}

@@ -339,4 +339,33 @@ async fn a_publish_into_a_migrating_slot_is_retried_and_stored_once_soon_after_t
     let h = a.range(ch, 1, 10, usize::MAX).await.unwrap();
     assert_eq!(h.iter().map(|p| p.message_id.as_str()).collect::<Vec<_>>(), ["m1", "m2"]);
     assert_eq!(a.header(ch).await.unwrap().unwrap().epoch, "e1", "no epoch change");
+
+    // A slot that stays half-moved: a temporary error in bounded time (the
+    // client retries it), nothing stored; stored once the slot settles.
+    let ch = "mig:2";
+    let r = a.publish(ch, KEEP, None, &[item("n1", b"one", Qos::AtLeastOnce, "u")], 1000, "e2").await.unwrap();
+    assert_eq!(offsets(&r.items), ["new 1"]);
+    let meta = format!("ferry:{{{ch}}}:meta");
+    let from = cluster.owner(&meta).expect("owner");
+    let to = (0..3).find(|i| *i != from).unwrap();
+    let m = cluster.slot_migration(cluster.slot_of(&meta), from, to);
+    m.begin();
+    m.move_key(&meta);
+    let t0 = std::time::Instant::now();
+    let two = [item("n2", b"two", Qos::ExactlyOnce, "u")];
+    let r = tokio::time::timeout(Duration::from_secs(10), a.publish(ch, KEEP, None, &two, 1001, "e2")).await;
+    let failed_after = t0.elapsed();
+    println!("[migration] a slot stuck half-moved: publish answered {r:?} after {failed_after:.2?}");
+    assert!(matches!(r, Ok(Err(EngineError::Unavailable(_)))), "temporary: {r:?}");
+    // The Cluster client's response timeout (5 s) bounds it.
+    assert!(failed_after < Duration::from_secs(8), "bounded: {failed_after:?}");
+    let mm = m.clone();
+    tokio::task::spawn_blocking(move || {
+        mm.move_keys(100);
+        mm.finish();
+    })
+    .await
+    .unwrap();
+    let r = a.publish(ch, KEEP, None, &two, 1002, "e2").await.unwrap();
+    assert_eq!(offsets(&r.items), ["new 2"], "the retry is stored once");
 }
