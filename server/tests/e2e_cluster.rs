@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -238,51 +237,6 @@ async fn redis_down_means_temporary_errors_then_service_resumes_with_a_visible_g
         "{:?}",
         c.events
     );
-}
-
-/// A webhook receiver that accepts every call; `notify` fires after each.
-async fn hook_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>, Arc<tokio::sync::Notify>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://127.0.0.1:{}/hooks", l.local_addr().unwrap().port());
-    let got: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
-    let notify = Arc::new(tokio::sync::Notify::new());
-    let (g, n) = (got.clone(), notify.clone());
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let (g, n) = (g.clone(), n.clone());
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let body = loop {
-                    let k = s.read(&mut chunk).await.unwrap_or(0);
-                    if k == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..k]);
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    if let Some((h, b)) = text.split_once("\r\n\r\n") {
-                        let len: usize = h
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length: ")
-                                    .map(|v| v.trim().parse().unwrap())
-                            })
-                            .unwrap_or(0);
-                        if b.len() >= len {
-                            break b[..len].to_string();
-                        }
-                    }
-                };
-                g.lock().unwrap().push(serde_json::from_str(&body).unwrap());
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
-                let _ = s.shutdown().await;
-                n.notify_waiters();
-            });
-        }
-    });
-    (url, got, notify)
 }
 
 fn of_user<'a>(hooks: &'a [serde_json::Value], user: &str) -> Vec<&'a serde_json::Value> {

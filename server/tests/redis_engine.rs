@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::Redis;
+use common::{poll_until, tryagain_count, Redis, RedisCluster};
 
 use ferry_core::frame::{ClientInfo, Qos};
 use ferry_server::engine::redis::{Appended, Durability, RedisConfig, RedisStreams};
@@ -319,4 +319,86 @@ async fn an_evicting_redis_is_refused_and_a_locked_down_one_accepted_with_a_warn
         ferry_server::engine::pubsub::Credentials { username: Some("ferry".into()), password: Some("no".into()) };
     let addr = ferry_server::engine::pubsub::NodeAddr { host: "127.0.0.1".into(), port: locked.port };
     assert!(ferry_server::engine::pubsub::Link::connect(&addr, &wrong, Duration::from_secs(5), tx).await.is_err());
+}
+
+/// A publish meeting its channel's slot half-migrated: the script's keys
+/// are split between two primaries, so Redis answers `TRYAGAIN` until the
+/// slot settles. The publish is retried by the engine, stored once, in
+/// order, soon after the slot settles; a retry of it is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_into_a_migrating_slot_is_retried_and_stored_once_soon_after_the_move() {
+    let cluster = RedisCluster::start(3, 0, &[]).await;
+    let a = node(cluster.urls()).await;
+    let ch = "mig:1";
+    let r = a.publish(ch, KEEP, None, &[item("m1", b"one", Qos::AtLeastOnce, "u")], 1000, "e1").await.unwrap();
+    assert_eq!(offsets(&r.items), ["new 1"]);
+    let meta = format!("ferry:{{{ch}}}:meta");
+    let from = cluster.owner(&meta).expect("owner");
+    let to = (0..3).find(|i| *i != from).unwrap();
+    let m = cluster.slot_migration(cluster.slot_of(&meta), from, to);
+    m.begin();
+    m.move_key(&meta);
+    let before = tryagain_count(m.from_port) + tryagain_count(m.to_port);
+    let b = a.clone();
+    let publish = tokio::spawn(async move {
+        let two = [item("m2", b"two", Qos::ExactlyOnce, "u")];
+        b.publish("mig:1", KEEP, None, &two, 1001, "e1").await
+    });
+    // The script met the split slot (no event for that: a bounded poll).
+    let met =
+        poll_until(Duration::from_secs(5), || tryagain_count(m.from_port) + tryagain_count(m.to_port) > before).await;
+    assert!(met, "Redis answered TRYAGAIN");
+    assert!(!publish.is_finished(), "the engine retries TRYAGAIN instead of failing at once");
+    let settle = std::time::Instant::now();
+    let mm = m.clone();
+    tokio::task::spawn_blocking(move || {
+        mm.move_keys(100);
+        mm.finish();
+    })
+    .await
+    .unwrap();
+    let settled = settle.elapsed();
+    let r = tokio::time::timeout(Duration::from_secs(10), publish).await.expect("bounded").unwrap().unwrap();
+    let stored = settle.elapsed();
+    println!("[migration] slot settled in {settled:.2?}; publish stored {stored:.2?} after the settling began");
+    assert_eq!(offsets(&r.items), ["new 2"], "stored once, after the one before");
+    assert!(
+        stored < settled + Duration::from_millis(500),
+        "stored soon after the slot settled, not after a long retry wait: {stored:?} (settled in {settled:?})"
+    );
+    let again = [item("m2", b"two", Qos::ExactlyOnce, "u")];
+    let r = a.publish(ch, KEEP, None, &again, 1002, "e1").await.unwrap();
+    assert_eq!(offsets(&r.items), ["dup 2"]);
+    let h = a.range(ch, 1, 10, usize::MAX).await.unwrap();
+    assert_eq!(h.iter().map(|p| p.message_id.as_str()).collect::<Vec<_>>(), ["m1", "m2"]);
+    assert_eq!(a.header(ch).await.unwrap().unwrap().epoch, "e1", "no epoch change");
+
+    // A slot that stays half-moved: a temporary error in bounded time (the
+    // client retries it), nothing stored; stored once the slot settles.
+    let ch = "mig:2";
+    let r = a.publish(ch, KEEP, None, &[item("n1", b"one", Qos::AtLeastOnce, "u")], 1000, "e2").await.unwrap();
+    assert_eq!(offsets(&r.items), ["new 1"]);
+    let meta = format!("ferry:{{{ch}}}:meta");
+    let from = cluster.owner(&meta).expect("owner");
+    let to = (0..3).find(|i| *i != from).unwrap();
+    let m = cluster.slot_migration(cluster.slot_of(&meta), from, to);
+    m.begin();
+    m.move_key(&meta);
+    let t0 = std::time::Instant::now();
+    let two = [item("n2", b"two", Qos::ExactlyOnce, "u")];
+    let r = tokio::time::timeout(Duration::from_secs(10), a.publish(ch, KEEP, None, &two, 1001, "e2")).await;
+    let failed_after = t0.elapsed();
+    println!("[migration] a slot stuck half-moved: publish answered {r:?} after {failed_after:.2?}");
+    assert!(matches!(r, Ok(Err(EngineError::Unavailable(_)))), "temporary: {r:?}");
+    // The Cluster client's response timeout (5 s) bounds it.
+    assert!(failed_after < Duration::from_secs(8), "bounded: {failed_after:?}");
+    let mm = m.clone();
+    tokio::task::spawn_blocking(move || {
+        mm.move_keys(100);
+        mm.finish();
+    })
+    .await
+    .unwrap();
+    let r = a.publish(ch, KEEP, None, &two, 1002, "e2").await.unwrap();
+    assert_eq!(offsets(&r.items), ["new 2"], "the retry is stored once");
 }

@@ -348,9 +348,22 @@ impl RedisStreams {
                 Conn::Single(ConnectionManager::new_with_config(client, mc).await.map_err(unavailable)?)
             }
             (None, many) => {
+                // Design: `TRYAGAIN` (a multi-key script meeting a slot in
+                // mid-migration), `CLUSTERDOWN` and `MASTERDOWN` are retried by the Cluster client after rand(min ..
+                // 10 * 2^n) ms. Its default minimum of 1.28 s held every
+                // publish met by a migration (and, through the sequencer
+                // shard, its neighbours) for 1.28 s or more, though a
+                // migration settles in milliseconds. With a minimum of 10 ms
+                // the first retries come within 20, 40, 80 ... ms and the
+                // waits still double, so the 16 retries outlast the 5 s
+                // response timeout as before (retries used up in a failover
+                // left the client answering "timed out" for good in a test).
+                // A slot stuck in migration answers 115 after 5 s; the
+                // client's retry is deduplicated (docs/CLUSTER.md section 7).
                 let client = redis::cluster::ClusterClient::builder(many.iter().map(String::as_str))
                     .connection_timeout(Duration::from_secs(5))
                     .response_timeout(Duration::from_secs(5))
+                    .min_retry_wait(10)
                     .build()
                     .map_err(unavailable)?;
                 Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)

@@ -809,3 +809,155 @@ impl Drop for SentinelProc {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// `redis-cli -p <port> <args>`: stdout, trimmed (for steps run off the
+/// async runtime, which own no `Redis`).
+pub fn cli_at(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A live migration of one hash slot from one Cluster primary to another,
+/// made of the real commands (the steps `redis-cli --cluster reshard`
+/// takes): `CLUSTER SETSLOT <slot> IMPORTING` on the target, `MIGRATING` on
+/// the source, `MIGRATE ... KEYS ...` in batches until the source has no
+/// key of the slot left, then `CLUSTER SETSLOT <slot> NODE <target>` on the
+/// target, the source and every other primary.
+#[derive(Clone, Debug)]
+pub struct SlotMigration {
+    pub slot: u16,
+    pub from_port: u16,
+    pub from_id: String,
+    pub to_port: u16,
+    pub to_id: String,
+    /// The other primaries (told the new owner last).
+    pub others: Vec<u16>,
+}
+
+impl RedisCluster {
+    /// The slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn slot_of(&self, key: &str) -> u16 {
+        self.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]).parse().expect("CLUSTER KEYSLOT")
+    }
+
+    /// A migration of `slot` from primary `from` to primary `to`.
+    pub fn slot_migration(&self, slot: u16, from: usize, to: usize) -> SlotMigration {
+        let id = |i: usize| self.nodes[i].cli(&["CLUSTER", "MYID"]);
+        SlotMigration {
+            slot,
+            from_port: self.nodes[from].port,
+            from_id: id(from),
+            to_port: self.nodes[to].port,
+            to_id: id(to),
+            others: (0..self.nodes.len())
+                .filter(|i| *i != from && *i != to && self.nodes[*i].role() == "master")
+                .map(|i| self.nodes[i].port)
+                .collect(),
+        }
+    }
+}
+
+impl SlotMigration {
+    /// Open the migration: the target imports, the source migrates.
+    pub fn begin(&self) {
+        let slot = self.slot.to_string();
+        let r = cli_at(self.to_port, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &self.from_id]);
+        assert_eq!(r, "OK", "IMPORTING on the target");
+        let r = cli_at(self.from_port, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &self.to_id]);
+        assert_eq!(r, "OK", "MIGRATING on the source");
+    }
+
+    /// Move every key of the slot, `batch` keys per `MIGRATE`; returns how
+    /// many moved. Bounded: the slot takes no new key while it migrates
+    /// (multi-key writes get `TRYAGAIN`), and the loop stops after 10,000
+    /// rounds anyway.
+    pub fn move_keys(&self, batch: usize) -> usize {
+        let slot = self.slot.to_string();
+        let (n, to_port) = (batch.to_string(), self.to_port.to_string());
+        let mut moved = 0;
+        for _ in 0..10_000 {
+            let keys = cli_at(self.from_port, &["CLUSTER", "GETKEYSINSLOT", &slot, &n]);
+            let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+            if keys.is_empty() {
+                return moved;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1", to_port.as_str(), "", "0", "5000", "KEYS"];
+            args.extend(&keys);
+            let r = cli_at(self.from_port, &args);
+            assert!(r == "OK" || r == "NOKEY", "MIGRATE: {r}");
+            moved += keys.len();
+        }
+        panic!("slot {} still has keys after 10,000 rounds", self.slot);
+    }
+
+    /// Move one key of the slot (to leave the slot half-moved).
+    pub fn move_key(&self, key: &str) {
+        let r = cli_at(self.from_port, &["MIGRATE", "127.0.0.1", &self.to_port.to_string(), key, "0", "5000"]);
+        assert_eq!(r, "OK", "MIGRATE {key}");
+    }
+
+    /// Close the migration: the target owns the slot, as every primary is told.
+    pub fn finish(&self) {
+        let slot = self.slot.to_string();
+        for port in [self.to_port, self.from_port].iter().chain(&self.others) {
+            let r = cli_at(*port, &["CLUSTER", "SETSLOT", &slot, "NODE", &self.to_id]);
+            assert_eq!(r, "OK", "SETSLOT NODE on {port}");
+        }
+    }
+}
+
+/// How many times the node at `port` answered `TRYAGAIN` (`INFO errorstats`).
+pub fn tryagain_count(port: u16) -> u64 {
+    cli_at(port, &["INFO", "errorstats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("errorstat_TRYAGAIN:count="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A webhook receiver that accepts every call; `notify` fires after each.
+pub async fn hook_receiver(
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>, std::sync::Arc<tokio::sync::Notify>) {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://127.0.0.1:{}/hooks", l.local_addr().unwrap().port());
+    let got: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let (g, n) = (got.clone(), notify.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let (g, n) = (g.clone(), n.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let body = loop {
+                    let k = s.read(&mut chunk).await.unwrap_or(0);
+                    if k == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..k]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some((h, b)) = text.split_once("\r\n\r\n") {
+                        let len: usize = h
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length: ")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if b.len() >= len {
+                            break b[..len].to_string();
+                        }
+                    }
+                };
+                g.lock().unwrap().push(serde_json::from_str(&body).unwrap());
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                let _ = s.shutdown().await;
+                n.notify_waiters();
+            });
+        }
+    });
+    (url, got, notify)
+}
