@@ -470,13 +470,11 @@ async fn sentinel_failover_with_leader_durability_loses_nothing_silently() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_primary_killed_under_load_loses_nothing_silently() {
-    let _serial = SERIAL.lock().await;
-    logs();
-    // 3 primaries + 3 replicas; the shard of `acct:0` loses its primary.
-    let mut cluster = RedisCluster::start(3, 1, &[]).await;
-    let cfg = RedisConfig { urls: cluster.urls(), ..RedisConfig::default() };
+/// A Redis Cluster of 3 primaries with `replicas` each; the primary of
+/// `acct:0`'s shard is killed under load and one of its replicas takes over.
+async fn cluster_kill_run(replicas: usize, durability: Durability) -> Outcome {
+    let mut cluster = RedisCluster::start(3, replicas, &[]).await;
+    let cfg = RedisConfig { urls: cluster.urls(), durability, ..RedisConfig::default() };
     let nodes = [
         TestServer::start_with_api(node_config(cfg.clone())).await,
         TestServer::start_with_api(node_config(cfg.clone())).await,
@@ -487,29 +485,37 @@ async fn cluster_primary_killed_under_load_loses_nothing_silently() {
     let other = cluster.owner(&format!("ferry:{{{}}}:meta", CHANNELS[1]));
     println!("[failover] cluster: {} on primary {victim}, {} on {other:?}", CHANNELS[0], CHANNELS[1]);
     let victim_port = cluster.nodes[victim].port;
-    let replica = cluster
+    let shard_replicas: Vec<u16> = cluster
         .nodes
         .iter()
-        .position(|n| n.cli(&["INFO", "replication"]).contains(&format!("master_port:{victim_port}")))
-        .expect("the shard's replica");
-    let (killed, survivor) = if victim < replica {
-        let (a, b) = cluster.nodes.split_at_mut(replica);
-        (&mut a[victim], &b[0])
-    } else {
-        let (a, b) = cluster.nodes.split_at_mut(victim);
-        (&mut b[0], &a[replica])
+        .filter(|n| n.cli(&["INFO", "replication"]).contains(&format!("master_port:{victim_port}")))
+        .map(|n| n.port)
+        .collect();
+    assert_eq!(shard_replicas.len(), replicas, "the shard's replicas");
+    let role = |port: u16| {
+        let out = std::process::Command::new("redis-cli").args(["-p", &port.to_string(), "ROLE"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string()
     };
-    let out = failover_under_load(
+    let killed = &mut cluster.nodes[victim];
+    failover_under_load(
         &nodes,
         &cfg,
         || killed.kill9(),
         || async {
-            // No event for "the replica took over the slots": a bounded
-            // poll of its role.
-            poll_until(Duration::from_secs(20), || survivor.role() == "master").await
+            // No event for "a replica took over the slots": a bounded poll
+            // of their roles.
+            poll_until(Duration::from_secs(20), || shard_replicas.iter().any(|p| role(*p) == "master")).await
         },
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_primary_killed_under_load_loses_nothing_silently() {
+    let _serial = SERIAL.lock().await;
+    logs();
+    // 3 primaries + 3 replicas; the shard of `acct:0` loses its primary.
+    let out = cluster_kill_run(1, Durability::Leader).await;
     assert!(out.kill_to_switch.is_some(), "a replica took over the shard");
     assert!(out.kill_to_acks.is_some(), "publishes are acknowledged again after the failover");
     assert_eq!(out.silent, 0, "a subscriber missing an acknowledged publish was told of the gap");
@@ -517,6 +523,22 @@ async fn cluster_primary_killed_under_load_loses_nothing_silently() {
         assert_eq!(out.not_in_history, 0, "no epoch change: nothing acknowledged is missing");
         assert_eq!(out.qos2_duplicates, 0);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_primary_killed_with_replicated_durability_loses_no_acknowledged_publish() {
+    let _serial = SERIAL.lock().await;
+    logs();
+    // 3 primaries with 2 replicas each: after the kill the promoted replica
+    // still has one to confirm `WAIT 1`, so publishes are acknowledged again.
+    let out = cluster_kill_run(2, Durability::Replicated).await;
+    assert!(out.kill_to_switch.is_some(), "a replica took over the shard");
+    assert!(out.kill_to_acks.is_some(), "publishes are acknowledged again after the failover");
+    assert_eq!(out.acked, out.published, "every publish acknowledged in the end (outboxes retry)");
+    assert_eq!(out.not_in_history, 0, "nothing acknowledged is lost");
+    assert_eq!(out.undelivered, 0, "every acknowledged publish reaches every subscriber");
+    assert_eq!(out.epochs_changed, 0);
+    assert_eq!(out.qos2_duplicates, 0);
 }
 
 /// A live slot migration under load (issue 14): the slot of `acct:0`'s
