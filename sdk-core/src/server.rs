@@ -326,7 +326,8 @@ pub struct ServerSession {
     phase: Phase,
     timers: Timers<TIMERS>,
     client_compress: bool,
-    subs: BTreeMap<String, Sub>,
+    /// Boxed: a map node holds room for 11 entries, mostly unused.
+    subs: BTreeMap<String, Box<Sub>>,
     pending: HashMap<RequestId, PendingKind>,
     /// Message ids handed to the host and not yet answered → (fingerprint
     /// of channel and data, waiting requests).
@@ -869,7 +870,7 @@ impl ServerSession {
             inflight: VecDeque::new(),
             fetching: None,
         };
-        self.subs.insert(channel.clone(), sub);
+        self.subs.insert(channel.clone(), Box::new(sub));
         self.maybe_fetch(&channel);
     }
 

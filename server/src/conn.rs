@@ -338,7 +338,7 @@ impl Conn {
                     let channel = sub.channel.clone();
                     tokio::spawn(async move {
                         let result = pending.await;
-                        let _ = tx.send(ConnMsg::Subscribed { req, channel, result });
+                        let _ = tx.send(ConnMsg::Subscribed { req, channel, result: Box::new(result) });
                     });
                     return;
                 }
@@ -509,7 +509,7 @@ impl Conn {
             Command::History(h) => {
                 tokio::spawn(async move {
                     let result = hub.history(&h).await;
-                    let _ = tx.send(ConnMsg::Reply { req, result });
+                    let _ = tx.send(ConnMsg::Reply { req, result: Box::new(result) });
                 });
             }
             Command::Presence { channel } => {
@@ -517,7 +517,7 @@ impl Conn {
                 tokio::spawn(async move {
                     let result =
                         hub.presence(&channel, None, 1000).await.map(|clients| ReplyBody::Presence { clients });
-                    let _ = tx.send(ConnMsg::Reply { req, result });
+                    let _ = tx.send(ConnMsg::Reply { req, result: Box::new(result) });
                 });
             }
             Command::PresenceStats { channel } => {
@@ -526,7 +526,7 @@ impl Conn {
                         .presence_stats(&channel)
                         .await
                         .map(|s| ReplyBody::PresenceStats { clients: s.clients, users: s.users });
-                    let _ = tx.send(ConnMsg::Reply { req, result });
+                    let _ = tx.send(ConnMsg::Reply { req, result: Box::new(result) });
                 });
             }
             _ => self.answer(req, Err(ErrorReply::new(ErrorCode::MethodNotFound))),
@@ -556,8 +556,8 @@ impl Conn {
                 }
                 self.session.fetch_done(now, &channel, end);
             }
-            ConnMsg::Reply { req, result } => self.answer(req, result),
-            ConnMsg::Subscribed { req, channel, result } => match result {
+            ConnMsg::Reply { req, result } => self.answer(req, *result),
+            ConnMsg::Subscribed { req, channel, result } => match *result {
                 Ok(start) => {
                     self.channels.push(channel);
                     self.session.subscribe_ok(now, req, start);
@@ -572,7 +572,7 @@ impl Conn {
                 }
                 self.session.accept(now, req, *accept);
             }
-            ConnMsg::Notice(p) => self.session.push_notice(now, p),
+            ConnMsg::Notice(p) => self.session.push_notice(now, *p),
             ConnMsg::Kick(code, reason) => self.session.disconnect(now, code, &reason),
             ConnMsg::Lagged => {
                 if let Some(h) = &self.handle {

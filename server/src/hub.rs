@@ -58,15 +58,17 @@ pub enum ConnMsg {
         /// How it ended.
         end: FetchEnd,
     },
-    /// The answer to a call (history).
+    /// The answer to a call (history). Boxed, like the other large
+    /// variants: a channel's blocks hold 32 messages of the largest
+    /// variant's size, per connection.
     Reply {
         /// Request id.
         req: u32,
         /// The answer.
-        result: Result<ReplyBody, ErrorReply>,
+        result: Box<Result<ReplyBody, ErrorReply>>,
     },
     /// A push to forward (join, leave, unsubscribed).
-    Notice(Push),
+    Notice(Box<Push>),
     /// Close the connection.
     Kick(CloseCode, String),
     /// Live publications were dropped: catch up from the store.
@@ -78,7 +80,7 @@ pub enum ConnMsg {
         /// Channel.
         channel: String,
         /// Where delivery starts, or why not.
-        result: Result<StreamStart, ErrorReply>,
+        result: Box<Result<StreamStart, ErrorReply>>,
     },
     /// A `connect` whose recovered subscriptions read the engine (Redis).
     Accepted {
@@ -687,7 +689,7 @@ impl Hub {
         let st = self.lock();
         if let Some(c) = st.channels.get(channel) {
             for h in c.subs.values() {
-                let _ = h.ctl.send(ConnMsg::Notice(push.clone()));
+                let _ = h.ctl.send(ConnMsg::Notice(Box::new(push.clone())));
             }
         }
     }
@@ -840,7 +842,7 @@ impl Hub {
                 code: CloseCode::ForceDisconnect as u16,
                 reason: "unsubscribed by the backend".into(),
             };
-            let _ = h.ctl.send(ConnMsg::Notice(push));
+            let _ = h.ctl.send(ConnMsg::Notice(Box::new(push)));
             self.unsubscribe(*id, channel);
         }
         ids.len()
@@ -1404,5 +1406,16 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
         }
         batch.headers = headers.into_iter().collect();
         hub.apply(batch, replies, &hot_trim);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every connection's control channel allocates blocks of 32 messages
+    /// of this size: keep large variants boxed.
+    #[test]
+    fn a_control_message_stays_small() {
+        let size = std::mem::size_of::<super::ConnMsg>();
+        assert!(size <= 64, "ConnMsg is {size} bytes");
     }
 }
