@@ -549,6 +549,7 @@ impl Config {
         if !self.webhooks.url.is_empty() {
             crate::http_client::Url::parse(&self.webhooks.url).map_err(|e| anyhow::anyhow!("webhooks.url: {e}"))?;
         }
+        self.redis.check()?;
         for (name, ns) in &self.namespaces {
             anyhow::ensure!(ns.max_qos <= 2, "namespaces.{name}.max_qos must be 0, 1 or 2");
             anyhow::ensure!(ns.history_size > 0, "namespaces.{name}.history_size must be positive");

@@ -140,6 +140,8 @@ async fn main() -> anyhow::Result<()> {
                 ferry_server::tls::server_config(c, k)?;
             }
             ferry_server::tls::client_config(cfg.tls.ca_file.as_deref())?;
+            // `[redis] tls_ca` is read and parsed (no connection is made).
+            cfg.redis.tls()?;
             println!("{}: ok", config.display());
             Ok(())
         }

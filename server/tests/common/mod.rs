@@ -567,6 +567,13 @@ pub struct Redis {
     child: std::process::Child,
     pub port: u16,
     dir: std::path::PathBuf,
+    /// TLS only (`rediss://`, see [`Redis::start_tls`]).
+    pub tls: bool,
+}
+
+/// The test certificates (tests/fixtures/tls/README.md).
+pub fn tls_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls").join(name)
 }
 
 pub fn free_port() -> u16 {
@@ -576,6 +583,21 @@ pub fn free_port() -> u16 {
 impl Redis {
     pub fn start(extra: &[&str]) -> Redis {
         Self::start_on(free_port(), extra)
+    }
+
+    /// TLS only: no plain port, the fixtures' `redis.pem` (valid for
+    /// 127.0.0.1 and localhost, signed by `redis-ca.pem`), clients not
+    /// asked for a certificate.
+    pub fn start_tls(extra: &[&str]) -> Redis {
+        let port = free_port();
+        let file = |name| tls_fixture(name).to_str().unwrap().to_string();
+        let mut args: Vec<String> = ["--port", "0", "--tls-port", &port.to_string()].map(String::from).to_vec();
+        args.extend(["--tls-cert-file".into(), file("redis.pem"), "--tls-key-file".into(), file("redis.key")]);
+        args.extend(["--tls-ca-cert-file".into(), file("redis-ca.pem"), "--tls-auth-clients".into(), "no".into()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let mut r = Self::start_on(port, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        r.tls = true;
+        r
     }
 
     /// On a given port (a restart keeps its address).
@@ -610,17 +632,29 @@ impl Redis {
         assert!(ready, "redis-server on port {port} did not start");
         // Keep draining its output so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Redis { child, port, dir }
+        Redis { child, port, dir, tls: false }
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("{}://127.0.0.1:{}/", if self.tls { "rediss" } else { "redis" }, self.port)
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
-        let out =
-            std::process::Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(cli_tls(self.tls))
+            .args(args)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+/// `redis-cli` options for a TLS server.
+fn cli_tls(tls: bool) -> Vec<String> {
+    match tls {
+        true => vec!["--tls".into(), "--cacert".into(), tls_fixture("redis-ca.pem").to_str().unwrap().into()],
+        false => Vec::new(),
     }
 }
 
@@ -667,11 +701,24 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub async fn start(primaries: usize, replicas: usize, extra: &[&str]) -> RedisCluster {
+        Self::start_with(primaries, replicas, extra, false).await
+    }
+
+    /// TLS only, the cluster bus and replication too (`tls-cluster yes`).
+    pub async fn start_tls(primaries: usize, replicas: usize, extra: &[&str]) -> RedisCluster {
+        let mut args = vec!["--tls-cluster", "yes", "--tls-replication", "yes"];
+        args.extend_from_slice(extra);
+        Self::start_with(primaries, replicas, &args, true).await
+    }
+
+    async fn start_with(primaries: usize, replicas: usize, extra: &[&str], tls: bool) -> RedisCluster {
         let mut args = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"];
         args.extend_from_slice(extra);
-        let nodes: Vec<Redis> = (0..primaries * (1 + replicas)).map(|_| Redis::start(&args)).collect();
+        let start = |_| if tls { Redis::start_tls(&args) } else { Redis::start(&args) };
+        let nodes: Vec<Redis> = (0..primaries * (1 + replicas)).map(start).collect();
         let addrs: Vec<String> = nodes.iter().map(Redis::addr).collect();
         let out = std::process::Command::new("redis-cli")
+            .args(cli_tls(tls))
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
