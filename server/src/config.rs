@@ -626,6 +626,19 @@ mod tests {
     }
 
     #[test]
+    fn redis_tls_settings_come_from_the_environment_and_are_checked() {
+        let (c, _) = env(&[
+            ("FERRY_REDIS_URLS", r#"["rediss://10.0.0.1:6380"]"#),
+            ("FERRY_REDIS_TLS_CA", "/etc/ferry/redis-ca.pem"),
+        ])
+        .unwrap();
+        assert_eq!(c.redis.tls_ca.as_deref(), Some(std::path::Path::new("/etc/ferry/redis-ca.pem")));
+        // A private CA for plain redis:// would silently mean no TLS.
+        let e = env(&[("FERRY_REDIS_URLS", r#"["redis://10.0.0.1:6379"]"#), ("FERRY_REDIS_TLS_CA", "/ca.pem")]);
+        assert!(e.unwrap_err().to_string().contains("use rediss://"));
+    }
+
+    #[test]
     fn kubernetes_links_are_recognised_by_name_and_value() {
         for (n, v) in [
             ("FERRY_PORT", "tcp://10.0.0.1:8000"),

@@ -78,8 +78,9 @@ enum Cmd {
         api_listen: Option<String>,
         /// Keep streams, message ids, cursors and fan-out in Redis, shared
         /// with every node given the same Redis (docs/CLUSTER.md); repeat for
-        /// several URLs. Overrides `[redis] urls` and `FERRY_REDIS_URLS`.
-        #[arg(long, value_name = "redis://HOST:PORT")]
+        /// several URLs; `rediss://` for TLS. Overrides `[redis] urls` and
+        /// `FERRY_REDIS_URLS`.
+        #[arg(long, value_name = "redis[s]://HOST:PORT")]
         redis: Vec<String>,
     },
 }

@@ -240,3 +240,35 @@ async fn on_a_tls_redis_cluster_every_shard_fans_out_to_both_nodes() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_tls_sentinel_two_nodes_fan_out_on_the_tls_primary() {
+    let primary = Redis::start_tls(&[]);
+    let sentinel = SentinelProc::start_tls("tlsmain", primary.port, 5_000);
+    let cfg = || {
+        let mut c = on_tls(vec![sentinel.url()]);
+        c.redis.sentinel_master = Some("tlsmain".into());
+        c
+    };
+    // The Sentinel is asked over TLS; it names the primary's TLS port,
+    // which commands, the control link and fan-out reach over TLS.
+    let nodes = [TestServer::start_with_api(cfg()).await, TestServer::start_with_api(cfg()).await];
+    let mut sub = TestClient::new(&nodes[0].url(), TestClient::config("s", "sub", Encoding::Binary));
+    sub.subscribe("room:s", Qos::AtLeastOnce).await;
+    sub.connect().await;
+    assert!(sub.run_until(T, |c| subscribed(c) == 1).await, "subscribed");
+    let mut publisher = TestClient::new(&nodes[1].url(), TestClient::config("p", "pub", Encoding::Json));
+    publisher.connect().await;
+    for i in 0..5 {
+        publisher.publish("room:s", format!("m{i}").into_bytes(), Qos::AtLeastOnce).await;
+    }
+    let mut cs = vec![sub, publisher];
+    assert!(
+        run_all(&mut cs, T, |cs| cs[1].session.outbox_len() == 0 && cs[0].offsets("room:s").len() >= 5).await,
+        "{:?}",
+        cs[0].offsets("room:s")
+    );
+    assert_eq!(cs[0].offsets("room:s"), (1..=5).collect::<Vec<_>>(), "once each, in order");
+    // The subscriber's node listens on the primary's TLS port.
+    assert_eq!(primary.cli(&["PUBSUB", "NUMSUB", "ferry:{room:s}:fan"]).lines().nth(1), Some("1"));
+}

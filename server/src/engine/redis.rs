@@ -45,7 +45,8 @@ pub struct RedisConfig {
     /// `replicated` (also after `WAIT 1` confirmed a replica).
     pub durability: Durability,
     /// PEM file of the CA certificates trusted for `rediss://`, instead of
-    /// the public web roots (a private CA, a managed Redis's own CA).
+    /// the public web roots (a private CA, a managed Redis's own CA);
+    /// only with `rediss://` URLs.
     pub tls_ca: Option<std::path::PathBuf>,
 }
 

@@ -775,6 +775,8 @@ impl Redis {
 pub struct SentinelProc {
     child: std::process::Child,
     pub port: u16,
+    /// TLS only, to clients and to the Redis it watches.
+    pub tls: bool,
     dir: std::path::PathBuf,
     pub switched: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
@@ -783,6 +785,15 @@ impl SentinelProc {
     /// Watch `primary_port` as `name` (quorum 2) with fast failure
     /// detection; runs `redis-server <conf> --sentinel`.
     pub fn start(name: &str, primary_port: u16, down_after_ms: u64) -> SentinelProc {
+        Self::start_with(name, primary_port, down_after_ms, false)
+    }
+
+    /// TLS only (fixtures as [`Redis::start_tls`]), watching a TLS Redis.
+    pub fn start_tls(name: &str, primary_port: u16, down_after_ms: u64) -> SentinelProc {
+        Self::start_with(name, primary_port, down_after_ms, true)
+    }
+
+    fn start_with(name: &str, primary_port: u16, down_after_ms: u64, tls: bool) -> SentinelProc {
         use std::io::{BufRead, BufReader};
         use std::process::{Command, Stdio};
         let port = free_port();
@@ -790,10 +801,21 @@ impl SentinelProc {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let conf = dir.join("sentinel.conf");
+        let file = |name| tls_fixture(name).display().to_string();
+        let listen = match tls {
+            true => format!(
+                "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+                 tls-auth-clients no\ntls-replication yes\n",
+                file("redis.pem"),
+                file("redis.key"),
+                file("redis-ca.pem")
+            ),
+            false => format!("port {port}\n"),
+        };
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                "{listen}bind 127.0.0.1\ndir {}\n\
                  sentinel monitor {name} 127.0.0.1 {primary_port} 2\n\
                  sentinel down-after-milliseconds {name} {down_after_ms}\n\
                  sentinel failover-timeout {name} 3000\n\
@@ -835,16 +857,20 @@ impl SentinelProc {
                 }
             }
         });
-        SentinelProc { child, port, dir, switched }
+        SentinelProc { child, port, tls, dir, switched }
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("{}://127.0.0.1:{}/", if self.tls { "rediss" } else { "redis" }, self.port)
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
-        let out =
-            std::process::Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(cli_tls(self.tls))
+            .args(args)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 }
