@@ -163,3 +163,36 @@ pub fn explain(e: &str) -> String {
         e.to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(u: &str) -> ConnectionInfo {
+        redis::IntoConnectionInfo::into_connection_info(u).unwrap()
+    }
+
+    #[test]
+    fn nodes_found_later_keep_the_urls_tls_and_credentials() {
+        let node = NodeAddr { host: "10.0.0.9".into(), port: 7001 };
+        let n = at(&info("rediss://u:p@10.0.0.1:6380/"), &node);
+        assert!(is_tls(&n));
+        assert_eq!(node_addr(&n), Some(node.clone()));
+        assert_eq!(n.redis_settings().password(), Some("p"));
+        assert!(!is_tls(&at(&info("redis://10.0.0.1:6379/"), &node)));
+    }
+
+    #[test]
+    fn tls_settings_that_cannot_work_are_refused() {
+        let tls = [info("rediss://a:6380/"), info("rediss://b:6380/")];
+        assert!(validate(&tls, true).unwrap());
+        assert!(!validate(&[info("redis://a:6379/")], false).unwrap());
+        assert!(!validate(&[], true).unwrap(), "no Redis: nothing to check");
+        let mixed = [info("rediss://a:6380/"), info("redis://b:6379/")];
+        assert!(validate(&mixed, false).unwrap_err().to_string().contains("mix"));
+        assert!(validate(&[info("redis://a:6379/")], true).unwrap_err().to_string().contains("use rediss://"));
+        assert!(validate(&[info("rediss://a:6380/#insecure")], false).is_err());
+        assert!(explain("invalid peer certificate: UnknownIssuer").contains("redis.tls_ca"));
+        assert_eq!(explain("connection refused"), "connection refused");
+    }
+}

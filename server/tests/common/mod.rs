@@ -717,7 +717,10 @@ impl RedisCluster {
         let start = |_| if tls { Redis::start_tls(&args) } else { Redis::start(&args) };
         let nodes: Vec<Redis> = (0..primaries * (1 + replicas)).map(start).collect();
         let addrs: Vec<String> = nodes.iter().map(Redis::addr).collect();
-        let out = std::process::Command::new("redis-cli")
+        // Bounded: `--cluster create` waits forever for nodes whose cluster
+        // bus cannot connect (e.g. a TLS certificate refused there).
+        let out = std::process::Command::new("timeout")
+            .args(["60", "redis-cli"])
             .args(cli_tls(tls))
             .args(["--cluster", "create"])
             .args(&addrs)
