@@ -321,8 +321,9 @@ async fn build(
 ) -> Result<Topology, String> {
     let topology = streams.fan_topology(hints).await.map_err(|e| e.to_string())?;
     let creds = streams.credentials();
+    let tls = streams.link_tls();
     let links = futures_util::future::join_all(
-        topology.nodes.iter().map(|a| Link::connect(a, &creds, Duration::from_secs(2), events.clone())),
+        topology.nodes.iter().map(|a| Link::connect(a, &creds, tls.clone(), Duration::from_secs(2), events.clone())),
     )
     .await
     .into_iter()

@@ -549,6 +549,7 @@ impl Config {
         if !self.webhooks.url.is_empty() {
             crate::http_client::Url::parse(&self.webhooks.url).map_err(|e| anyhow::anyhow!("webhooks.url: {e}"))?;
         }
+        self.redis.check()?;
         for (name, ns) in &self.namespaces {
             anyhow::ensure!(ns.max_qos <= 2, "namespaces.{name}.max_qos must be 0, 1 or 2");
             anyhow::ensure!(ns.history_size > 0, "namespaces.{name}.history_size must be positive");
@@ -622,6 +623,19 @@ mod tests {
         assert_eq!(c.redis.urls.len(), 2);
         assert_eq!(c.redis.durability, crate::engine::redis::Durability::Replicated);
         assert_eq!(r.applied.len(), 3);
+    }
+
+    #[test]
+    fn redis_tls_settings_come_from_the_environment_and_are_checked() {
+        let (c, _) = env(&[
+            ("FERRY_REDIS_URLS", r#"["rediss://10.0.0.1:6380"]"#),
+            ("FERRY_REDIS_TLS_CA", "/etc/ferry/redis-ca.pem"),
+        ])
+        .unwrap();
+        assert_eq!(c.redis.tls_ca.as_deref(), Some(std::path::Path::new("/etc/ferry/redis-ca.pem")));
+        // A private CA for plain redis:// would silently mean no TLS.
+        let e = env(&[("FERRY_REDIS_URLS", r#"["redis://10.0.0.1:6379"]"#), ("FERRY_REDIS_TLS_CA", "/ca.pem")]);
+        assert!(e.unwrap_err().to_string().contains("use rediss://"));
     }
 
     #[test]

@@ -78,8 +78,9 @@ enum Cmd {
         api_listen: Option<String>,
         /// Keep streams, message ids, cursors and fan-out in Redis, shared
         /// with every node given the same Redis (docs/CLUSTER.md); repeat for
-        /// several URLs. Overrides `[redis] urls` and `FERRY_REDIS_URLS`.
-        #[arg(long, value_name = "redis://HOST:PORT")]
+        /// several URLs; `rediss://` for TLS. Overrides `[redis] urls` and
+        /// `FERRY_REDIS_URLS`.
+        #[arg(long, value_name = "redis[s]://HOST:PORT")]
         redis: Vec<String>,
     },
 }
@@ -140,6 +141,8 @@ async fn main() -> anyhow::Result<()> {
                 ferry_server::tls::server_config(c, k)?;
             }
             ferry_server::tls::client_config(cfg.tls.ca_file.as_deref())?;
+            // `[redis] tls_ca` is read and parsed (no connection is made).
+            cfg.redis.tls()?;
             println!("{}: ok", config.display());
             Ok(())
         }

@@ -298,6 +298,7 @@ async fn an_evicting_redis_is_refused_and_a_locked_down_one_accepted_with_a_warn
     let link = ferry_server::engine::pubsub::Link::connect(
         &ferry_server::engine::pubsub::NodeAddr { host: "127.0.0.1".into(), port: locked.port },
         &a.credentials(),
+        a.link_tls(),
         Duration::from_secs(5),
         tx,
     )
@@ -318,7 +319,9 @@ async fn an_evicting_redis_is_refused_and_a_locked_down_one_accepted_with_a_warn
     let wrong =
         ferry_server::engine::pubsub::Credentials { username: Some("ferry".into()), password: Some("no".into()) };
     let addr = ferry_server::engine::pubsub::NodeAddr { host: "127.0.0.1".into(), port: locked.port };
-    assert!(ferry_server::engine::pubsub::Link::connect(&addr, &wrong, Duration::from_secs(5), tx).await.is_err());
+    assert!(ferry_server::engine::pubsub::Link::connect(&addr, &wrong, None, Duration::from_secs(5), tx)
+        .await
+        .is_err());
 }
 
 /// A publish meeting its channel's slot half-migrated: the script's keys

@@ -10,6 +10,7 @@
 pub mod pubsub;
 pub mod redis;
 pub mod sentinel;
+pub mod tls;
 
 use ferry_core::frame::{ClientInfo, Qos};
 

@@ -8,16 +8,22 @@
 //! must know exactly when a shard's subscriptions are live again, because
 //! that is when the node catches up on what pub/sub dropped meanwhile. The
 //! link reports its own end and a shard channel the server took away (a
-//! slot that moved), and the caller rebuilds.
+//! slot that moved), and the caller rebuilds. With `rediss://` URLs the
+//! link speaks TLS (see [`super::tls`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::rustls;
+
+/// The read side of a link: plain TCP or TLS.
+type Reader = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
+/// The write side of a link: plain TCP or TLS.
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// A node to connect to, with the credentials of the configured URL.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -89,7 +95,7 @@ struct Pending {
 /// One pub/sub connection. Dropping it closes the connection.
 pub struct Link {
     addr: NodeAddr,
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<Writer>,
     pending: Arc<Mutex<VecDeque<Pending>>>,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -103,6 +109,12 @@ impl Drop for Link {
 /// How long a confirmation may take before the link counts as broken.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Write and flush: TLS may hold a record back until flushed.
+async fn write(w: &mut Writer, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
 fn command(args: &[&[u8]]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();
     for a in args {
@@ -114,10 +126,12 @@ fn command(args: &[&[u8]]) -> Vec<u8> {
 }
 
 impl Link {
-    /// Connect (and `AUTH`), within `timeout`. Events go to `events`.
+    /// Connect (over TLS with `tls`, checking the certificate names
+    /// `addr.host`) and `AUTH`, within `timeout`. Events go to `events`.
     pub async fn connect(
         addr: &NodeAddr,
         creds: &Credentials,
+        tls: Option<Arc<rustls::ClientConfig>>,
         timeout: Duration,
         events: mpsc::UnboundedSender<LinkEvent>,
     ) -> Result<Link, LinkError> {
@@ -126,7 +140,20 @@ impl Link {
             let stream =
                 TcpStream::connect((addr.host.as_str(), addr.port)).await.map_err(|e| broken(e.to_string()))?;
             let _ = stream.set_nodelay(true);
-            let (r, mut w) = stream.into_split();
+            let (r, mut w): (Box<dyn AsyncRead + Send + Unpin>, Writer) = match tls {
+                // Plain TCP splits without a lock.
+                None => {
+                    let (r, w) = stream.into_split();
+                    (Box::new(r), Box::new(w))
+                }
+                Some(cfg) => {
+                    let s = crate::tls::connect(cfg, &addr.host, stream)
+                        .await
+                        .map_err(|e| broken(super::tls::explain(&format!("TLS: {e}"))))?;
+                    let (r, w) = tokio::io::split(s);
+                    (Box::new(r), Box::new(w))
+                }
+            };
             let mut r = BufReader::new(r);
             if let Some(pass) = &creds.password {
                 let mut args: Vec<&[u8]> = vec![b"AUTH"];
@@ -134,7 +161,7 @@ impl Link {
                     args.push(user.as_bytes());
                 }
                 args.push(pass.as_bytes());
-                w.write_all(&command(&args)).await.map_err(|e| broken(e.to_string()))?;
+                write(&mut w, &command(&args)).await.map_err(|e| broken(e.to_string()))?;
                 match read_value(&mut r).await.map_err(broken)? {
                     Resp::Simple => {}
                     Resp::Error(e) => return Err(LinkError::Refused(e)),
@@ -171,7 +198,7 @@ impl Link {
             channel,
             done: wait.then_some(tx),
         });
-        w.write_all(&command(args)).await.map_err(|e| LinkError::Broken(format!("{}: {e}", self.addr)))?;
+        write(&mut w, &command(args)).await.map_err(|e| LinkError::Broken(format!("{}: {e}", self.addr)))?;
         Ok(rx)
     }
 
@@ -212,11 +239,7 @@ impl Link {
     }
 }
 
-async fn read_loop(
-    mut r: BufReader<OwnedReadHalf>,
-    pending: Arc<Mutex<VecDeque<Pending>>>,
-    events: mpsc::UnboundedSender<LinkEvent>,
-) {
+async fn read_loop(mut r: Reader, pending: Arc<Mutex<VecDeque<Pending>>>, events: mpsc::UnboundedSender<LinkEvent>) {
     // The oldest command waiting for its confirmation, if it is of `kind`
     // (and, for an unsubscribe, of that channel); any kind for an error.
     let pop = |kind: Option<&Kind>, channel: &[u8]| {
@@ -297,7 +320,7 @@ enum Resp {
 const MAX_BULK: i64 = 512 << 20;
 
 fn read_value<'a>(
-    r: &'a mut BufReader<OwnedReadHalf>,
+    r: &'a mut Reader,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Resp, String>> + Send + 'a>> {
     Box::pin(async move {
         let mut line = Vec::new();

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::pubsub::{Credentials, NodeAddr};
 use super::sentinel::SentinelLink;
+use super::tls::RedisTls;
 use super::{hex, EngineError, Known, PublishItem, Retention};
 use crate::store::StreamHeader;
 
@@ -31,7 +32,8 @@ use crate::store::StreamHeader;
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]` URLs: one = a standalone
     /// Redis (or a primary); several = seed nodes of a Redis Cluster; with
-    /// `sentinel_master`, the Sentinels (one or more).
+    /// `sentinel_master`, the Sentinels (one or more). `rediss://` = TLS,
+    /// to these and to the nodes found through them (all URLs alike).
     pub urls: Vec<String>,
     /// The name of the primary the Sentinels at `urls` watch (`SENTINEL
     /// get-master-addr-by-name`); unset = no Sentinel. The URLs' user and
@@ -42,6 +44,35 @@ pub struct RedisConfig {
     /// `leader` (acknowledged once the primary has the write) or
     /// `replicated` (also after `WAIT 1` confirmed a replica).
     pub durability: Durability,
+    /// PEM file of the CA certificates trusted for `rediss://`, instead of
+    /// the public web roots (a private CA, a managed Redis's own CA);
+    /// only with `rediss://` URLs.
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl RedisConfig {
+    /// Reject settings that cannot work (without connecting or reading
+    /// files): URLs that do not parse, a mix of `redis://` and
+    /// `rediss://`, `tls_ca` without TLS.
+    pub fn check(&self) -> Result<(), EngineError> {
+        super::tls::validate(&self.parse_urls()?, self.tls_ca.is_some()).map(|_| ())
+    }
+
+    /// The TLS side of `rediss://` URLs, `tls_ca` read and checked; none
+    /// for plain `redis://` (or no URL).
+    pub fn tls(&self) -> Result<Option<Arc<RedisTls>>, EngineError> {
+        RedisTls::new(&self.parse_urls()?, self.tls_ca.as_deref())
+    }
+
+    fn parse_urls(&self) -> Result<Vec<redis::ConnectionInfo>, EngineError> {
+        self.urls
+            .iter()
+            .map(|u| {
+                redis::IntoConnectionInfo::into_connection_info(u.as_str())
+                    .map_err(|e| EngineError::Config(format!("redis.urls {}: {e}", crate::config::redact_url(u))))
+            })
+            .collect()
+    }
 }
 
 /// When a publish counts as stored.
@@ -288,6 +319,8 @@ pub struct RedisStreams {
     /// The configured URLs, parsed: credentials and seeds for the nodes
     /// found later (Cluster primaries, the Sentinels' primary).
     seeds: Arc<Vec<redis::ConnectionInfo>>,
+    /// With `rediss://` URLs: the trust for every connection.
+    tls: Option<Arc<RedisTls>>,
     prefix: String,
     durability: Durability,
     publish: std::sync::Arc<redis::Script>,
@@ -301,7 +334,7 @@ fn aged(script: &str, budget: u64) -> String {
 }
 
 fn unavailable(e: redis::RedisError) -> EngineError {
-    EngineError::Unavailable(e.to_string())
+    EngineError::Unavailable(super::tls::explain(&e.to_string()))
 }
 
 /// A channel or id inside a key: hash tags must not be cut short by a
@@ -331,16 +364,12 @@ impl RedisStreams {
         if cfg.urls.is_empty() {
             return Err(EngineError::Unavailable("no [redis] urls".into()));
         }
-        let seeds = cfg
-            .urls
-            .iter()
-            .map(|u| redis::IntoConnectionInfo::into_connection_info(u.as_str()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(unavailable)?;
-        let conn = match (cfg.sentinel_master.as_deref(), cfg.urls.as_slice()) {
-            (Some(master), urls) => Conn::Sentinel(SentinelLink::connect(urls, master).await?),
+        let seeds = cfg.parse_urls()?;
+        let tls = cfg.tls()?;
+        let conn = match (cfg.sentinel_master.as_deref(), seeds.as_slice()) {
+            (Some(master), _) => Conn::Sentinel(SentinelLink::connect(seeds.clone(), master, tls.clone()).await?),
             (None, [one]) => {
-                let client = redis::Client::open(one.as_str()).map_err(unavailable)?;
+                let client = super::tls::client(one.clone(), tls.as_deref()).map_err(unavailable)?;
                 let mc = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(Duration::from_secs(5)))
                     .set_response_timeout(Some(Duration::from_secs(5)))
@@ -360,12 +389,15 @@ impl RedisStreams {
                 // left the client answering "timed out" for good in a test).
                 // A slot stuck in migration answers 115 after 5 s; the
                 // client's retry is deduplicated (docs/CLUSTER.md section 7).
-                let client = redis::cluster::ClusterClient::builder(many.iter().map(String::as_str))
+                let mut builder = redis::cluster::ClusterClient::builder(many.iter().cloned())
                     .connection_timeout(Duration::from_secs(5))
                     .response_timeout(Duration::from_secs(5))
-                    .min_retry_wait(10)
-                    .build()
-                    .map_err(unavailable)?;
+                    .min_retry_wait(10);
+                // The nodes the seeds name get the seeds' TLS mode; the CA too.
+                if let Some(certs) = tls.as_ref().and_then(|t| t.certs()) {
+                    builder = builder.certs(certs);
+                }
+                let client = builder.build().map_err(unavailable)?;
                 Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
             }
         };
@@ -373,6 +405,7 @@ impl RedisStreams {
         let streams = RedisStreams {
             conn,
             seeds: Arc::new(seeds),
+            tls,
             prefix,
             durability: cfg.durability,
             publish: std::sync::Arc::new(redis::Script::new(&aged(PUBLISH_LUA, AGE_BUDGET_PUBLISH))),
@@ -444,19 +477,25 @@ impl RedisStreams {
 
     /// A direct connection to one node (Cluster discovery, checks).
     async fn node_conn(&self, addr: &NodeAddr) -> Result<redis::aio::MultiplexedConnection, EngineError> {
-        let info = self.node_info(addr);
         let cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(3)));
-        redis::Client::open(info)
-            .map_err(unavailable)?
+        self.node_client(addr)?
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
-            .map_err(|e| EngineError::Unavailable(format!("{addr}: {e}")))
+            .map_err(|e| EngineError::Unavailable(super::tls::explain(&format!("{addr}: {e}"))))
     }
 
-    fn node_info(&self, addr: &NodeAddr) -> redis::ConnectionInfo {
-        self.seeds[0].clone().set_addr(redis::ConnectionAddr::Tcp(addr.host.clone(), addr.port))
+    /// A client for one node with the first URL's settings (credentials,
+    /// database, TLS).
+    fn node_client(&self, addr: &NodeAddr) -> Result<redis::Client, EngineError> {
+        super::tls::client(super::tls::at(&self.seeds[0], addr), self.tls.as_deref()).map_err(unavailable)
+    }
+
+    /// TLS for fan-out links: with `rediss://` URLs, the client
+    /// configuration; none for plain `redis://`.
+    pub fn link_tls(&self) -> Option<Arc<tokio_rustls::rustls::ClientConfig>> {
+        self.tls.as_ref().map(|t| t.rustls())
     }
 
     /// Credentials for fan-out links (those of the first URL).
@@ -481,7 +520,7 @@ impl RedisStreams {
     pub async fn pubsub_client(&self) -> Result<redis::Client, EngineError> {
         let t = self.fan_topology(&[]).await?;
         let addr = t.nodes.first().ok_or_else(|| EngineError::Unavailable("no Redis node known".into()))?;
-        redis::Client::open(self.node_info(addr)).map_err(unavailable)
+        self.node_client(addr)
     }
 
     /// Changes whenever the Sentinels' primary changes (Sentinel only).
@@ -503,14 +542,11 @@ impl RedisStreams {
     /// which slots. On a Cluster, `CLUSTER SLOTS` from the first node of
     /// `hints` (the last known primaries) or the seeds that answers.
     pub async fn fan_topology(&self, hints: &[NodeAddr]) -> Result<Topology, EngineError> {
-        let addr_of = |i: &redis::ConnectionInfo| match i.addr() {
-            redis::ConnectionAddr::Tcp(h, p) => Some(NodeAddr { host: h.clone(), port: *p }),
-            _ => None,
-        };
+        let addr_of = super::tls::node_addr;
         match &self.conn {
             Conn::Single(_) => {
-                let a =
-                    addr_of(&self.seeds[0]).ok_or_else(|| EngineError::Unavailable("only tcp redis:// URLs".into()))?;
+                let a = addr_of(&self.seeds[0])
+                    .ok_or_else(|| EngineError::Unavailable("only redis:// and rediss:// URLs (TCP)".into()))?;
                 Ok(Topology { nodes: vec![a], slots: Vec::new() })
             }
             Conn::Sentinel(l) => match l.primary() {

@@ -16,10 +16,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis::{ConnectionAddr, ConnectionInfo};
+use redis::ConnectionInfo;
 use tokio::sync::{watch, Notify};
 
 use super::pubsub::NodeAddr;
+use super::tls::RedisTls;
 use super::EngineError;
 
 /// How long one Sentinel or primary may take to connect or answer.
@@ -37,6 +38,8 @@ struct Primary {
 /// The node's view of a Sentinel-managed primary.
 pub struct SentinelLink {
     sentinels: Vec<ConnectionInfo>,
+    /// With `rediss://`: for the Sentinels and the primary alike.
+    tls: Option<Arc<RedisTls>>,
     master: String,
     current: RwLock<Option<Primary>>,
     changed: watch::Sender<u64>,
@@ -47,24 +50,27 @@ fn timeout_error() -> redis::RedisError {
     redis::RedisError::from((redis::ErrorKind::Io, "timed out"))
 }
 
-async fn connect(info: ConnectionInfo) -> redis::RedisResult<MultiplexedConnection> {
+async fn connect(info: ConnectionInfo, tls: Option<&RedisTls>) -> redis::RedisResult<MultiplexedConnection> {
     let cfg = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(ASK_TIMEOUT))
         .set_response_timeout(Some(Duration::from_secs(5)));
-    redis::Client::open(info)?.get_multiplexed_async_connection_with_config(&cfg).await
+    super::tls::client(info, tls)?.get_multiplexed_async_connection_with_config(&cfg).await
 }
 
 impl SentinelLink {
-    /// Ask the Sentinels for `master` and connect to it; the returned link
-    /// keeps following it (a task that ends when the link is dropped).
-    pub async fn connect(urls: &[String], master: &str) -> Result<Arc<SentinelLink>, EngineError> {
-        let sentinels = urls
-            .iter()
-            .map(|u| redis::IntoConnectionInfo::into_connection_info(u.as_str()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+    /// Ask the `sentinels` for `master` and connect to it; the returned
+    /// link keeps following it (a task that ends when the link is dropped).
+    pub async fn connect(
+        sentinels: Vec<ConnectionInfo>,
+        master: &str,
+        tls: Option<Arc<RedisTls>>,
+    ) -> Result<Arc<SentinelLink>, EngineError> {
+        if sentinels.is_empty() {
+            return Err(EngineError::Unavailable("no Sentinel URL".into()));
+        }
         let link = Arc::new(SentinelLink {
             sentinels,
+            tls,
             master: master.to_string(),
             current: RwLock::new(None),
             changed: watch::Sender::new(0),
@@ -87,9 +93,9 @@ impl SentinelLink {
         self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|p| p.addr.clone())
     }
 
-    /// The connection settings (credentials, database) for `addr`.
+    /// The connection settings (credentials, database, TLS) for `addr`.
     pub fn info_for(&self, addr: &NodeAddr) -> ConnectionInfo {
-        self.sentinels[0].clone().set_addr(ConnectionAddr::Tcp(addr.host.clone(), addr.port))
+        super::tls::at(&self.sentinels[0], addr)
     }
 
     /// Changes whenever the primary (or the connection to it) changes.
@@ -116,7 +122,7 @@ impl SentinelLink {
         let mut why = String::from("no Sentinel answered");
         for s in &self.sentinels {
             let asked = async {
-                let mut c = connect(s.clone()).await?;
+                let mut c = connect(s.clone(), self.tls.as_deref()).await?;
                 let mut cmd = redis::cmd("SENTINEL");
                 cmd.arg("get-master-addr-by-name").arg(&self.master);
                 let r: Option<(String, u16)> =
@@ -126,7 +132,7 @@ impl SentinelLink {
             match asked.await {
                 Ok(Some((host, port))) => return Ok(NodeAddr { host, port }),
                 Ok(None) => why = format!("the Sentinels do not know a master named {:?}", self.master),
-                Err(e) => why = format!("Sentinel {:?}: {e}", s.addr()),
+                Err(e) => why = super::tls::explain(&format!("Sentinel {}: {e}", s.addr())),
             }
         }
         Err(EngineError::Unavailable(why))
@@ -149,7 +155,7 @@ impl SentinelLink {
             }
         }
         let checked = async {
-            let mut conn = connect(self.info_for(&addr)).await?;
+            let mut conn = connect(self.info_for(&addr), self.tls.as_deref()).await?;
             let master = is_master(&mut conn).await?;
             Ok::<_, redis::RedisError>((conn, master))
         };
@@ -165,7 +171,7 @@ impl SentinelLink {
             }
             Err(e) => {
                 self.set(None);
-                Err(EngineError::Unavailable(format!("primary {addr}: {e}")))
+                Err(EngineError::Unavailable(super::tls::explain(&format!("primary {addr}: {e}"))))
             }
         }
     }
@@ -192,10 +198,10 @@ async fn is_master(c: &mut MultiplexedConnection) -> redis::RedisResult<bool> {
 }
 
 /// `+switch-master` events from one of the Sentinels.
-async fn switch_events(sentinels: &[ConnectionInfo]) -> Option<redis::aio::PubSubStream> {
+async fn switch_events(sentinels: &[ConnectionInfo], tls: Option<&RedisTls>) -> Option<redis::aio::PubSubStream> {
     for s in sentinels {
         let opened = async {
-            let mut ps = redis::Client::open(s.clone())?.get_async_pubsub().await?;
+            let mut ps = super::tls::client(s.clone(), tls)?.get_async_pubsub().await?;
             ps.subscribe("+switch-master").await?;
             Ok::<_, redis::RedisError>(ps.into_on_message())
         };
@@ -213,7 +219,7 @@ async fn watch_primary(link: Weak<SentinelLink>) {
     loop {
         let Some(l) = link.upgrade() else { return };
         if events.is_none() {
-            events = switch_events(&l.sentinels).await;
+            events = switch_events(&l.sentinels, l.tls.as_deref()).await;
         }
         if healthy {
             delay = Duration::from_millis(100);

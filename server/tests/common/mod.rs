@@ -567,6 +567,13 @@ pub struct Redis {
     child: std::process::Child,
     pub port: u16,
     dir: std::path::PathBuf,
+    /// TLS only (`rediss://`, see [`Redis::start_tls`]).
+    pub tls: bool,
+}
+
+/// The test certificates (tests/fixtures/tls/README.md).
+pub fn tls_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls").join(name)
 }
 
 pub fn free_port() -> u16 {
@@ -576,6 +583,21 @@ pub fn free_port() -> u16 {
 impl Redis {
     pub fn start(extra: &[&str]) -> Redis {
         Self::start_on(free_port(), extra)
+    }
+
+    /// TLS only: no plain port, the fixtures' `redis.pem` (valid for
+    /// 127.0.0.1 and localhost, signed by `redis-ca.pem`), clients not
+    /// asked for a certificate.
+    pub fn start_tls(extra: &[&str]) -> Redis {
+        let port = free_port();
+        let file = |name| tls_fixture(name).to_str().unwrap().to_string();
+        let mut args: Vec<String> = ["--port", "0", "--tls-port", &port.to_string()].map(String::from).to_vec();
+        args.extend(["--tls-cert-file".into(), file("redis.pem"), "--tls-key-file".into(), file("redis.key")]);
+        args.extend(["--tls-ca-cert-file".into(), file("redis-ca.pem"), "--tls-auth-clients".into(), "no".into()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let mut r = Self::start_on(port, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        r.tls = true;
+        r
     }
 
     /// On a given port (a restart keeps its address).
@@ -610,17 +632,29 @@ impl Redis {
         assert!(ready, "redis-server on port {port} did not start");
         // Keep draining its output so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Redis { child, port, dir }
+        Redis { child, port, dir, tls: false }
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("{}://127.0.0.1:{}/", if self.tls { "rediss" } else { "redis" }, self.port)
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
-        let out =
-            std::process::Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(cli_tls(self.tls))
+            .args(args)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+/// `redis-cli` options for a TLS server.
+fn cli_tls(tls: bool) -> Vec<String> {
+    match tls {
+        true => vec!["--tls".into(), "--cacert".into(), tls_fixture("redis-ca.pem").to_str().unwrap().into()],
+        false => Vec::new(),
     }
 }
 
@@ -667,11 +701,27 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub async fn start(primaries: usize, replicas: usize, extra: &[&str]) -> RedisCluster {
+        Self::start_with(primaries, replicas, extra, false).await
+    }
+
+    /// TLS only, the cluster bus and replication too (`tls-cluster yes`).
+    pub async fn start_tls(primaries: usize, replicas: usize, extra: &[&str]) -> RedisCluster {
+        let mut args = vec!["--tls-cluster", "yes", "--tls-replication", "yes"];
+        args.extend_from_slice(extra);
+        Self::start_with(primaries, replicas, &args, true).await
+    }
+
+    async fn start_with(primaries: usize, replicas: usize, extra: &[&str], tls: bool) -> RedisCluster {
         let mut args = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"];
         args.extend_from_slice(extra);
-        let nodes: Vec<Redis> = (0..primaries * (1 + replicas)).map(|_| Redis::start(&args)).collect();
+        let start = |_| if tls { Redis::start_tls(&args) } else { Redis::start(&args) };
+        let nodes: Vec<Redis> = (0..primaries * (1 + replicas)).map(start).collect();
         let addrs: Vec<String> = nodes.iter().map(Redis::addr).collect();
-        let out = std::process::Command::new("redis-cli")
+        // Bounded: `--cluster create` waits forever for nodes whose cluster
+        // bus cannot connect (e.g. a TLS certificate refused there).
+        let out = std::process::Command::new("timeout")
+            .args(["60", "redis-cli"])
+            .args(cli_tls(tls))
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
@@ -728,6 +778,8 @@ impl Redis {
 pub struct SentinelProc {
     child: std::process::Child,
     pub port: u16,
+    /// TLS only, to clients and to the Redis it watches.
+    pub tls: bool,
     dir: std::path::PathBuf,
     pub switched: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
@@ -736,6 +788,15 @@ impl SentinelProc {
     /// Watch `primary_port` as `name` (quorum 2) with fast failure
     /// detection; runs `redis-server <conf> --sentinel`.
     pub fn start(name: &str, primary_port: u16, down_after_ms: u64) -> SentinelProc {
+        Self::start_with(name, primary_port, down_after_ms, false)
+    }
+
+    /// TLS only (fixtures as [`Redis::start_tls`]), watching a TLS Redis.
+    pub fn start_tls(name: &str, primary_port: u16, down_after_ms: u64) -> SentinelProc {
+        Self::start_with(name, primary_port, down_after_ms, true)
+    }
+
+    fn start_with(name: &str, primary_port: u16, down_after_ms: u64, tls: bool) -> SentinelProc {
         use std::io::{BufRead, BufReader};
         use std::process::{Command, Stdio};
         let port = free_port();
@@ -743,10 +804,21 @@ impl SentinelProc {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let conf = dir.join("sentinel.conf");
+        let file = |name| tls_fixture(name).display().to_string();
+        let listen = match tls {
+            true => format!(
+                "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+                 tls-auth-clients no\ntls-replication yes\n",
+                file("redis.pem"),
+                file("redis.key"),
+                file("redis-ca.pem")
+            ),
+            false => format!("port {port}\n"),
+        };
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                "{listen}bind 127.0.0.1\ndir {}\n\
                  sentinel monitor {name} 127.0.0.1 {primary_port} 2\n\
                  sentinel down-after-milliseconds {name} {down_after_ms}\n\
                  sentinel failover-timeout {name} 3000\n\
@@ -788,16 +860,20 @@ impl SentinelProc {
                 }
             }
         });
-        SentinelProc { child, port, dir, switched }
+        SentinelProc { child, port, tls, dir, switched }
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        format!("{}://127.0.0.1:{}/", if self.tls { "rediss" } else { "redis" }, self.port)
     }
 
     pub fn cli(&self, args: &[&str]) -> String {
-        let out =
-            std::process::Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(cli_tls(self.tls))
+            .args(args)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 }
