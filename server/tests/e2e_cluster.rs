@@ -397,6 +397,7 @@ async fn presence_and_webhooks_span_nodes_and_a_dead_node_leaves_in_bounded_time
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_redis_cluster_every_shard_fans_out_to_every_node_once_in_order() {
+    logs();
     let cluster = RedisCluster::start(3, 0, &[]).await;
     let cfg = || {
         let mut c = test_config();

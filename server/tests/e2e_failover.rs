@@ -406,14 +406,6 @@ where
     out
 }
 
-/// The nodes' view of the failover (info by default, `FERRY_LOG` to
-/// change), captured by the test harness: printed only when a test fails.
-fn logs() {
-    let f = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("ferry_server=info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(f).with_test_writer().try_init();
-}
-
 async fn sentinel_run(durability: Durability) -> Outcome {
     logs();
     let mut redis = SentinelRedis::start().await;

@@ -1037,3 +1037,11 @@ pub async fn hook_receiver(
     });
     (url, got, notify)
 }
+
+/// The nodes' logs (info by default, `FERRY_LOG` to change), captured by
+/// the test harness: printed when a test fails (and with `--nocapture`).
+pub fn logs() {
+    let f = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("ferry_server=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(f).with_test_writer().try_init();
+}
