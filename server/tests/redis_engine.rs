@@ -126,6 +126,48 @@ async fn retention_trims_and_lost_streams_get_a_new_epoch() {
 }
 
 #[tokio::test]
+async fn replicated_publishes_wait_on_their_own_connection_and_survive_a_script_flush() {
+    let primary = Redis::start(&[]);
+    let replica = Redis::start(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let linked = common::poll_until(Duration::from_secs(20), || {
+        replica.cli(&["INFO", "replication"]).contains("master_link_status:up")
+    })
+    .await;
+    assert!(linked, "replica linked");
+    let cfg = RedisConfig { urls: vec![primary.url()], durability: Durability::Replicated, ..RedisConfig::default() };
+    let a = RedisStreams::connect(&cfg).await.unwrap();
+    let r = a.publish("w:1", KEEP, None, &[item("w1", b"one", Qos::AtLeastOnce, "u")], 1, "e1").await.unwrap();
+    assert_eq!(offsets(&r.items), ["new 1"]);
+    // A primary that lost its script cache (a restart, a promoted replica):
+    // loaded again, and the WAIT still follows the script.
+    assert_eq!(primary.cli(&["SCRIPT", "FLUSH"]), "OK");
+    let r = a.publish("w:1", KEEP, None, &[item("w2", b"two", Qos::AtLeastOnce, "u")], 2, "e1").await.unwrap();
+    assert_eq!(offsets(&r.items), ["new 2"]);
+    // The replica hangs: WAIT 1 blocks its connection for its 1 s timeout,
+    // and the publish is refused as temporary. Reads on this node are not
+    // queued behind it.
+    replica.signal("-STOP");
+    let third = [item("w3", b"three", Qos::AtLeastOnce, "u")];
+    let b = a.clone();
+    let items = third.clone();
+    let publish =
+        tokio::spawn(async move { b.publish("w:1", KEEP, None, &items, 3, "e1").await.map(|r| r.items.len()) });
+    // A client blocked (`flags=b`) in WAIT; `cmd` alone is the last command.
+    let blocked =
+        || primary.cli(&["CLIENT", "LIST"]).lines().any(|l| l.contains(" flags=b ") && l.contains(" cmd=wait "));
+    assert!(common::poll_until(Duration::from_secs(5), blocked).await, "the publish waits in WAIT");
+    let h = a.header("w:1").await.unwrap().unwrap();
+    assert_eq!(h.top, 3, "the write itself is on the primary");
+    assert!(blocked(), "a read answered while the publish still waits (its own connection)");
+    let refused = publish.await.unwrap();
+    replica.signal("-CONT");
+    assert!(matches!(refused, Err(EngineError::Unavailable(ref m)) if m.contains("WAIT")), "{refused:?}");
+    // Written on the primary, not confirmed: the client's retry is a duplicate.
+    let r = a.publish("w:1", KEEP, None, &third, 4, "e1").await.unwrap();
+    assert_eq!(offsets(&r.items), ["dup 3"]);
+}
+
+#[tokio::test]
 async fn age_retention_trims_in_bounded_steps_and_reads_see_an_exact_first() {
     let redis = Redis::start(&[]);
     let a = node(vec![redis.url()]).await;

@@ -316,6 +316,10 @@ return 1
 #[derive(Clone)]
 pub struct RedisStreams {
     conn: Conn,
+    /// The publish path's own connection: with `replicated` it carries
+    /// `WAIT`, which blocks its connection, and reads must not queue
+    /// behind it. (On Sentinel the link holds both connections.)
+    publisher: Conn,
     /// The configured URLs, parsed: credentials and seeds for the nodes
     /// found later (Cluster primaries, the Sentinels' primary).
     seeds: Arc<Vec<redis::ConnectionInfo>>,
@@ -326,6 +330,27 @@ pub struct RedisStreams {
     publish: std::sync::Arc<redis::Script>,
     release: std::sync::Arc<redis::Script>,
     ensure: std::sync::Arc<redis::Script>,
+}
+
+/// The publish script's reply: epoch, first, top, and per new or
+/// duplicate publish (kind, epoch, offset).
+type PublishReply = (String, String, String, Vec<(String, String, String)>);
+
+/// Run a pipeline that starts with `inv`'s `EVALSHA`; a node that does not
+/// have the script yet (a restart, a promoted replica) gets it loaded and
+/// the pipeline runs again.
+async fn pipeline_with_script<C: redis::aio::ConnectionLike>(
+    pipe: &redis::Pipeline,
+    inv: &redis::ScriptInvocation<'_>,
+    c: &mut C,
+) -> redis::RedisResult<Vec<redis::Value>> {
+    match pipe.query_async::<Vec<redis::Value>>(c).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            inv.load_async(c).await?;
+            pipe.query_async(c).await
+        }
+        r => r,
+    }
 }
 
 /// A script with the age-trim function before it and its scan budget.
@@ -366,15 +391,20 @@ impl RedisStreams {
         }
         let seeds = cfg.parse_urls()?;
         let tls = cfg.tls()?;
-        let conn = match (cfg.sentinel_master.as_deref(), seeds.as_slice()) {
-            (Some(master), _) => Conn::Sentinel(SentinelLink::connect(seeds.clone(), master, tls.clone()).await?),
+        let (conn, publisher) = match (cfg.sentinel_master.as_deref(), seeds.as_slice()) {
+            (Some(master), _) => {
+                let link = SentinelLink::connect(seeds.clone(), master, tls.clone()).await?;
+                (Conn::Sentinel(link.clone()), Conn::Sentinel(link))
+            }
             (None, [one]) => {
                 let client = super::tls::client(one.clone(), tls.as_deref()).map_err(unavailable)?;
                 let mc = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(Duration::from_secs(5)))
                     .set_response_timeout(Some(Duration::from_secs(5)))
                     .set_number_of_retries(1);
-                Conn::Single(ConnectionManager::new_with_config(client, mc).await.map_err(unavailable)?)
+                let conn = ConnectionManager::new_with_config(client.clone(), mc.clone()).await.map_err(unavailable)?;
+                let publisher = ConnectionManager::new_with_config(client, mc).await.map_err(unavailable)?;
+                (Conn::Single(conn), Conn::Single(publisher))
             }
             (None, many) => {
                 // Design: `TRYAGAIN` (a multi-key script meeting a slot in
@@ -398,12 +428,15 @@ impl RedisStreams {
                     builder = builder.certs(certs);
                 }
                 let client = builder.build().map_err(unavailable)?;
-                Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
+                let conn = client.get_async_connection().await.map_err(unavailable)?;
+                let publisher = client.get_async_connection().await.map_err(unavailable)?;
+                (Conn::Cluster(conn), Conn::Cluster(publisher))
             }
         };
         let prefix = if cfg.prefix.is_empty() { "ferry".to_string() } else { cfg.prefix.clone() };
         let streams = RedisStreams {
             conn,
+            publisher,
             seeds: Arc::new(seeds),
             tls,
             prefix,
@@ -691,11 +724,8 @@ impl RedisStreams {
             let rec = postcard::to_allocvec(&rec).expect("encoding a record cannot fail");
             inv.arg(hex(&it.digest)).arg(it.qos.as_u8()).arg(rec);
         }
-        type Reply = (String, String, String, Vec<(String, String, String)>);
-        let (epoch, first, top, out): Reply = on_conn!(self, |c| inv.invoke_async(&mut c).await)?;
-        if self.durability == Durability::Replicated && !todo.is_empty() {
-            self.wait_replica(&self.key(channel, "meta")).await?;
-        }
+        let replicated = self.durability == Durability::Replicated && !todo.is_empty();
+        let (epoch, first, top, out) = self.run_publish(&inv, replicated, &self.key(channel, "meta")).await?;
         let num = |s: &str| s.parse::<u64>().map_err(|_| EngineError::Corrupt(format!("not a number: {s:?}")));
         let header = StreamHeader { epoch, first: num(&first)?, top: num(&top)? };
         let mut results = out.into_iter();
@@ -715,31 +745,76 @@ impl RedisStreams {
         Ok(BatchResult { header, items: items_out })
     }
 
-    /// `WAIT 1` on the primary that took `key`'s writes: a replica
-    /// confirmed them, or a temporary error.
-    async fn wait_replica(&self, key: &str) -> Result<(), EngineError> {
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(1).arg(1000);
-        let n: i64 = match self.conn.clone() {
-            Conn::Single(mut c) => cmd.query_async(&mut c).await.map_err(unavailable)?,
+    /// The publish script on the publisher's connection; with `replicated`
+    /// followed by `WAIT 1` in the same pipeline. One pipeline keeps both on
+    /// one connection, in order: a `WAIT` sent alone after a reconnect would
+    /// cover nothing and still count the replicas, confirming a write no
+    /// replica has.
+    async fn run_publish(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+        replicated: bool,
+        key: &str,
+    ) -> Result<PublishReply, EngineError> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(inv);
+        if replicated {
+            pipe.cmd("WAIT").arg(1).arg(1000);
+        }
+        let run = |mut c: redis::aio::MultiplexedConnection| {
+            let pipe = pipe.clone();
+            async move { pipeline_with_script(&pipe, inv, &mut c).await }
+        };
+        let values: Vec<redis::Value> = match self.publisher.clone() {
+            Conn::Single(mut c) => pipeline_with_script(&pipe, inv, &mut c).await.map_err(unavailable)?,
             Conn::Sentinel(link) => {
-                let mut c = link.conn()?;
-                let r = cmd.query_async(&mut c).await;
+                let r = run(link.publisher()?).await;
                 if let Err(e) = &r {
                     link.failed(e);
                 }
                 r.map_err(unavailable)?
             }
             Conn::Cluster(mut c) => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let route = Route::new(slot(key.as_bytes()), SlotAddr::Master);
-                let v = c
-                    .route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)))
-                    .await
-                    .map_err(unavailable)?;
-                redis::from_redis_value(v).map_err(|e| EngineError::Unavailable(e.to_string()))?
+                // Design: on a Cluster the script goes through the client's
+                // own routing (it follows MOVED, ASK and TRYAGAIN during a
+                // slot migration), then `WAIT` to the same primary; both on
+                // the publisher's connection to that node. A reconnect of
+                // that one node connection in between is the residual case.
+                let reply: PublishReply = inv.invoke_async(&mut c).await.map_err(unavailable)?;
+                if replicated {
+                    self.wait_replica(&mut c, key).await?;
+                }
+                return Ok(reply);
             }
         };
+        let mut values = values.into_iter();
+        let reply = values.next().ok_or_else(|| EngineError::Corrupt("no script reply".into()))?;
+        if replicated {
+            let n: i64 = values
+                .next()
+                .map(redis::from_redis_value)
+                .transpose()
+                .map_err(|e| EngineError::Unavailable(e.to_string()))?
+                .unwrap_or(0);
+            if n < 1 {
+                return Err(EngineError::Unavailable("no replica confirmed the write in time (WAIT 1)".into()));
+            }
+        }
+        redis::from_redis_value(reply).map_err(|e| EngineError::Corrupt(format!("publish reply: {e}")))
+    }
+
+    /// `WAIT 1` on the Cluster primary that took `key`'s writes: a replica
+    /// confirmed them, or a temporary error.
+    async fn wait_replica(&self, c: &mut ClusterConnection, key: &str) -> Result<(), EngineError> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(1).arg(1000);
+        let route = Route::new(slot(key.as_bytes()), SlotAddr::Master);
+        let v = c
+            .route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)))
+            .await
+            .map_err(unavailable)?;
+        let n: i64 = redis::from_redis_value(v).map_err(|e| EngineError::Unavailable(e.to_string()))?;
         if n < 1 {
             return Err(EngineError::Unavailable("no replica confirmed the write in time (WAIT 1)".into()));
         }

@@ -33,6 +33,8 @@ const CHECK_EVERY: Duration = Duration::from_secs(5);
 struct Primary {
     addr: NodeAddr,
     conn: MultiplexedConnection,
+    /// The publisher's own connection (see `RedisStreams::publish`).
+    publisher: MultiplexedConnection,
 }
 
 /// The node's view of a Sentinel-managed primary.
@@ -84,6 +86,13 @@ impl SentinelLink {
     /// The connection to the primary, or unavailable while it is unknown.
     pub fn conn(&self) -> Result<MultiplexedConnection, EngineError> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|p| p.conn.clone()).ok_or_else(|| {
+            EngineError::Unavailable(format!("no primary for {:?} yet (Sentinel failover in progress?)", self.master))
+        })
+    }
+
+    /// The publisher's own connection to the current primary.
+    pub fn publisher(&self) -> Result<MultiplexedConnection, EngineError> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|p| p.publisher.clone()).ok_or_else(|| {
             EngineError::Unavailable(format!("no primary for {:?} yet (Sentinel failover in progress?)", self.master))
         })
     }
@@ -157,12 +166,13 @@ impl SentinelLink {
         let checked = async {
             let mut conn = connect(self.info_for(&addr), self.tls.as_deref()).await?;
             let master = is_master(&mut conn).await?;
-            Ok::<_, redis::RedisError>((conn, master))
+            let publisher = connect(self.info_for(&addr), self.tls.as_deref()).await?;
+            Ok::<_, redis::RedisError>(((conn, publisher), master))
         };
         match checked.await {
-            Ok((conn, true)) => {
+            Ok(((conn, publisher), true)) => {
                 tracing::info!(primary = %addr, master = %self.master, "Redis primary (from Sentinel)");
-                self.set(Some(Primary { addr, conn }));
+                self.set(Some(Primary { addr, conn, publisher }));
                 Ok(())
             }
             Ok((_, false)) => {

@@ -581,6 +581,13 @@ pub fn free_port() -> u16 {
 }
 
 impl Redis {
+    /// Stop (`SIGSTOP`) or resume (`SIGCONT`) the process: a hung node
+    /// whose sockets stay open.
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success(), "kill {sig}");
+    }
+
     pub fn start(extra: &[&str]) -> Redis {
         Self::start_on(free_port(), extra)
     }
