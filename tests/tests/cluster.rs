@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ferry_client::{PublishAck, Qos};
 use ferry_e2e::load::{self, Tag, Verdict};
-use ferry_e2e::{builder_urls, seed, wait_subscribed, FerryServer, RedisServer, Rng, Settings};
+use ferry_e2e::{builder_urls, seed, wait_subscribed, FaultProxy, FerryServer, RedisServer, Rng, Settings};
 
 const CHANNEL: &str = "orders:cluster";
 const WINDOW: usize = 32;
@@ -227,4 +227,80 @@ async fn redis_down_for_ten_seconds_loses_no_acknowledged_publish() {
     assert_eq!(stored_tags, expected, "every acknowledged publish is stored");
     assert_eq!(stored.len(), expected.len() + 1, "each stored once");
     assert_eq!(epochs.len(), 1, "Redis kept everything: no new epoch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_redis_by_a_blackhole_loses_nothing_and_catches_up() {
+    // A partition, not a crash: node 1 reaches Redis through the fault
+    // proxy, which stops forwarding (sockets stay open, nothing errors)
+    // for longer than Redis's response timeout and the fan-out health check.
+    const PARTITION: Duration = Duration::from_secs(8);
+    let _serial = ferry_e2e::serial().await;
+    let mut rng = Rng::new(seed("redis-partition"));
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(redis.addr()).await.unwrap();
+    let direct = Settings { redis: Some(redis.url()), ..Settings::default() };
+    let cut_off = Settings { redis: Some(format!("redis://{}", proxy.addr())), ..Settings::default() };
+    let nodes = [FerryServer::start(&direct).await, FerryServer::start(&cut_off).await];
+    let mut subs = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for qos in [Qos::ExactlyOnce, Qos::AtLeastOnce] {
+            let name = format!("r{i}{}", qos as u8);
+            let c = builder_urls(&[node.url()], &name, &format!("{name}-dev"), rng.next_u64()).build().unwrap();
+            let mut s = c.subscribe(CHANNEL, qos).await.unwrap();
+            c.connect();
+            assert!(wait_subscribed(&mut s, T).await);
+            subs.push((i, qos, c, tokio::spawn(load::record(s, Duration::from_secs(90)))));
+        }
+    }
+    // The publisher is on the node that will be cut off.
+    let publisher = builder_urls(&[nodes[1].url()], "w", "w-dev", rng.next_u64()).build().unwrap();
+    publisher.connect();
+    let load = load::tagged_load(&publisher, CHANNEL, WINDOW);
+    let acked = load.acked.clone();
+    let mut progress = acked.subscribe();
+    assert!(tokio::time::timeout(T, progress.wait_for(|n| *n >= 300)).await.is_ok(), "load runs");
+    proxy.blackhole(true);
+    let at_cut = *acked.borrow();
+    // The partition's length is the scenario, not a synchronisation.
+    tokio::time::sleep(PARTITION).await;
+    let during = *acked.borrow() - at_cut;
+    proxy.heal();
+    let healed = Instant::now();
+    let n = *acked.borrow();
+    tokio::time::timeout(T, progress.wait_for(|m| *m > n + WINDOW)).await.expect("acks resume after the heal").ok();
+    let resumed = healed.elapsed();
+    let results = load.finish(T).await;
+    publisher.publish(CHANNEL, Tag::END.encode(), Qos::ExactlyOnce).await.expect("END marker");
+
+    let failed = results.iter().filter(|r| !matches!(r, Some(Ok(_)))).count();
+    let expected: BTreeSet<Tag> = (0..results.len() as u32).map(|seq| Tag { publisher: 0, seq }).collect();
+    let (stored, _) = load::full_history(&publisher, CHANNEL).await.expect("history");
+    let stored_tags: BTreeSet<Tag> = stored.iter().filter_map(Tag::of).filter(|t| *t != Tag::END).collect();
+    let epochs: BTreeSet<&str> = stored.iter().map(|p| p.epoch.as_str()).collect();
+    println!(
+        "[redis partition] node 1 cut off from Redis for {PARTITION:?}: {} publishes, {at_cut} acked before, {during} \
+         while cut off, {failed} failed; acks resumed {resumed:.2?} after the heal; stored {} (epochs {})",
+        results.len(),
+        stored_tags.len(),
+        epochs.len()
+    );
+    for (node, qos, c, task) in subs {
+        let rec = task.await.unwrap();
+        let v = Verdict::of(&rec, &expected);
+        println!(
+            "[redis partition] node {node} {qos:?} subscriber: {v:?}, resubscribed {}, unrecovered {}, complete {}",
+            rec.resubscribed, rec.unrecovered, rec.complete
+        );
+        assert!(rec.complete, "node {node} {qos:?}: the END marker arrived");
+        assert_eq!((v.lost, v.offset_regressions, v.unexpected), (0, 0, 0), "node {node} {qos:?}: {v:?}");
+        if qos == Qos::ExactlyOnce {
+            assert_eq!(v.duplicates, 0, "exactly once: {v:?}");
+        }
+        c.close(Duration::from_millis(100)).await;
+    }
+    assert_eq!(failed, 0, "every publish is acknowledged in the end");
+    assert_eq!(stored_tags, expected, "every acknowledged publish is stored");
+    assert_eq!(stored.len(), expected.len() + 1, "each stored once");
+    assert_eq!(epochs.len(), 1, "no new epoch");
 }
