@@ -542,16 +542,7 @@ async fn history_ages_out_on_redis_for_every_node_and_a_late_device_is_told() {
     assert_eq!(hist("keep:x").await.0, 3, "other namespaces keep theirs");
     // A device that saw only the first publication comes back on the
     // other node: it is told of the gap, then gets what comes next live.
-    let snapshot = ferry_core::client::Snapshot {
-        subs: vec![ferry_core::client::SubRecord {
-            channel: "tmp:x".into(),
-            qos: Qos::AtLeastOnce,
-            position: Some(ferry_core::frame::StreamPosition { epoch: epoch.as_str().unwrap().into(), offset: 1 }),
-            seen: vec![],
-        }],
-        seen_cap: 1024,
-        ..Default::default()
-    };
+    let snapshot = saved_at("tmp:x", epoch.as_str().unwrap(), 1);
     let mut late = TestClient::restore(&a.url(), TestClient::config("late", "late", Encoding::Json), snapshot);
     late.connect().await;
     assert!(late.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Gap { .. }))).await);
@@ -580,16 +571,7 @@ async fn a_position_above_the_top_is_told_as_a_gap_and_resets_nothing() {
     // A device claims offset 9 of this epoch: the stream lost its tail (a
     // failover), or the claim is false. Either way it is told, and one
     // client's word does not reset the channel for everyone else.
-    let snapshot = ferry_core::client::Snapshot {
-        subs: vec![ferry_core::client::SubRecord {
-            channel: "feed:z".into(),
-            qos: Qos::AtLeastOnce,
-            position: Some(ferry_core::frame::StreamPosition { epoch: epoch.clone(), offset: 9 }),
-            seen: vec![],
-        }],
-        seen_cap: 1024,
-        ..Default::default()
-    };
+    let snapshot = saved_at("feed:z", &epoch, 9);
     let mut dev = TestClient::restore(&a.url(), TestClient::config("d", "d", Encoding::Binary), snapshot);
     dev.connect().await;
     assert!(dev.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Gap { .. }))).await);

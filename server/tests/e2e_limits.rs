@@ -212,16 +212,7 @@ async fn history_expires_by_age() {
     // A device that saw only the first message comes back: a gap is reported.
     let h = c.call(hist("tmp:x")).await.unwrap();
     let ReplyBody::History { top, .. } = h else { panic!() };
-    let snapshot = ferry_core::client::Snapshot {
-        subs: vec![ferry_core::client::SubRecord {
-            channel: "tmp:x".into(),
-            qos: Qos::AtLeastOnce,
-            position: Some(StreamPosition { epoch: top.epoch.clone(), offset: 1 }),
-            seen: vec![],
-        }],
-        seen_cap: 1024,
-        ..Default::default()
-    };
+    let snapshot = saved_at("tmp:x", &top.epoch, 1);
     let mut back = TestClient::restore(&srv.url(), TestClient::config("late", "", Encoding::Json), snapshot);
     back.connect().await;
     assert!(back.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Gap { .. }))).await);

@@ -60,14 +60,8 @@ async fn killing_nodes_under_load_loses_no_acknowledged_publish() {
         resumed.push(killed.elapsed());
     }
     let results = load.finish(T).await;
-    publisher.publish(CHANNEL, Tag::END.encode(), Qos::ExactlyOnce).await.expect("END marker");
-
-    let failed = results.iter().filter(|r| !matches!(r, Some(Ok(_)))).count();
+    let Settled { failed, expected, stored_tags, stored, epochs } = settle(&publisher, &results).await;
     let acks: Vec<&PublishAck> = results.iter().filter_map(|r| r.as_ref()?.as_ref().ok()).collect();
-    let expected: BTreeSet<Tag> = (0..results.len() as u32).map(|seq| Tag { publisher: 0, seq }).collect();
-    let (stored, _) = load::full_history(&publisher, CHANNEL).await.expect("history");
-    let stored_tags: BTreeSet<Tag> = stored.iter().filter_map(Tag::of).filter(|t| *t != Tag::END).collect();
-    let epochs: BTreeSet<&str> = stored.iter().map(|p| p.epoch.as_str()).collect();
     let mut total = Verdict::default();
     // Per client that had to move: kill -> resubscribed on a live node, and
     // kill -> its first publication after that.
@@ -134,6 +128,31 @@ fn percentile(v: &mut [Duration], p: usize) -> Duration {
     v[((v.len() * p).div_ceil(100)).clamp(1, v.len()) - 1]
 }
 
+/// What a tagged load left in the stream, after its END marker.
+struct Settled {
+    /// Publishes not acknowledged.
+    failed: usize,
+    /// Every tag the load published.
+    expected: BTreeSet<Tag>,
+    /// The tags stored (the END marker left out).
+    stored_tags: BTreeSet<Tag>,
+    /// Every publication stored, END included.
+    stored: Vec<ferry_client::Publication>,
+    /// Distinct epochs among them.
+    epochs: BTreeSet<String>,
+}
+
+/// Publish the END marker after the load's `results` and read the stream.
+async fn settle(publisher: &ferry_client::Client, results: &load::Outcomes) -> Settled {
+    publisher.publish(CHANNEL, Tag::END.encode(), Qos::ExactlyOnce).await.expect("END marker");
+    let failed = results.iter().filter(|r| !matches!(r, Some(Ok(_)))).count();
+    let expected = (0..results.len() as u32).map(|seq| Tag { publisher: 0, seq }).collect();
+    let (stored, _) = load::full_history(publisher, CHANNEL).await.expect("history");
+    let stored_tags = stored.iter().filter_map(Tag::of).filter(|t| *t != Tag::END).collect();
+    let epochs = stored.iter().map(|p| p.epoch.clone()).collect();
+    Settled { failed, expected, stored_tags, stored, epochs }
+}
+
 /// Whether `/readyz` of a node answers 200.
 async fn ready(addr: std::net::SocketAddr) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -184,13 +203,7 @@ async fn redis_down_for_ten_seconds_loses_no_acknowledged_publish() {
         .ok();
     let resumed = back.elapsed();
     let results = load.finish(T).await;
-    publisher.publish(CHANNEL, Tag::END.encode(), Qos::ExactlyOnce).await.expect("END marker");
-
-    let failed = results.iter().filter(|r| !matches!(r, Some(Ok(_)))).count();
-    let expected: BTreeSet<Tag> = (0..results.len() as u32).map(|seq| Tag { publisher: 0, seq }).collect();
-    let (stored, _) = load::full_history(&publisher, CHANNEL).await.expect("history");
-    let stored_tags: BTreeSet<Tag> = stored.iter().filter_map(Tag::of).filter(|t| *t != Tag::END).collect();
-    let epochs: BTreeSet<&str> = stored.iter().map(|p| p.epoch.as_str()).collect();
+    let Settled { failed, expected, stored_tags, stored, epochs } = settle(&publisher, &results).await;
     let mut verdicts = Vec::new();
     for (qos, c, task) in subs {
         let rec = task.await.unwrap();
@@ -271,13 +284,7 @@ async fn a_node_cut_off_from_redis_by_a_blackhole_loses_nothing_and_catches_up()
     tokio::time::timeout(T, progress.wait_for(|m| *m > n + WINDOW)).await.expect("acks resume after the heal").ok();
     let resumed = healed.elapsed();
     let results = load.finish(T).await;
-    publisher.publish(CHANNEL, Tag::END.encode(), Qos::ExactlyOnce).await.expect("END marker");
-
-    let failed = results.iter().filter(|r| !matches!(r, Some(Ok(_)))).count();
-    let expected: BTreeSet<Tag> = (0..results.len() as u32).map(|seq| Tag { publisher: 0, seq }).collect();
-    let (stored, _) = load::full_history(&publisher, CHANNEL).await.expect("history");
-    let stored_tags: BTreeSet<Tag> = stored.iter().filter_map(Tag::of).filter(|t| *t != Tag::END).collect();
-    let epochs: BTreeSet<&str> = stored.iter().map(|p| p.epoch.as_str()).collect();
+    let Settled { failed, expected, stored_tags, stored, epochs } = settle(&publisher, &results).await;
     println!(
         "[redis partition] node 1 cut off from Redis for {PARTITION:?}: {} publishes, {at_cut} acked before, {during} \
          while cut off, {failed} failed; acks resumed {resumed:.2?} after the heal; stored {} (epochs {})",

@@ -1052,3 +1052,18 @@ pub fn logs() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("ferry_server=info"));
     let _ = tracing_subscriber::fmt().with_env_filter(f).with_test_writer().try_init();
 }
+
+/// The saved state of a device that was subscribed to `channel` at QoS 1
+/// and had surfaced up to (`epoch`, `offset`).
+pub fn saved_at(channel: &str, epoch: &str, offset: u64) -> ferry_core::client::Snapshot {
+    ferry_core::client::Snapshot {
+        subs: vec![ferry_core::client::SubRecord {
+            channel: channel.into(),
+            qos: ferry_core::frame::Qos::AtLeastOnce,
+            position: Some(ferry_core::frame::StreamPosition { epoch: epoch.into(), offset }),
+            seen: vec![],
+        }],
+        seen_cap: 1024,
+        ..Default::default()
+    }
+}
