@@ -60,6 +60,13 @@ struct Cli {
     /// CPU for the generator.
     #[arg(long, global = true, default_value_t = 1)]
     gen_cpu: usize,
+    /// Scenarios to run: fanout (d), many ((c), (a) and the connect ramp).
+    #[arg(long, global = true, value_delimiter = ',', default_value = "fanout,many")]
+    scenarios: Vec<Scenario>,
+    /// Re-run a step this many times when other processes used more than
+    /// 20 % of a core meanwhile.
+    #[arg(long, global = true, default_value_t = 2)]
+    busy_retries: usize,
     /// Where result files go.
     #[arg(long, global = true, default_value = "bench/wsload/results")]
     out: PathBuf,
@@ -109,6 +116,12 @@ enum Enc {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Fanout,
+    Many,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum ServerArg {
     Ferry,
     Nats,
@@ -126,6 +139,8 @@ struct Plan {
     many_rate: f64,
     ramp_rate: f64,
     saturation: bool,
+    fanout: bool,
+    many: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -183,8 +198,16 @@ async fn run(cli: Cli, nofile: Option<u64>) -> anyhow::Result<()> {
                 many_rate,
                 ramp_rate,
                 saturation: !no_saturation,
+                fanout: cli.scenarios.contains(&Scenario::Fanout),
+                many: cli.scenarios.contains(&Scenario::Many),
             },
-            Knobs { step_secs, bisect: 3, max_doublings: 14, server_cpu: cli.server_cpu },
+            Knobs {
+                step_secs,
+                bisect: 3,
+                max_doublings: 14,
+                server_cpu: cli.server_cpu,
+                busy_retries: cli.busy_retries,
+            },
         ),
         Mode::Smoke => (
             "smoke",
@@ -198,8 +221,10 @@ async fn run(cli: Cli, nofile: Option<u64>) -> anyhow::Result<()> {
                 many_rate: 200.0,
                 ramp_rate: 500.0,
                 saturation: false,
+                fanout: cli.scenarios.contains(&Scenario::Fanout),
+                many: cli.scenarios.contains(&Scenario::Many),
             },
-            Knobs { step_secs: 2.0, bisect: 0, max_doublings: 0, server_cpu: cli.server_cpu },
+            Knobs { step_secs: 2.0, bisect: 0, max_doublings: 0, server_cpu: cli.server_cpu, busy_retries: 0 },
         ),
     };
     let need = plan.many_subs.max(plan.fanout_subs) as u64 + 100;
@@ -259,7 +284,7 @@ async fn one_run(kinds: &[Kind], enc: Encoding, bins: &Bins, knobs: &Knobs, plan
     let mut run = Run { fanout: Vec::new(), many: Vec::new() };
     let log = |s: &Step| println!("  {}", report::step_line(s));
     // (d), every target: Ferry at QoS 0 and 1, NATS (at most once).
-    for &kind in kinds {
+    for &kind in kinds.iter().filter(|_| plan.fanout) {
         let targets: Vec<(Target, u8)> = match kind {
             Kind::Ferry => vec![(Target::Ferry(enc, Qos::AtMostOnce), 0), (Target::Ferry(enc, Qos::AtLeastOnce), 1)],
             Kind::Nats => vec![(Target::Nats, 0)],
@@ -277,6 +302,7 @@ async fn one_run(kinds: &[Kind], enc: Encoding, bins: &Bins, knobs: &Knobs, plan
             );
             b.publishers(1).await?;
             println!("{}", report::STEP_HEADER);
+            b.warm_up(plan.fanout_start).await;
             let search = if plan.fanout_single {
                 let s = b.step(plan.fanout_start).await;
                 log(&s);
@@ -288,7 +314,7 @@ async fn one_run(kinds: &[Kind], enc: Encoding, bins: &Bins, knobs: &Knobs, plan
         }
     }
     // (c) and (a) and the connect ramp, on one set of connections.
-    for &kind in kinds {
+    for &kind in kinds.iter().filter(|_| plan.many) {
         let target = match kind {
             Kind::Ferry => Target::Ferry(enc, Qos::AtMostOnce),
             Kind::Nats => Target::Nats,
@@ -313,6 +339,7 @@ async fn one_run(kinds: &[Kind], enc: Encoding, bins: &Bins, knobs: &Knobs, plan
         );
         b.publishers(4).await?;
         println!("{}", report::STEP_HEADER);
+        b.warm_up(plan.many_rate).await;
         let fixed = b.step(plan.many_rate).await;
         log(&fixed);
         let saturation = if plan.saturation { Some(b.search(plan.many_rate, &log).await) } else { None };

@@ -258,7 +258,7 @@ pub fn summary_table(rep: &Report) -> String {
 /// One step as a table line.
 pub fn step_line(s: &Step) -> String {
     format!(
-        "| {} | {} | {} | {:.3} | {} | {} | {:.1} / {:.1} / {:.1} / {:.1} | {:.0} | {:.0} | {} | {} |",
+        "| {} | {} | {} | {:.3} | {} | {} | {:.1} / {:.1} / {:.1} / {:.1} | {:.0} | {:.0} | {:.0} | {} | {} |",
         num(s.rate),
         num(s.achieved),
         num(s.deliveries_per_s),
@@ -271,13 +271,14 @@ pub fn step_line(s: &Step) -> String {
         s.max_ms,
         s.server_cpu,
         s.gen_cpu,
+        s.other_cpu,
         if s.pass { "pass" } else { "FAIL" },
         s.why.join("; ")
     )
 }
 
 /// Header for [`step_line`].
-pub const STEP_HEADER: &str = "| msg/s | achieved | deliveries/s | loss % | dup | order | p50 / p90 / p99 / max ms | server CPU % | gen CPU % | result | notes |\n|---|---|---|---|---|---|---|---|---|---|---|";
+pub const STEP_HEADER: &str = "| msg/s | achieved | deliveries/s | loss % | dup | order | p50 / p90 / p99 / max ms | server CPU % | gen CPU % | other CPU % | result | notes |\n|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 /// The whole result file as markdown.
 pub fn markdown(rep: &Report) -> String {

@@ -59,26 +59,46 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// CPU use of the server and of the generator over an interval.
+/// Busy CPU seconds of the whole machine (every CPU, steal included).
+fn machine_busy_secs() -> f64 {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = s.lines().next() else { return 0.0 };
+    // cpu user nice system idle iowait irq softirq steal ...
+    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let get = |i: usize| f.get(i).copied().unwrap_or(0);
+    (get(0) + get(1) + get(2) + get(5) + get(6) + get(7)) as f64 / CLOCK_TICKS_PER_SEC
+}
+
+/// CPU use of the server, of the generator, and of everything else on
+/// the machine (other builds share it) over an interval.
 pub struct CpuMeter {
     server: u32,
     at: Instant,
     server_cpu: f64,
     gen_cpu: f64,
+    busy: f64,
 }
 
 impl CpuMeter {
     /// Start measuring now.
     pub fn start(server: u32) -> CpuMeter {
-        CpuMeter { server, at: Instant::now(), server_cpu: cpu_secs(server), gen_cpu: cpu_secs(std::process::id()) }
+        CpuMeter {
+            server,
+            at: Instant::now(),
+            server_cpu: cpu_secs(server),
+            gen_cpu: cpu_secs(std::process::id()),
+            busy: machine_busy_secs(),
+        }
     }
 
-    /// (server %, generator %) of one core since `start`.
-    pub fn stop(&self) -> (f64, f64) {
+    /// (server, generator, everything else), each in % of one core, since
+    /// `start`.
+    pub fn stop(&self) -> (f64, f64, f64) {
         let wall = self.at.elapsed().as_secs_f64().max(1e-3);
-        let s = (cpu_secs(self.server) - self.server_cpu) / wall * 100.0;
-        let g = (cpu_secs(std::process::id()) - self.gen_cpu) / wall * 100.0;
-        (s, g)
+        let s = cpu_secs(self.server) - self.server_cpu;
+        let g = cpu_secs(std::process::id()) - self.gen_cpu;
+        let other = (machine_busy_secs() - self.busy - s - g).max(0.0);
+        (s / wall * 100.0, g / wall * 100.0, other / wall * 100.0)
     }
 }
 
@@ -115,7 +135,9 @@ impl Machine {
             .and_then(|kb| kb.parse::<u64>().ok())
             .map_or(0, |kb| kb / 1024);
         Machine {
-            nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            // Not available_parallelism: that honours this process's
+            // affinity mask, which pinning has cut to one CPU.
+            nproc: read("/proc/cpuinfo").lines().filter(|l| l.starts_with("processor")).count().max(1),
             cpu,
             kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
             mem_mib,
