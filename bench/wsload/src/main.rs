@@ -145,6 +145,12 @@ struct Plan {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let cpus = sys::Machine::probe(None).nproc;
+    anyhow::ensure!(
+        cli.server_cpu.max(cli.gen_cpu) < cpus,
+        "this machine has {cpus} CPU(s): choose --server-cpu and --gen-cpu below {cpus} \
+         (on one CPU, --server-cpu 0 --gen-cpu 0 still runs, with both sharing it)"
+    );
     // Before the runtime exists, so that every thread inherits the mask.
     sys::pin_self(cli.gen_cpu).context("pinning the generator (taskset from util-linux)")?;
     let nofile = sys::raise_nofile();
