@@ -43,6 +43,14 @@ fi
 step "cargo test (workspace; --nocapture shows the property-test fault mix and scenario figures)"
 cargo test --workspace -- --nocapture
 
+step "ferry-wsload smoke: issue 15's benchmark end to end at tiny sizes, Ferry beside nats-server (figures printed, no timing asserted)"
+if ! command -v nats-server >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nats-server >/dev/null
+fi
+cargo run --quiet -p ferry-wsload -- --ferry-bin "${CARGO_TARGET_DIR:-$PWD/target}/debug/ferry" --out "$(mktemp -d)" smoke
+
 step "sdk-wasm: wasm-pack build (web, bundler, nodejs); browser, Node, mini-program and web-chat tests against the real server"
 FERRY_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/ferry" bash sdk-wasm/test.sh
 
