@@ -644,6 +644,8 @@ impl ServerSession {
 
     /// A fetch finished.
     pub fn fetch_done(&mut self, _now: Instant, channel: &str, end: FetchEnd) {
+        // The window is shared by every subscription of the connection.
+        let room = self.cfg.inflight_window.saturating_sub(self.inflight_total);
         let Some(sub) = self.subs.get_mut(channel) else {
             return;
         };
@@ -653,9 +655,11 @@ impl ServerSession {
         if end == FetchEnd::Lost {
             return self.close(CloseCode::InsufficientState, "stream position no longer retained");
         }
-        if sub.next == from && sub.inflight.len() < self.cfg.inflight_window {
+        if sub.next == from && (room > 0 || sub.qos == Qos::AtMostOnce) {
             // Nothing came back although there was room: the stream ends
             // before where we thought. Wait for the next live publication.
+            // (Without room, what came back could not be pushed: the next
+            // ack fetches it again.)
             sub.top = sub.next.saturating_sub(1);
         }
         self.maybe_fetch(channel);

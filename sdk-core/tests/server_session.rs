@@ -541,3 +541,57 @@ fn dropped_live_copies_are_fetched_after_stream_advanced() {
     s.stream_advanced(now, "ch", "other", 9);
     assert_eq!(drain(&mut s, now).close, Some(CloseCode::InsufficientState as u16));
 }
+
+/// Regression: two channels catching up share one in-flight window. When
+/// the first filled it, the second's fetch result could not be pushed, and
+/// the session took "nothing pushed" for "the stream ends here": it forgot
+/// the second channel's top and never fetched it again, so that subscriber
+/// stalled until a new live publication, silently (seen as a subscriber
+/// missing a few hundred publications after a Redis failover).
+#[test]
+fn a_fetch_refused_for_lack_of_room_is_fetched_again_once_acks_free_it() {
+    let sub =
+        |ch: &str| SubscribeRequest { channel: ch.into(), qos: Qos::AtLeastOnce, since: None, token: String::new() };
+    let (mut s, _) = live(
+        Encoding::Binary,
+        vec![(sub("a"), start(0, 1, Qos::AtLeastOnce)), (sub("b"), start(0, 1, Qos::AtLeastOnce))],
+    );
+    let now = Instant(10);
+    // Both streams advanced while live copies were dropped (lagged).
+    s.stream_advanced(now, "a", "e", 10);
+    s.stream_advanced(now, "b", "e", 10);
+    let d = drain(&mut s, now);
+    let fetches: Vec<(String, u64, usize)> = d
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            ServerEvent::Fetch { channel, from, limit, .. } => Some((channel.clone(), *from, *limit)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fetches, vec![("a".into(), 1, 4), ("b".into(), 1, 4)]);
+    // The host serves a's fetch first: the shared window of 4 is full ...
+    for o in 1..=4 {
+        s.deliver(now, &publication("a", o));
+    }
+    s.fetch_done(now, "a", FetchEnd::Done);
+    // ... so b's fetch result cannot be pushed at all.
+    for o in 1..=4 {
+        s.deliver(now, &publication("b", o));
+    }
+    s.fetch_done(now, "b", FetchEnd::Done);
+    let d = drain(&mut s, now);
+    assert_eq!(pushed_offsets(&d), vec![1, 2, 3, 4], "a's four fill the window");
+    // Acks free the window: b is fetched again from 1, a from 5.
+    let d = send(&mut s, now, &[ClientFrame::Ack(vec![AckItem { channel: "a".into(), epoch: "e".into(), offset: 4 }])]);
+    let again: Vec<(String, u64)> = d
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            ServerEvent::Fetch { channel, from, .. } => Some((channel.clone(), *from)),
+            _ => None,
+        })
+        .collect();
+    assert!(again.contains(&("b".into(), 1)), "b is fetched again: {again:?}");
+    assert!(again.contains(&("a".into(), 5)), "a goes on: {again:?}");
+}
