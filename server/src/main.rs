@@ -176,6 +176,7 @@ async fn main() -> anyhow::Result<()> {
                 cfg.api.listen = Some(a);
             }
             cfg.check()?;
+            let fds = raise_fd_limit();
             let api = match cfg.api.listen {
                 Some(a) => Some(
                     tokio::net::TcpListener::bind(a)
@@ -198,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
             let api_http = if cfg.tls.api { "https" } else { "http" };
             let _ = writeln!(
                 out,
-                "api: {} | data: {} | anonymous access: {} | auth: {}",
+                "api: {} | data: {} | anonymous access: {} | auth: {} | open files: {}",
                 match api_addr {
                     Some(a) if cfg.api.keys.is_empty() => format!("{api_http}://{a}/api (no key: loopback only)"),
                     Some(a) => format!("{api_http}://{a}/api"),
@@ -213,12 +214,34 @@ async fn main() -> anyhow::Result<()> {
                 },
                 if cfg.allow_anonymous { "on" } else { "off" },
                 if dev_auth(&cfg) { "DEVELOPMENT (token = user id; configure [auth] for production)" } else { "JWT" },
+                fds.map_or_else(|| "unknown".to_string(), |n| n.to_string()),
             );
             let _ = out.flush();
             drop(out);
             ferry_server::serve(listener, api, cfg, shutdown_signal()).await
         }
     }
+}
+
+/// Every connection holds a descriptor, and the usual soft limit (1,024)
+/// is far below what a server needs: raise it to the hard limit, as far
+/// as the system lets a process go by itself. Returns the limit now held.
+#[cfg(unix)]
+fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum || (lim.current.is_some() && lim.maximum.is_none()) {
+        lim.current = lim.maximum;
+        if setrlimit(Resource::Nofile, lim).is_err() {
+            return getrlimit(Resource::Nofile).current;
+        }
+    }
+    lim.current
+}
+
+#[cfg(not(unix))]
+fn raise_fd_limit() -> Option<u64> {
+    None
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {

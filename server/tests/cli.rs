@@ -398,3 +398,25 @@ fn readme_api_examples_work_against_a_genconfig_server() {
         assert_eq!(status, 200, "{cmd}\n{body}");
     }
 }
+
+#[test]
+fn serve_raises_its_open_file_limit_to_the_hard_limit() {
+    // One descriptor per connection: a soft limit of 256 would cap the
+    // server at a few hundred clients. `prlimit` starts it with 256 of 4096.
+    let dir = temp_dir("nofile");
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=256:4096", "--"]).arg(env!("CARGO_BIN_EXE_ferry"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("FERRY_")) {
+        cmd.env_remove(k);
+    }
+    cmd.env("FERRY_LOG", "warn")
+        .args(["serve", "--listen", "127.0.0.1:0", "--api-listen", "off", "--data-dir"])
+        .arg(&dir);
+    let (lines, child) = serve_startup(&mut cmd);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap_or_default();
+    let err = stop(child);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(lines.get(1).is_some_and(|l| l.contains("open files: 4096")), "{lines:?}\n{err}");
+    let soft = limits.lines().find(|l| l.starts_with("Max open files")).and_then(|l| l.split_whitespace().nth(3));
+    assert_eq!(soft, Some("4096"), "{limits}");
+}
