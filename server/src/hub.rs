@@ -478,7 +478,7 @@ impl Hub {
         }
         let header = async {
             r.want(&req.channel).await?;
-            let cutoff = crate::engine::Retention::of(self.cfg.namespace(&req.channel)).cutoff(now_ms());
+            let cutoff = self.age_cutoff(&req.channel);
             r.streams().ensure(&req.channel, &new_epoch(), cutoff).await.map_err(unavailable)
         }
         .await;
@@ -542,7 +542,7 @@ impl Hub {
         let channels: Vec<String> =
             self.lock().channels.iter().filter(|(_, c)| !c.subs.is_empty()).map(|(k, _)| k.clone()).collect();
         for ch in &channels {
-            let cutoff = crate::engine::Retention::of(self.cfg.namespace(ch)).cutoff(now_ms());
+            let cutoff = self.age_cutoff(ch);
             if let Ok(Some(h)) = r.streams().read_header(ch, cutoff).await {
                 self.learn_header(ch, &h);
             }
@@ -866,7 +866,7 @@ impl Hub {
         limit: usize,
         max_bytes: usize,
     ) -> Option<(Vec<Arc<SharedPublication>>, FetchEnd)> {
-        let cutoff = crate::engine::Retention::of(self.cfg.namespace(channel)).cutoff(now_ms());
+        let cutoff = self.age_cutoff(channel);
         {
             let st = self.lock();
             let Some(c) = st.channels.get(channel) else {
@@ -880,11 +880,9 @@ impl Hub {
             // Redis an idle channel's window may hold what aged out since:
             // the engine decides then.
             let back = c.hot.back().map_or(0, |p| p.publication().offset);
-            let aged = self.redis.get().is_some()
-                && c.hot
-                    .iter()
-                    .find(|p| p.publication().offset >= from)
-                    .is_some_and(|p| p.publication().time_ms < cutoff);
+            // The window is contiguous: `from` sits at a known index.
+            let at_from = c.hot.front().and_then(|f| c.hot.get(from.saturating_sub(f.publication().offset) as usize));
+            let aged = self.redis.get().is_some() && at_from.is_some_and(|p| p.publication().time_ms < cutoff);
             if !aged
                 && c.hot.front().is_some_and(|p| p.publication().offset <= from)
                 && (from <= back || from > c.header.top)
@@ -939,6 +937,12 @@ impl Hub {
         }
     }
 
+    /// Publications of `channel` with a time below this (ms) are past its
+    /// namespace's age limit; 0 when it has none.
+    fn age_cutoff(&self, channel: &str) -> u64 {
+        crate::engine::Retention::of(self.cfg.namespace(channel)).cutoff(now_ms())
+    }
+
     /// History query: by offsets or times, oldest or newest first, capped at
     /// 1,000 publications and 1 MiB of payload.
     pub async fn history(self: &Arc<Self>, h: &HistoryRequest) -> Result<ReplyBody, ErrorReply> {
@@ -946,7 +950,7 @@ impl Hub {
         channel::validate(&h.channel)?;
         // Past the namespace's age limit nothing is served, on either engine
         // (the embedded one trims once a second, Redis when it reads).
-        let cutoff = crate::engine::Retention::of(self.cfg.namespace(&h.channel)).cutoff(now_ms());
+        let cutoff = self.age_cutoff(&h.channel);
         let header = match self.redis.get() {
             // Other nodes publish too: Redis has the current header.
             Some(r) => r

@@ -761,14 +761,11 @@ impl RedisStreams {
         if replicated {
             pipe.cmd("WAIT").arg(1).arg(1000);
         }
-        let run = |mut c: redis::aio::MultiplexedConnection| {
-            let pipe = pipe.clone();
-            async move { pipeline_with_script(&pipe, inv, &mut c).await }
-        };
         let values: Vec<redis::Value> = match self.publisher.clone() {
             Conn::Single(mut c) => pipeline_with_script(&pipe, inv, &mut c).await.map_err(unavailable)?,
             Conn::Sentinel(link) => {
-                let r = run(link.publisher()?).await;
+                let mut c = link.publisher()?;
+                let r = pipeline_with_script(&pipe, inv, &mut c).await;
                 if let Err(e) = &r {
                     link.failed(e);
                 }
