@@ -763,6 +763,11 @@ impl Hub {
                     self.stats.duplicates.load(Ordering::Relaxed),
                 ),
                 ("ferry_store_commits_total", "Durable commits.", self.stats.commits.load(Ordering::Relaxed)),
+                (
+                    "ferry_redis_connections_replaced_total",
+                    "Redis Cluster connections replaced for answering only timeouts (docs/CLUSTER.md section 7).",
+                    self.redis.get().map_or(0, |r| r.streams().connections_replaced()),
+                ),
             ],
         )
     }

@@ -447,3 +447,128 @@ async fn a_publish_into_a_migrating_slot_is_retried_and_stored_once_soon_after_t
     let r = a.publish(ch, KEEP, None, &two, 1002, "e2").await.unwrap();
     assert_eq!(offsets(&r.items), ["new 2"], "the retry is stored once");
 }
+
+/// Primaries killed one after another under load (issue 14): after each
+/// failover, once the cluster reports `ok`, one engine's connections serve
+/// every channel again within a bound, reads and publishes alike. Seen
+/// before: after a kill, the `redis` crate's Cluster connections of one
+/// node answered "timed out" to every command for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_connections_serve_again_after_primaries_are_killed_one_after_another() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let mut cluster = RedisCluster::start(3, 2, &[]).await;
+    let a = node(cluster.urls()).await;
+    let channels: Vec<String> = (0..12).map(|i| format!("kill:{i}")).collect();
+    for ch in &channels {
+        a.publish(ch, KEEP, None, &[item(&format!("{ch}/0"), b"x", Qos::AtLeastOnce, "u")], 1, "e1").await.unwrap();
+    }
+    // Load: publishes and reads in flight on every channel through the kills.
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for (w, ch) in channels.iter().enumerate() {
+        let (a, ch, stop, errors) = (a.clone(), ch.clone(), stop.clone(), errors.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 100_000 {
+                n += 1;
+                let it = [item(&format!("{ch}/{w}/{n}"), b"load", Qos::AtLeastOnce, "u")];
+                let p = a.publish(&ch, KEEP, None, &it, 2, "e1").await;
+                let h = a.header(&ch).await;
+                if p.is_err() || h.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    // Not a busy loop against a dead shard.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    // Kill the primary of channel 0's shard, then another shard's, then the
+    // one promoted for channel 0 (2 replicas each: one is left to promote).
+    let meta = |ch: &str| format!("ferry:{{{ch}}}:meta");
+    let first = cluster.owner(&meta(&channels[0])).expect("owner");
+    let other = channels.iter().find_map(|ch| cluster.owner(&meta(ch)).filter(|o| *o != first)).expect("another shard");
+    let mut killed = Vec::new();
+    for round in 0..3 {
+        let victim = match round {
+            0 => first,
+            1 => other,
+            _ => cluster.owner(&meta(&channels[0])).expect("promoted"),
+        };
+        killed.push(victim);
+        let port = cluster.nodes[victim].port;
+        cluster.nodes[victim].kill9();
+        let t_kill = std::time::Instant::now();
+        // No event for "the cluster healed": a bounded poll of the survivors.
+        let alive: Vec<usize> = (0..cluster.nodes.len()).filter(|i| !killed.contains(i)).collect();
+        let healed = poll_until(Duration::from_secs(30), || {
+            alive.iter().all(|i| cluster.nodes[*i].cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+                && channels.iter().all(|ch| cluster.owner(&meta(ch)).is_some_and(|o| alive.contains(&o)))
+        })
+        .await;
+        assert!(healed, "round {round}: the cluster healed after {port} was killed");
+        let healed_after = t_kill.elapsed();
+        // Every channel serves again, reads and publishes, within a bound.
+        let t0 = std::time::Instant::now();
+        for ch in &channels {
+            loop {
+                let it = [item(&format!("{ch}/probe/{round}"), b"p", Qos::AtLeastOnce, "u")];
+                let p = tokio::time::timeout(Duration::from_secs(6), a.publish(ch, KEEP, None, &it, 3, "e1")).await;
+                let h = tokio::time::timeout(Duration::from_secs(6), a.header(ch)).await;
+                if matches!(p, Ok(Ok(_))) && matches!(h, Ok(Ok(Some(_)))) {
+                    break;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "round {round}: {ch} still refused 20 s after the cluster healed: publish {p:?}, header {h:?}"
+                );
+            }
+        }
+        println!(
+            "[kill] round {round}: killed {port}; healed after {healed_after:.2?}; every channel served {:.2?} later; errors so far {}",
+            t0.elapsed(),
+            errors.load(Ordering::Relaxed)
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        tokio::time::timeout(Duration::from_secs(30), t).await.expect("load ends").unwrap();
+    }
+}
+
+/// A primary that hangs (`SIGSTOP`: its sockets stay open, nothing
+/// answers) is replaced by its replica; an engine that had a connection to
+/// it serves that shard again soon after, not never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_primary_replaced_by_its_replica_is_left_behind() {
+    common::logs();
+    let cluster = RedisCluster::start(3, 1, &[]).await;
+    let a = node(cluster.urls()).await;
+    let ch = "hang:1";
+    a.publish(ch, KEEP, None, &[item("h0", b"x", Qos::AtLeastOnce, "u")], 1, "e1").await.unwrap();
+    let meta = format!("ferry:{{{ch}}}:meta");
+    let victim = cluster.owner(&meta).expect("owner");
+    cluster.nodes[victim].signal("-STOP");
+    let t0 = std::time::Instant::now();
+    let mut last = None;
+    let mut n = 0;
+    while t0.elapsed() < Duration::from_secs(40) {
+        n += 1;
+        let it = [item(&format!("h{n}"), b"y", Qos::AtLeastOnce, "u")];
+        match tokio::time::timeout(Duration::from_secs(7), a.publish(ch, KEEP, None, &it, 2, "e1")).await {
+            Ok(Ok(_)) => {
+                last = Some(t0.elapsed());
+                break;
+            }
+            r => println!("[hang] {:.2?}: {r:?}", t0.elapsed()),
+        }
+        // Reads too: they share the connections' fate.
+        let h = tokio::time::timeout(Duration::from_secs(7), a.header(ch)).await;
+        println!("[hang] {:.2?}: header {h:?}", t0.elapsed());
+    }
+    cluster.nodes[victim].signal("-CONT");
+    println!("[hang] served again after {last:?}; connections replaced {} times", a.connections_replaced());
+    assert!(last.is_some(), "the shard serves again through its promoted replica");
+    assert!(a.connections_replaced() >= 1, "by replacing the connections that only timed out");
+}

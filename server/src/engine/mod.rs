@@ -7,6 +7,7 @@
 //! nodes sharing one Redis; the hub moves onto a common async interface
 //! as the cluster issue proceeds.
 
+pub mod cluster_link;
 pub mod pubsub;
 pub mod redis;
 pub mod sentinel;

@@ -20,6 +20,7 @@ use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use serde::{Deserialize, Serialize};
 
+use super::cluster_link::{ClusterConn, ClusterLink};
 use super::pubsub::{Credentials, NodeAddr};
 use super::sentinel::SentinelLink;
 use super::tls::RedisTls;
@@ -142,19 +143,26 @@ pub struct FanOut {
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    /// Replaced by a fresh connection when it answers only timeouts.
+    Cluster(ClusterConn),
     Sentinel(Arc<SentinelLink>),
 }
 
 /// Run `$body` (a `RedisResult`) with `$c` bound to a connection of any
 /// kind; gives a `Result<_, EngineError>`. On Sentinel, a failure that may
 /// mean a failover has the Sentinels asked again, and a primary not known
-/// yet answers unavailable at once.
+/// yet answers unavailable at once. On a Cluster, a connection that answers
+/// only timeouts is replaced.
 macro_rules! on_conn {
     ($self:ident, |$c:ident| $body:expr) => {{
         let r: redis::RedisResult<_> = match $self.conn.clone() {
             Conn::Single(mut $c) => $body,
-            Conn::Cluster(mut $c) => $body,
+            Conn::Cluster(link) => {
+                let mut $c = link.get();
+                let r = $body;
+                link.observe(&r);
+                r
+            }
             Conn::Sentinel(link) => {
                 let mut $c = link.conn()?;
                 let r = $body;
@@ -428,8 +436,8 @@ impl RedisStreams {
                     builder = builder.certs(certs);
                 }
                 let client = builder.build().map_err(unavailable)?;
-                let conn = client.get_async_connection().await.map_err(unavailable)?;
-                let publisher = client.get_async_connection().await.map_err(unavailable)?;
+                let mut two = ClusterLink::connect(client, 2).await.map_err(unavailable)?.into_iter();
+                let (conn, publisher) = (two.next().expect("two"), two.next().expect("two"));
                 (Conn::Cluster(conn), Conn::Cluster(publisher))
             }
         };
@@ -678,16 +686,15 @@ impl RedisStreams {
                 }
                 // Claims live on the shards of their ids: one command each,
                 // all in flight together.
-                Conn::Cluster(c) => {
+                Conn::Cluster(link) => {
+                    let c = link.get();
                     let calls = claims.into_iter().map(|cmd| {
                         let mut c = c.clone();
                         async move { cmd.query_async::<Option<String>>(&mut c).await }
                     });
-                    futures_util::future::join_all(calls)
-                        .await
-                        .into_iter()
-                        .collect::<Result<_, _>>()
-                        .map_err(unavailable)?
+                    let r = futures_util::future::join_all(calls).await.into_iter().collect::<Result<_, _>>();
+                    link.observe(&r);
+                    r.map_err(unavailable)?
                 }
             };
             for (i, (p, it)) in prev.iter().zip(items).enumerate() {
@@ -771,15 +778,18 @@ impl RedisStreams {
                 }
                 r.map_err(unavailable)?
             }
-            Conn::Cluster(mut c) => {
+            Conn::Cluster(link) => {
+                let mut c = link.get();
                 // Design: on a Cluster the script goes through the client's
                 // own routing (it follows MOVED, ASK and TRYAGAIN during a
                 // slot migration), then `WAIT` to the same primary; both on
                 // the publisher's connection to that node. A reconnect of
                 // that one node connection in between is the residual case.
-                let reply: PublishReply = inv.invoke_async(&mut c).await.map_err(unavailable)?;
+                let reply: redis::RedisResult<PublishReply> = inv.invoke_async(&mut c).await;
+                link.observe(&reply);
+                let reply = reply.map_err(unavailable)?;
                 if replicated {
-                    self.wait_replica(&mut c, key).await?;
+                    self.wait_replica(&link, &mut c, key).await?;
                 }
                 return Ok(reply);
             }
@@ -802,20 +812,28 @@ impl RedisStreams {
 
     /// `WAIT 1` on the Cluster primary that took `key`'s writes: a replica
     /// confirmed them, or a temporary error.
-    async fn wait_replica(&self, c: &mut ClusterConnection, key: &str) -> Result<(), EngineError> {
+    async fn wait_replica(&self, link: &ClusterConn, c: &mut ClusterConnection, key: &str) -> Result<(), EngineError> {
         use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(1).arg(1000);
         let route = Route::new(slot(key.as_bytes()), SlotAddr::Master);
-        let v = c
-            .route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)))
-            .await
-            .map_err(unavailable)?;
+        let v = c.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route))).await;
+        link.observe(&v);
+        let v = v.map_err(unavailable)?;
         let n: i64 = redis::from_redis_value(v).map_err(|e| EngineError::Unavailable(e.to_string()))?;
         if n < 1 {
             return Err(EngineError::Unavailable("no replica confirmed the write in time (WAIT 1)".into()));
         }
         Ok(())
+    }
+
+    /// How many times this engine's Cluster connections were replaced for
+    /// answering only timeouts (always 0 off a Cluster).
+    pub fn connections_replaced(&self) -> u64 {
+        match &self.conn {
+            Conn::Cluster(c) => c.replaced(),
+            _ => 0,
+        }
     }
 
     /// The stream header, if the stream exists.
