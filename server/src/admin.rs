@@ -188,7 +188,9 @@ impl Admin {
         }
         match session_cookie(headers) {
             Some(v) => self.check_session(v).ok_or_else(|| unauthorized("session expired or not valid; log in again")),
-            None => Err(unauthorized("log in first (POST /admin/api/login), or send Authorization: Bearer <admin token>")),
+            None => {
+                Err(unauthorized("log in first (POST /admin/api/login), or send Authorization: Bearer <admin token>"))
+            }
         }
     }
 
@@ -259,7 +261,8 @@ pub(crate) fn router<S: Clone + Send + Sync + 'static>(hub: Arc<Hub>) -> anyhow:
         .layer(axum::middleware::from_fn_with_state(admin.clone(), require_credential))
         .route("/login", post(login))
         .layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY));
-    let asset = |ctype: &'static str, body: &'static str| get(move || async move { ([(header::CONTENT_TYPE, ctype)], body) });
+    let asset =
+        |ctype: &'static str, body: &'static str| get(move || async move { ([(header::CONTENT_TYPE, ctype)], body) });
     let html = "text/html; charset=utf-8";
     Ok(Router::new()
         .route("/admin", asset(html, INDEX_HTML))
@@ -531,7 +534,10 @@ async fn metrics(State(a): State<Arc<Admin>>) -> Json<Value> {
 }
 
 /// A channel's presence: the list (paged) and its counts.
-async fn presence(State(a): State<Arc<Admin>>, ApiJson(b): ApiJson<api::PresenceBody>) -> Result<Json<Value>, ApiError> {
+async fn presence(
+    State(a): State<Arc<Admin>>,
+    ApiJson(b): ApiJson<api::PresenceBody>,
+) -> Result<Json<Value>, ApiError> {
     let stats = api::presence_stats_value(&a.hub, &b.channel).await?;
     let mut v = api::presence_value(&a.hub, b).await?;
     v["stats"] = stats;

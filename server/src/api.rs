@@ -284,7 +284,8 @@ async fn publish(State(api): State<Api>, ApiJson(b): ApiJson<PublishBody>) -> Re
     let channel = b.channel.clone().ok_or_else(|| bad("channel is required"))?;
     let data = payload(&b)?;
     let key = b.idempotency_key.clone();
-    let resp = idempotent(&api, key.as_deref(), &b, || publish_one(&api.hub, &channel, data, b.qos, key.clone())).await?;
+    let resp =
+        idempotent(&api, key.as_deref(), &b, || publish_one(&api.hub, &channel, data, b.qos, key.clone())).await?;
     Ok(Json(resp))
 }
 

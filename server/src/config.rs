@@ -613,7 +613,10 @@ impl Config {
         if let Some(t) = &a.token {
             anyhow::ensure!(t.len() >= ADMIN_TOKEN_MIN, "admin.token must be at least {ADMIN_TOKEN_MIN} bytes");
             // It travels in an HTTP header.
-            anyhow::ensure!(t.bytes().all(|b| b.is_ascii_graphic()), "admin.token must be printable ASCII without spaces");
+            anyhow::ensure!(
+                t.bytes().all(|b| b.is_ascii_graphic()),
+                "admin.token must be printable ASCII without spaces"
+            );
         }
         anyhow::ensure!(a.session_ttl_secs >= 60, "admin.session_ttl_secs must be at least 60");
         anyhow::ensure!(a.login_attempts_per_minute > 0, "admin.login_attempts_per_minute must be positive");
