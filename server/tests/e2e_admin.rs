@@ -341,3 +341,46 @@ fn show_config_redacts_the_admin_secrets() {
     assert!(!text.contains(PASSWORD) && !text.contains(TOKEN), "{text}");
     assert!(text.contains("[admin]\npassword = \"<redacted>\"\ntoken = \"<redacted>\""), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_every_node_is_listed_and_tops_are_the_clusters() {
+    let redis = Redis::start(&[]);
+    let node = |_| {
+        let mut cfg = admin_config();
+        cfg.redis.urls = vec![redis.url()];
+        cfg
+    };
+    let a = TestServer::start(node(0)).await;
+    let b = TestServer::start(node(1)).await;
+    let bearer = format!("Authorization: Bearer {TOKEN}\r\n");
+    // Each node registers with its first beat (every 500 ms): wait, bounded.
+    let mut listed = Value::Null;
+    for _ in 0..100 {
+        let (_, _, r) = call(a.addr, "GET", "/admin/api/nodes", &bearer, None).await;
+        listed = r;
+        if listed["nodes"].as_array().is_some_and(|n| n.len() == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let nodes = listed["nodes"].as_array().unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(nodes.len(), 2, "{listed}");
+    assert_eq!(nodes.iter().filter(|n| n["this"] == true).count(), 1, "{listed}");
+    assert!(nodes.iter().all(|n| n["beat_ago_ms"].as_u64().is_some_and(|ms| ms < 3_000)), "{listed}");
+    let (_, _, info) = call(a.addr, "GET", "/admin/api/info", &bearer, None).await;
+    assert_eq!(info["engine"], "redis");
+    assert!(nodes.iter().any(|n| n["id"] == info["node"] && n["this"] == true), "{info} {listed}");
+    // A channel node A knows, published on node B: A shows B's top.
+    let mut c = TestClient::new(&a.url(), TestClient::config("d", "u1", Encoding::Json));
+    c.subscribe("chat:lobby", Qos::AtLeastOnce).await;
+    c.connect().await;
+    assert!(c.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Subscribed { .. }))).await);
+    for i in 0..3 {
+        let body = json!({"channel": "chat:lobby", "data": i});
+        let (status, _, r) = call(b.addr, "POST", "/admin/api/publish", &bearer, Some(&body)).await;
+        assert_eq!(status, 200, "{r}");
+    }
+    let (_, _, chans) = call(a.addr, "GET", "/admin/api/channels", &bearer, None).await;
+    assert_eq!(chans["channels"][0]["name"], "chat:lobby", "{chans}");
+    assert_eq!(chans["channels"][0]["top"], 3, "{chans}");
+}
