@@ -165,7 +165,15 @@ function stopPolling() {
 }
 
 async function refresh() {
-  await Promise.all([refreshInfo(), refreshMetrics(), refreshConnections(), refreshChannels()]);
+  const open = hist.channel ? [loadPresence()] : [];
+  await Promise.all([refreshInfo(), refreshMetrics(), refreshConnections(), refreshChannels(), ...open]);
+}
+
+/** After an action: everything shown again at once, not at the next tick. */
+function refreshNow() {
+  return refresh().catch((e) => {
+    if (e.status !== 401) showError(e.message);
+  });
 }
 
 // ---- info, nodes, counters -------------------------------------------
@@ -262,7 +270,7 @@ async function disconnect(c) {
     const r = await post('disconnect', { user: c.user, client: c.client, reconnect: false });
     showError('');
     $('pub-result').textContent = `Disconnected ${r.disconnected} connection(s) of ${who}.`;
-    await refreshConnections();
+    await refreshNow();
   } catch (e) {
     showError(e.message);
   }
@@ -436,6 +444,7 @@ $('publish-form').addEventListener('submit', async (ev) => {
       hist.until = null;
       await loadHistory();
     }
+    await refreshNow();
   } catch (e) {
     showError('Publish failed: ' + e.message);
   }

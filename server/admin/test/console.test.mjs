@@ -247,6 +247,10 @@ async function main() {
   await page.fill('#pub-data', JSON.stringify({ text }));
   await page.click('#publish-form button[type=submit]');
   await page.waitForFunction(() => document.getElementById('pub-result').textContent.startsWith('Published'));
+  await page.waitForFunction(
+    ([ch, top]) => document.querySelector(`#channels tr[data-channel="${ch}"] td:nth-child(2)`)?.textContent === top,
+    [CHANNEL, String(SEEDED + 1)],
+  );
   await client.until(() => client.received.some((p) => p.data === JSON.stringify({ text })), 'the console publication');
   const got = client.received.find((p) => p.data === JSON.stringify({ text }));
   assert.equal(got.offset, SEEDED + 1);
@@ -278,6 +282,15 @@ async function main() {
   assert.equal(client.closeCode, 3503, 'closed with "disconnected, do not reconnect"');
   await page.waitForSelector(row, { state: 'detached' });
   await page.waitForFunction(() => document.getElementById('conn-summary').textContent.startsWith('0 on this node'));
+  // The server unregisters the connection as its task ends; the page
+  // shows it at the next refresh.
+  await page.waitForFunction(
+    () => document.querySelector('#counters .counter[data-metric="ferry_connections"] .v')?.textContent === '0',
+  );
+  await page.waitForFunction(
+    (ch) => document.querySelector(`#channels tr[data-channel="${ch}"] td:nth-child(5)`)?.textContent === '0',
+    CHANNEL,
+  );
   await shot(page, '06-disconnected.png');
   console.log('ok: the console disconnected the client (close 3503)');
 

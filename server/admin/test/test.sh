@@ -24,6 +24,8 @@ if [ "$node_major" -lt 20 ]; then
   echo "node >= 20 is required (found $(node --version))" >&2
   exit 1
 fi
+# A relative FERRY_BIN means relative to where the script was started.
+if [ -n "${FERRY_BIN:-}" ]; then FERRY_BIN="$(realpath "$FERRY_BIN")"; fi
 cd "$here"
 if [ ! -d node_modules/playwright-core ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund
