@@ -866,7 +866,8 @@ impl Hub {
         }
         let ids = heap.into_sorted_vec();
         let mut channels: HashMap<ConnId, Vec<String>> = ids.iter().map(|id| (*id, Vec::new())).collect();
-        for (name, c) in &st.channels {
+        // One pass over the subscriptions, and none for a page of nothing.
+        for (name, c) in st.channels.iter().filter(|_| !ids.is_empty()) {
             for id in c.subs.keys() {
                 if let Some(v) = channels.get_mut(id) {
                     v.push(name.clone());
