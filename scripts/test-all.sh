@@ -51,6 +51,9 @@ if ! command -v nats-server >/dev/null; then
 fi
 cargo run --quiet -p ferry-wsload -- --ferry-bin "${CARGO_TARGET_DIR:-$PWD/target}/debug/ferry" --out "$(mktemp -d)" smoke
 
+step "admin console: headless Chromium against the real server (log in, see a client, publish, page history, disconnect; screenshots)"
+FERRY_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/ferry" bash server/admin/test/test.sh
+
 step "sdk-wasm: wasm-pack build (web, bundler, nodejs); browser, Node, mini-program and web-chat tests against the real server"
 FERRY_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/ferry" bash sdk-wasm/test.sh
 

@@ -88,7 +88,7 @@ async fn require_key(State(api): State<Api>, req: Request, next: Next) -> Respon
 /// (else 415), at most [`MAX_BODY`] bytes (else 413), valid JSON of the
 /// expected shape with no unknown fields (else 400 naming the problem).
 /// Every refusal is the documented error envelope.
-struct ApiJson<T>(T);
+pub(crate) struct ApiJson<T>(pub(crate) T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
@@ -129,8 +129,9 @@ fn parse_value<T: DeserializeOwned>(what: &str, v: Value) -> Result<T, ApiError>
     serde_json::from_value(v).map_err(|e| bad(format!("{what}: {e}")))
 }
 
-/// An API error: HTTP status plus Ferry's error code.
-struct ApiError(StatusCode, u16, String);
+/// An API error: HTTP status plus Ferry's error code; answered as the
+/// documented envelope `{"error": {"code", "message"}}`.
+pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) u16, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -138,11 +139,11 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn bad(msg: impl Into<String>) -> ApiError {
+pub(crate) fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, ErrorCode::BadRequest as u16, msg.into())
 }
 
-fn from_reply(e: ferry_core::frame::ErrorReply) -> ApiError {
+pub(crate) fn from_reply(e: ferry_core::frame::ErrorReply) -> ApiError {
     let status = if e.temporary { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_REQUEST };
     ApiError(status, e.code, e.message)
 }
@@ -188,7 +189,12 @@ fn one() -> u8 {
 }
 
 fn payload(b: &PublishBody) -> Result<Vec<u8>, ApiError> {
-    match (&b.data, &b.b64data) {
+    payload_of(&b.data, &b.b64data)
+}
+
+/// The bytes of a publish: JSON `data` or base64 `b64data`, exactly one.
+pub(crate) fn payload_of(data: &Option<Value>, b64data: &Option<String>) -> Result<Vec<u8>, ApiError> {
+    match (data, b64data) {
         (Some(v), None) => Ok(serde_json::to_vec(v).unwrap_or_default()),
         (None, Some(s)) => ferry_core::base64::decode(s).map_err(|_| bad("b64data is not valid base64")),
         _ => Err(bad("give exactly one of data (JSON) or b64data (base64)")),
@@ -208,13 +214,21 @@ async fn channels(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "channels": api.hub.active_channels() })))
 }
 
-async fn publish_one(api: &Api, channel: &str, data: Vec<u8>, qos: u8, key: Option<String>) -> Result<Value, ApiError> {
+/// Publish once into `channel`, waiting for the durable commit; `key` is
+/// the message id (a fresh `api:` id without one).
+pub(crate) async fn publish_one(
+    hub: &Hub,
+    channel: &str,
+    data: Vec<u8>,
+    qos: u8,
+    key: Option<String>,
+) -> Result<Value, ApiError> {
     crate::channel::validate(channel).map_err(from_reply)?;
     let qos = Qos::from_u8(qos).ok_or_else(|| bad("qos must be 0, 1 or 2"))?;
     // The idempotency key is the message id: a retry inside the dedup window
     // is answered with the first result and stored once.
     let id = key.unwrap_or_else(|| format!("api:{:x}:{}", crate::hub::now_ms(), rand_suffix()));
-    let stored = api.hub.publish_wait(channel, &id, qos, data).await.map_err(|e| {
+    let stored = hub.publish_wait(channel, &id, qos, data).await.map_err(|e| {
         // The key was used for another publish (maybe by a WebSocket client
         // as its message id): a conflict, like a reused key with another body.
         if e.code == ErrorCode::BadRequest as u16 && e.message.starts_with(ferry_core::MESSAGE_ID_REUSED) {
@@ -228,7 +242,7 @@ async fn publish_one(api: &Api, channel: &str, data: Vec<u8>, qos: u8, key: Opti
     )
 }
 
-fn rand_suffix() -> u64 {
+pub(crate) fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(StdInstant::now().elapsed().as_nanos());
@@ -270,7 +284,8 @@ async fn publish(State(api): State<Api>, ApiJson(b): ApiJson<PublishBody>) -> Re
     let channel = b.channel.clone().ok_or_else(|| bad("channel is required"))?;
     let data = payload(&b)?;
     let key = b.idempotency_key.clone();
-    let resp = idempotent(&api, key.as_deref(), &b, || publish_one(&api, &channel, data, b.qos, key.clone())).await?;
+    let resp =
+        idempotent(&api, key.as_deref(), &b, || publish_one(&api.hub, &channel, data, b.qos, key.clone())).await?;
     Ok(Json(resp))
 }
 
@@ -284,7 +299,7 @@ async fn broadcast(State(api): State<Api>, ApiJson(b): ApiJson<PublishBody>) -> 
         let mut results = Vec::new();
         for ch in &b.channels {
             let k = key.as_ref().map(|k| format!("{k}:{ch}"));
-            results.push(match publish_one(&api, ch, data.clone(), b.qos, k).await {
+            results.push(match publish_one(&api.hub, ch, data.clone(), b.qos, k).await {
                 Ok(v) => v,
                 Err(ApiError(_, code, message)) => json!({"channel": ch, "error": {"code": code, "message": message}}),
             });
@@ -295,9 +310,10 @@ async fn broadcast(State(api): State<Api>, ApiJson(b): ApiJson<PublishBody>) -> 
     Ok(Json(resp))
 }
 
+/// A history query (`/api/history`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct HistoryBody {
+pub(crate) struct HistoryBody {
     channel: String,
     since_offset: Option<u64>,
     until_offset: Option<u64>,
@@ -313,7 +329,8 @@ fn hundred() -> u32 {
     100
 }
 
-fn pub_json(p: &Publication) -> Value {
+/// A publication as the API shows it.
+pub(crate) fn pub_json(p: &Publication) -> Value {
     let data = &p.payload.data.0;
     let mut v = json!({
         "offset": p.offset, "epoch": p.epoch, "message_id": p.message_id, "qos": p.qos.as_u8(),
@@ -328,7 +345,8 @@ fn pub_json(p: &Publication) -> Value {
     v
 }
 
-async fn history_value(api: &Api, b: HistoryBody) -> Result<Value, ApiError> {
+/// Run a history query; the answer as `/api/history` gives it.
+pub(crate) async fn history_value(hub: &Arc<Hub>, b: HistoryBody) -> Result<Value, ApiError> {
     let bound = |o: Option<u64>, t: Option<u64>| match (o, t) {
         (Some(o), None) => Ok(Some(HistoryBound::Offset(o))),
         (None, Some(t)) => Ok(Some(HistoryBound::TimeMs(t))),
@@ -342,7 +360,7 @@ async fn history_value(api: &Api, b: HistoryBody) -> Result<Value, ApiError> {
         limit: b.limit,
         reverse: b.reverse,
     };
-    match api.hub.history(&req).await.map_err(from_reply)? {
+    match hub.history(&req).await.map_err(from_reply)? {
         ReplyBody::History { publications, top } => Ok(json!({
             "publications": publications.iter().map(pub_json).collect::<Vec<_>>(),
             "top": {"epoch": top.epoch, "offset": top.offset},
@@ -352,13 +370,14 @@ async fn history_value(api: &Api, b: HistoryBody) -> Result<Value, ApiError> {
 }
 
 async fn history(State(api): State<Api>, ApiJson(b): ApiJson<HistoryBody>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(history_value(&api, b).await?))
+    Ok(Json(history_value(&api.hub, b).await?))
 }
 
+/// A presence query (`/api/presence`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PresenceBody {
-    channel: String,
+pub(crate) struct PresenceBody {
+    pub(crate) channel: String,
     after: Option<String>,
     #[serde(default = "thousand")]
     limit: usize,
@@ -369,10 +388,15 @@ fn thousand() -> usize {
 }
 
 async fn presence(State(api): State<Api>, ApiJson(b): ApiJson<PresenceBody>) -> Result<Json<Value>, ApiError> {
-    let list = api.hub.presence(&b.channel, b.after.as_deref(), b.limit.min(10_000)).await.map_err(from_reply)?;
+    Ok(Json(presence_value(&api.hub, b).await?))
+}
+
+/// Run a presence query; the answer as `/api/presence` gives it.
+pub(crate) async fn presence_value(hub: &Hub, b: PresenceBody) -> Result<Value, ApiError> {
+    let list = hub.presence(&b.channel, b.after.as_deref(), b.limit.min(10_000)).await.map_err(from_reply)?;
     let next = if list.len() == b.limit { list.last().map(|c| c.client.clone()) } else { None };
     let clients: Vec<Value> = list.iter().map(|c| json!({"client": c.client, "user": c.user})).collect();
-    Ok(Json(json!({ "clients": clients, "next": next })))
+    Ok(json!({ "clients": clients, "next": next }))
 }
 
 #[derive(Deserialize)]
@@ -382,8 +406,13 @@ struct ChannelBody {
 }
 
 async fn presence_stats(State(api): State<Api>, ApiJson(b): ApiJson<ChannelBody>) -> Result<Json<Value>, ApiError> {
-    let s = api.hub.presence_stats(&b.channel).await.map_err(from_reply)?;
-    Ok(Json(json!({ "clients": s.clients, "users": s.users })))
+    Ok(Json(presence_stats_value(&api.hub, &b.channel).await?))
+}
+
+/// A channel's presence counts, as `/api/presence_stats` gives them.
+pub(crate) async fn presence_stats_value(hub: &Hub, channel: &str) -> Result<Value, ApiError> {
+    let s = hub.presence_stats(channel).await.map_err(from_reply)?;
+    Ok(json!({ "clients": s.clients, "users": s.users }))
 }
 
 #[derive(Deserialize)]
@@ -397,20 +426,26 @@ async fn online(State(api): State<Api>, ApiJson(b): ApiJson<UsersBody>) -> Resul
     Ok(Json(json!({ "online": online })))
 }
 
+/// A disconnect order (`/api/disconnect`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DisconnectBody {
-    user: String,
-    client: Option<String>,
+pub(crate) struct DisconnectBody {
+    pub(crate) user: String,
+    pub(crate) client: Option<String>,
     /// Reconnect allowed (3007) or not (3503, the default).
     #[serde(default)]
     reconnect: bool,
 }
 
 async fn disconnect(State(api): State<Api>, ApiJson(b): ApiJson<DisconnectBody>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(disconnect_value(&api.hub, b).await?))
+}
+
+/// Carry out a disconnect order; the answer as `/api/disconnect` gives it.
+pub(crate) async fn disconnect_value(hub: &Hub, b: DisconnectBody) -> Result<Value, ApiError> {
     let code = if b.reconnect { CloseCode::ForceReconnect } else { CloseCode::ForceDisconnect };
-    let n = api.hub.disconnect_user(&b.user, b.client.as_deref(), code).await.map_err(from_reply)?;
-    Ok(Json(json!({ "disconnected": n })))
+    let n = hub.disconnect_user(&b.user, b.client.as_deref(), code).await.map_err(from_reply)?;
+    Ok(json!({ "disconnected": n }))
 }
 
 #[derive(Deserialize)]
@@ -463,16 +498,12 @@ async fn batch_one(api: &Api, i: usize, item: Value) -> Result<Value, ApiError> 
             let ch = p.channel.clone().ok_or_else(|| bad(format!("{what}: channel is required")))?;
             let data = payload(&p)?;
             let key = p.idempotency_key.clone();
-            idempotent(api, key.as_deref(), &p, || publish_one(api, &ch, data, p.qos, key.clone())).await
+            idempotent(api, key.as_deref(), &p, || publish_one(&api.hub, &ch, data, p.qos, key.clone())).await
         }
-        "history" => history_value(api, parse_value(&what, c.params)?).await,
+        "history" => history_value(&api.hub, parse_value(&what, c.params)?).await,
         "presence_stats" => {
             let p: ChannelBody = parse_value(&what, c.params)?;
-            api.hub
-                .presence_stats(&p.channel)
-                .await
-                .map(|s| json!({"clients": s.clients, "users": s.users}))
-                .map_err(from_reply)
+            presence_stats_value(&api.hub, &p.channel).await
         }
         "online" => {
             let u: UsersBody = parse_value(&what, c.params)?;

@@ -174,6 +174,23 @@ local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]
 return {added, dead}
 "#;
 
+/// KEYS: nodes. ARGV: limit. The registered nodes, each followed by the
+/// milliseconds since its beat (Redis's clock).
+const NODES_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local all = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+local out = {}
+for i = 1, #all, 2 do
+  out[#out + 1] = all[i]
+  out[#out + 1] = math.max(0, now - tonumber(all[i + 1]))
+end
+return out
+"#;
+
+/// Most nodes [`ClusterPresence::nodes`] lists.
+const NODES_LIMIT: usize = 1024;
+
 /// A message on the control channel.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "k", rename_all = "snake_case")]
@@ -203,6 +220,7 @@ struct Scripts {
     due: redis::Script,
     beat: redis::Script,
     stats: redis::Script,
+    nodes: redis::Script,
 }
 
 /// This node's part of cluster-wide presence.
@@ -245,6 +263,7 @@ impl ClusterPresence {
             due: redis::Script::new(DUE_LUA),
             beat: redis::Script::new(BEAT_LUA),
             stats: redis::Script::new("return {redis.call('HLEN', KEYS[1]), redis.call('HLEN', KEYS[2])}"),
+            nodes: redis::Script::new(NODES_LUA),
         });
         let p = Arc::new(ClusterPresence {
             streams,
@@ -329,6 +348,15 @@ impl ClusterPresence {
         inv.key(self.ckey(channel, "pres")).key(self.ckey(channel, "pusers"));
         let (clients, users): (u32, u32) = self.streams.invoke(&inv).await.map_err(unavailable)?;
         Ok(Stats { clients, users })
+    }
+
+    /// The nodes in the registry (at most [`NODES_LIMIT`], by beat time)
+    /// with the milliseconds since each one's beat.
+    pub(crate) async fn nodes(&self) -> Result<Vec<(String, u64)>, ErrorReply> {
+        let mut inv = self.scripts.nodes.prepare_invoke();
+        inv.key(self.streams.plain_key("nodes")).arg(NODES_LIMIT);
+        // A flat reply (id, ms, id, ms, ...) reads as pairs, like HGETALL.
+        self.streams.invoke(&inv).await.map_err(unavailable)
     }
 
     /// Connections of `user` anywhere (client → node).

@@ -23,6 +23,9 @@ pub struct Config {
     pub allow_anonymous: bool,
     /// The backend HTTP API.
     pub api: ApiConfig,
+    /// The web console at `/admin` (docs/ADMIN.md); off without a
+    /// `password` or `token`.
+    pub admin: AdminConfig,
     /// Callbacks to the business backend; off without a URL.
     pub webhooks: WebhookConfig,
     /// TLS for the listener (off without `cert` and `key`) and trust for
@@ -53,6 +56,7 @@ impl Default for Config {
             data_dir: PathBuf::from("ferry-data"),
             auth: AuthConfig::default(),
             api: ApiConfig::default(),
+            admin: AdminConfig::default(),
             webhooks: WebhookConfig::default(),
             tls: TlsConfig::default(),
             allowed_origins: Vec::new(),
@@ -143,6 +147,51 @@ pub struct ApiConfig {
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig { listen: None, enabled: true, keys: Vec::new() }
+    }
+}
+
+/// The admin console (docs/ADMIN.md), served at `/admin` on the main
+/// listener. Off unless `password` or `token` is set; loopback peers only
+/// unless `allow_remote`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Password of the browser login (at least [`ADMIN_PASSWORD_MIN`]
+    /// characters); a login gives an expiring session cookie.
+    pub password: Option<String>,
+    /// Token for scripts (`Authorization: Bearer <token>`, at least
+    /// [`ADMIN_TOKEN_MIN`] characters).
+    pub token: Option<String>,
+    /// Serve the console to peers beyond loopback, and to requests relayed
+    /// by a proxy (`Forwarded`, `X-Forwarded-For`, `X-Real-IP`).
+    pub allow_remote: bool,
+    /// Lifetime of a login session, seconds.
+    pub session_ttl_secs: u64,
+    /// Login attempts one address may make per minute.
+    pub login_attempts_per_minute: u32,
+}
+
+/// Shortest admin password accepted.
+pub const ADMIN_PASSWORD_MIN: usize = 12;
+/// Shortest admin token accepted.
+pub const ADMIN_TOKEN_MIN: usize = 32;
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            password: None,
+            token: None,
+            allow_remote: false,
+            session_ttl_secs: 8 * 3600,
+            login_attempts_per_minute: 10,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Whether the console is served at all.
+    pub fn enabled(&self) -> bool {
+        self.password.is_some() || self.token.is_some()
     }
 }
 
@@ -500,7 +549,8 @@ impl Config {
     }
 
     /// The configuration as TOML with every secret that is set
-    /// (`auth.hmac_secret`, each of `api.keys`, `webhooks.secret`) replaced
+    /// (`auth.hmac_secret`, each of `api.keys`, `webhooks.secret`,
+    /// `admin.password`, `admin.token`) replaced
     /// by [`REDACTED`]: still valid TOML, showing which secrets are set and
     /// how many keys there are, but no secret.
     pub fn show_redacted(&self) -> anyhow::Result<String> {
@@ -513,6 +563,9 @@ impl Config {
         }
         if !c.webhooks.secret.is_empty() {
             c.webhooks.secret = REDACTED.into();
+        }
+        for s in [&mut c.admin.password, &mut c.admin.token].into_iter().flatten() {
+            *s = REDACTED.into();
         }
         for u in &mut c.redis.urls {
             *u = redact_url(u);
@@ -550,6 +603,23 @@ impl Config {
             crate::http_client::Url::parse(&self.webhooks.url).map_err(|e| anyhow::anyhow!("webhooks.url: {e}"))?;
         }
         self.redis.check()?;
+        let a = &self.admin;
+        if let Some(p) = &a.password {
+            anyhow::ensure!(
+                p.chars().count() >= ADMIN_PASSWORD_MIN,
+                "admin.password must be at least {ADMIN_PASSWORD_MIN} characters"
+            );
+        }
+        if let Some(t) = &a.token {
+            anyhow::ensure!(t.len() >= ADMIN_TOKEN_MIN, "admin.token must be at least {ADMIN_TOKEN_MIN} bytes");
+            // It travels in an HTTP header.
+            anyhow::ensure!(
+                t.bytes().all(|b| b.is_ascii_graphic()),
+                "admin.token must be printable ASCII without spaces"
+            );
+        }
+        anyhow::ensure!(a.session_ttl_secs >= 60, "admin.session_ttl_secs must be at least 60");
+        anyhow::ensure!(a.login_attempts_per_minute > 0, "admin.login_attempts_per_minute must be positive");
         for (name, ns) in &self.namespaces {
             anyhow::ensure!(ns.max_qos <= 2, "namespaces.{name}.max_qos must be 0, 1 or 2");
             anyhow::ensure!(ns.history_size > 0, "namespaces.{name}.history_size must be positive");
@@ -639,6 +709,27 @@ mod tests {
     }
 
     #[test]
+    fn admin_settings_come_from_the_environment_and_are_checked() {
+        let token = "t".repeat(ADMIN_TOKEN_MIN);
+        let (c, r) = env(&[
+            ("FERRY_ADMIN_PASSWORD", "correct horse battery"),
+            ("FERRY_ADMIN_TOKEN", token.as_str()),
+            ("FERRY_ADMIN_ALLOW_REMOTE", "true"),
+        ])
+        .unwrap();
+        assert_eq!(r.applied.len(), 3);
+        assert!(c.admin.enabled() && c.admin.allow_remote);
+        assert_eq!(c.admin.token.as_deref(), Some(token.as_str()));
+        assert!(!Config::default().admin.enabled(), "off by default");
+        let e = env(&[("FERRY_ADMIN_PASSWORD", "short")]).unwrap_err().to_string();
+        assert!(e.contains("admin.password must be at least"), "{e}");
+        let e = env(&[("FERRY_ADMIN_TOKEN", "short")]).unwrap_err().to_string();
+        assert!(e.contains("admin.token must be at least"), "{e}");
+        let e = env(&[("FERRY_ADMIN_PASSWORD_X", "x")]).unwrap_err().to_string();
+        assert!(e.contains("did you mean FERRY_ADMIN_PASSWORD?"), "{e}");
+    }
+
+    #[test]
     fn kubernetes_links_are_recognised_by_name_and_value() {
         for (n, v) in [
             ("FERRY_PORT", "tcp://10.0.0.1:8000"),
@@ -699,9 +790,12 @@ mod tests {
         let mut c = Config::default();
         c.auth.hmac_secret = Some("s".repeat(40));
         c.api.keys = vec!["k1".into(), "k2".into()];
+        c.admin.password = Some("correct horse battery".into());
         let shown: Config = toml::from_str(&c.show_redacted().unwrap()).unwrap();
         assert_eq!(shown.auth.hmac_secret.as_deref(), Some(REDACTED));
         assert_eq!(shown.api.keys, [REDACTED, REDACTED]);
         assert_eq!(shown.webhooks.secret, "", "unset stays unset");
+        assert_eq!(shown.admin.password.as_deref(), Some(REDACTED));
+        assert_eq!(shown.admin.token, None, "unset stays unset");
     }
 }

@@ -453,6 +453,7 @@ impl Conn {
             info: info.clone(),
             device: connect.device_id.clone(),
             grants: id.channels.clone(),
+            since_ms: now_ms(),
             lagged: Default::default(),
             ctl: self.ctl_tx.clone(),
             data: self.data_tx.clone(),

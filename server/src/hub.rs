@@ -115,6 +115,8 @@ pub struct ConnHandle {
     pub device: String,
     /// Channels the connection token grants.
     pub grants: Vec<String>,
+    /// When the connection was accepted (`connected`), Unix ms.
+    pub since_ms: u64,
     /// Set when live publications were dropped for a full queue; the
     /// connection then catches up from the store.
     pub lagged: Arc<std::sync::atomic::AtomicBool>,
@@ -181,6 +183,60 @@ pub struct HubStats {
     pub stored: AtomicU64,
     /// Duplicate publishes answered from the dedup table.
     pub duplicates: AtomicU64,
+}
+
+/// A connection in [`Hub::connections_page`].
+#[derive(Clone, Debug)]
+pub struct ConnSummary {
+    /// Hub id (`info.client` is its hex form).
+    pub id: ConnId,
+    /// Client id, user and token info.
+    pub info: ClientInfo,
+    /// Device id from `connect`.
+    pub device: String,
+    /// Accepted at, Unix ms.
+    pub since_ms: u64,
+    /// Channels it is subscribed to, sorted.
+    pub channels: Vec<String>,
+    /// Live publications were dropped for it (it catches up from the store).
+    pub lagged: bool,
+}
+
+/// A page of [`Hub::connections_page`].
+#[derive(Clone, Debug)]
+pub struct ConnectionsPage {
+    /// The connections of the page.
+    pub conns: Vec<ConnSummary>,
+    /// Connections on this node.
+    pub total: usize,
+    /// Distinct users among them (anonymous connections count as one).
+    pub users: usize,
+}
+
+/// A channel in [`Hub::channels_page`].
+#[derive(Clone, Debug)]
+pub struct ChannelSummary {
+    /// Channel name.
+    pub name: String,
+    /// Stream epoch (empty before the first publication).
+    pub epoch: String,
+    /// Oldest retained offset.
+    pub first: u64,
+    /// Newest offset (0 = none yet).
+    pub top: u64,
+    /// Subscriptions on this node.
+    pub subscribers: usize,
+}
+
+/// A node in [`Hub::nodes`].
+#[derive(Clone, Debug)]
+pub struct NodeSummary {
+    /// Node id (`embedded` for the embedded engine).
+    pub id: String,
+    /// The node answering.
+    pub this: bool,
+    /// Milliseconds since its last beat in Redis (none when embedded).
+    pub beat_ago_ms: Option<u64>,
 }
 
 /// Shared server state.
@@ -796,6 +852,111 @@ impl Hub {
         v
     }
 
+    /// One page of this node's connections, ordered by id, after `after`
+    /// and of `user` when given; with the totals of this node.
+    pub fn connections_page(&self, after: Option<ConnId>, user: Option<&str>, limit: usize) -> ConnectionsPage {
+        let st = self.lock();
+        let users: std::collections::HashSet<&str> = st.conns.values().map(|h| h.info.user.as_str()).collect();
+        // Bounded work per call: the smallest `limit` ids above `after`,
+        // without sorting every connection.
+        let mut heap = std::collections::BinaryHeap::with_capacity(limit + 1);
+        for (id, h) in &st.conns {
+            if after.is_some_and(|a| *id <= a) || user.is_some_and(|u| u != h.info.user) {
+                continue;
+            }
+            heap.push(*id);
+            if heap.len() > limit {
+                heap.pop();
+            }
+        }
+        let ids = heap.into_sorted_vec();
+        let mut channels: HashMap<ConnId, Vec<String>> = ids.iter().map(|id| (*id, Vec::new())).collect();
+        // One pass over the subscriptions, and none for a page of nothing.
+        for (name, c) in st.channels.iter().filter(|_| !ids.is_empty()) {
+            for id in c.subs.keys() {
+                if let Some(v) = channels.get_mut(id) {
+                    v.push(name.clone());
+                }
+            }
+        }
+        let conns = ids
+            .iter()
+            .filter_map(|id| {
+                let h = st.conns.get(id)?;
+                let mut chans = channels.remove(id).unwrap_or_default();
+                chans.sort();
+                Some(ConnSummary {
+                    id: *id,
+                    info: h.info.clone(),
+                    device: h.device.clone(),
+                    since_ms: h.since_ms,
+                    channels: chans,
+                    lagged: h.lagged.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        ConnectionsPage { conns, total: st.conns.len(), users: users.len() }
+    }
+
+    /// One page of the channels this node knows (those with a stream or a
+    /// subscriber), ordered by name, after `after`; with their count.
+    /// `active`: only channels with a subscriber here.
+    pub fn channels_page(&self, after: Option<&str>, active: bool, limit: usize) -> (Vec<ChannelSummary>, usize) {
+        let st = self.lock();
+        let mut heap: std::collections::BinaryHeap<&str> = std::collections::BinaryHeap::with_capacity(limit + 1);
+        let mut total = 0;
+        for (name, c) in &st.channels {
+            if active && c.subs.is_empty() {
+                continue;
+            }
+            total += 1;
+            if after.is_some_and(|a| name.as_str() <= a) {
+                continue;
+            }
+            heap.push(name.as_str());
+            if heap.len() > limit {
+                heap.pop();
+            }
+        }
+        let page = heap
+            .into_sorted_vec()
+            .into_iter()
+            .filter_map(|name| {
+                let c = st.channels.get(name)?;
+                Some(ChannelSummary {
+                    name: name.to_string(),
+                    epoch: c.header.epoch.clone(),
+                    first: c.header.first,
+                    top: c.header.top,
+                    subscribers: c.subs.len(),
+                })
+            })
+            .collect();
+        (page, total)
+    }
+
+    /// The nodes sharing this server's Redis, with how long ago each beat
+    /// (ms); on the embedded engine, this node alone.
+    pub async fn nodes(&self) -> Result<Vec<NodeSummary>, ErrorReply> {
+        match self.cpresence.get() {
+            Some(cp) => {
+                let me = cp.node_id().to_string();
+                Ok(cp
+                    .nodes()
+                    .await?
+                    .into_iter()
+                    .map(|(id, beat_ago_ms)| NodeSummary { this: id == me, id, beat_ago_ms: Some(beat_ago_ms) })
+                    .collect())
+            }
+            None => Ok(vec![NodeSummary { id: "embedded".into(), this: true, beat_ago_ms: None }]),
+        }
+    }
+
+    /// This node's id in the Redis registry (none on the embedded engine).
+    pub fn node_id(&self) -> Option<&str> {
+        self.cpresence.get().map(|cp| cp.node_id())
+    }
+
     /// Close every connection of `user` (or just `client`) on every node;
     /// returns how many there were.
     pub async fn disconnect_user(
@@ -948,6 +1109,20 @@ impl Hub {
         crate::engine::Retention::of(self.cfg.namespace(channel)).cutoff(now_ms())
     }
 
+    /// A channel's current stream header: from Redis on the Redis engine
+    /// (other nodes publish too), else from memory; none before its first
+    /// publication.
+    pub async fn stream_header(&self, channel: &str) -> Result<Option<StreamHeader>, ErrorReply> {
+        match self.redis.get() {
+            Some(r) => r
+                .streams()
+                .read_header(channel, self.age_cutoff(channel))
+                .await
+                .map_err(|e| ErrorReply::with_message(ErrorCode::Unavailable, e.to_string())),
+            None => Ok(self.lock().channels.get(channel).map(|c| c.header.clone())),
+        }
+    }
+
     /// History query: by offsets or times, oldest or newest first, capped at
     /// 1,000 publications and 1 MiB of payload.
     pub async fn history(self: &Arc<Self>, h: &HistoryRequest) -> Result<ReplyBody, ErrorReply> {
@@ -956,16 +1131,7 @@ impl Hub {
         // Past the namespace's age limit nothing is served, on either engine
         // (the embedded one trims once a second, Redis when it reads).
         let cutoff = self.age_cutoff(&h.channel);
-        let header = match self.redis.get() {
-            // Other nodes publish too: Redis has the current header.
-            Some(r) => r
-                .streams()
-                .read_header(&h.channel, cutoff)
-                .await
-                .map_err(|e| ErrorReply::with_message(ErrorCode::Unavailable, e.to_string()))?,
-            None => self.lock().channels.get(&h.channel).map(|c| c.header.clone()),
-        };
-        let Some(header) = header else {
+        let Some(header) = self.stream_header(&h.channel).await? else {
             let top = StreamPosition { epoch: String::new(), offset: 0 };
             return Ok(ReplyBody::History { publications: vec![], top });
         };

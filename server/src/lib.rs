@@ -14,6 +14,7 @@
 //! # }
 //! ```
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod channel;
@@ -145,7 +146,16 @@ pub async fn serve(
         })
     });
     let rate = Arc::new(IpRate::default());
-    let app = router(AppState { rate, hub, shutdown: stop_rx, live: live.clone() });
+    let admin = if hub.config().admin.enabled() { Some(admin::router(hub.clone())?) } else { None };
+    if admin.is_some() && hub.config().admin.allow_remote && !hub.config().tls.enabled() {
+        tracing::warn!(
+            "[admin] allow_remote without [tls]: the admin password and session cross the network in clear unless a TLS proxy is in front"
+        );
+    }
+    let mut app = router(AppState { rate, hub, shutdown: stop_rx, live: live.clone() });
+    if let Some(admin) = admin {
+        app = app.merge(admin);
+    }
     let listener = match &tls {
         Some(t) => tls::Listener::tls(listener, t.clone())?,
         None => tls::Listener::plain(listener)?,

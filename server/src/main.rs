@@ -41,7 +41,8 @@ enum Cmd {
     /// Print the effective configuration (file < environment), then exit.
     ///
     /// Secrets that are set (`auth.hmac_secret`, `api.keys`,
-    /// `webhooks.secret`) print as "<redacted>" unless --show-secrets.
+    /// `webhooks.secret`, `admin.password`, `admin.token`) print as
+    /// "<redacted>" unless --show-secrets.
     ShowConfig {
         /// TOML configuration file.
         #[arg(long, env = "FERRY_CONFIG")]
@@ -199,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
             let api_http = if cfg.tls.api { "https" } else { "http" };
             let _ = writeln!(
                 out,
-                "api: {} | data: {} | anonymous access: {} | auth: {} | open files: {}",
+                "api: {} | data: {} | anonymous access: {} | auth: {} | open files: {}{}",
                 match api_addr {
                     Some(a) if cfg.api.keys.is_empty() => format!("{api_http}://{a}/api (no key: loopback only)"),
                     Some(a) => format!("{api_http}://{a}/api"),
@@ -215,6 +216,11 @@ async fn main() -> anyhow::Result<()> {
                 if cfg.allow_anonymous { "on" } else { "off" },
                 if dev_auth(&cfg) { "DEVELOPMENT (token = user id; configure [auth] for production)" } else { "JWT" },
                 fds.map_or_else(|| "unknown".to_string(), |n| n.to_string()),
+                match (cfg.admin.enabled(), cfg.admin.allow_remote) {
+                    (false, _) => String::new(),
+                    (true, false) => format!(" | admin: {http}://{addr}/admin (loopback only)"),
+                    (true, true) => format!(" | admin: {http}://{addr}/admin"),
+                },
             );
             let _ = out.flush();
             drop(out);
@@ -294,6 +300,11 @@ timeout_ms = 5000
 # key = "/etc/ferry/privkey.pem"
 # api = false                    # serve the API over TLS too
 # ca_file = "/etc/ferry/company-ca.pem" # extra roots for outgoing HTTPS (webhooks, JWKS)
+
+# [admin]                        # web console at /admin (docs/ADMIN.md); off without password or token
+# password = "a long passphrase" # browser login, at least 12 characters
+# token = "..."                  # at least 32 characters: Authorization: Bearer <token>
+# allow_remote = false           # loopback peers only unless true
 
 [api]                            # backend HTTP API
 listen = "127.0.0.1:8001"
