@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The mobile SDK's checks (issue 7): builds the ferry-ffi cdylib and the
 # ferry server, checks the committed generated bindings for drift, generates
-# the bindings with the one command, runs the Python end-to-end tests and
-# compiles + runs the Kotlin smoke test on the JVM. Swift is only generated
+# the bindings with the one command, runs the Python end-to-end tests,
+# installs the Python package into a clean venv and runs its README example,
+# and compiles + runs the Kotlin smoke test on the JVM. Swift is only generated
 # here (no Swift toolchain on Linux CI); its committed sources are checked
 # for drift.
 #
@@ -73,6 +74,11 @@ fi
 FIGURES+=("python e2e: ${py_ran:-0} tests in $(took)")
 FIGURES+=("$(grep -h '^\[py-e2e' "$py_log" || true)")
 
+step "Python package: pip install ./bindings/python in a clean venv, the README example against a real server"
+# The dev library `cargo xtask bindings` just built: no release build here.
+FERRY_FFI_PROFILE=debug bash bindings/python/test-install.sh
+FIGURES+=("python clean-venv install + README example: $(took)")
+
 step "Kotlin: compile the generated bindings + smoke test, run on the JVM"
 CP="/usr/share/java/jna.jar:$KOTLIN/lib/kotlinx-coroutines-core-jvm.jar"
 classes="$TARGET/ferry-kotlin-smoke"
@@ -95,4 +101,4 @@ total=$(($(date +%s) - t0))
 printf '\n==> sdk-ffi figures\n'
 printf '%s\n' "${FIGURES[@]}"
 echo "total: ${total} s"
-echo "sdk-ffi: $((py_ran + 1)) passed, 0 failed"
+echo "sdk-ffi: $((py_ran + 2)) passed, 0 failed"
