@@ -97,6 +97,21 @@ if command -v swiftc >/dev/null; then
 fi
 echo "Swift: generated only (no Swift toolchain here); drift-checked above"
 
+step "package metadata: one version everywhere, publishing targets in place (nothing here can build the AAR or xcframework)"
+# The workspace version is the one every package publishes under.
+want=$(awk -F'"' '/^\[workspace.package\]/ { p = 1 } p && /^version *=/ { print $2; exit }' Cargo.toml)
+have_py=$(awk -F'"' '/^version *=/ { print $2; exit }' bindings/python/pyproject.toml)
+have_kt=$(sed -n 's/.*findProperty("ferryVersion") as String?) ?: "\([^"]*\)".*/\1/p' bindings/kotlin/ferry/build.gradle.kts)
+have_npm=$(node -p 'require("./sdk-wasm/js/package.json").version')
+for v in "python:$have_py" "kotlin:$have_kt" "npm:$have_npm"; do
+  [ "${v#*:}" = "$want" ] || { echo "version of ${v%%:*} package is '${v#*:}', workspace is '$want'" >&2; exit 1; }
+done
+grep -q 'artifactId = "ferry-android"' bindings/kotlin/ferry/build.gradle.kts || { echo "kotlin: no ferry-android publication" >&2; exit 1; }
+grep -q '.binaryTarget(name: "FerryFFI", path: "FerryFFI.xcframework")' bindings/swift/Package.swift \
+  && grep -q '.binaryTarget(name: "FerryFFI", url:' bindings/swift/Package.swift \
+  || { echo "swift: Package.swift lost its FerryFFI binary target (path or url form)" >&2; exit 1; }
+echo "version $want in Cargo.toml, pyproject.toml, build.gradle.kts and package.json; dev.ferry:ferry-android and FerryFFI binary target present"
+
 total=$(($(date +%s) - t0))
 printf '\n==> sdk-ffi figures\n'
 printf '%s\n' "${FIGURES[@]}"
