@@ -53,4 +53,21 @@ for d in bundler node; do
   printf "export * from '../ferry.js';\n" > "pkg/$d/index.d.ts"
 done
 printf "export * from '../ferry.js';\nexport function initFerry(moduleOrPath?: string | URL | Response | BufferSource | WebAssembly.Module): void;\n" > pkg/web/index.d.ts
+
+# Minify the shipped JavaScript (terser from npm, like wasm-opt): comments
+# and whitespace out, local names shortened; class and function names stay
+# so stack traces and `instanceof` users read the same. The sources in js/
+# and the types are what to read. Terser leaves the glue's
+# `new URL('ferry_wasm_bg.wasm', import.meta.url)` as it is, which bundlers
+# look for. FERRY_MINIFY=0 skips it.
+terser=node_modules/.bin/terser
+if [ "${FERRY_MINIFY:-1}" != 0 ] && [ -x "$terser" ]; then
+  for f in pkg/ferry.js pkg/ferry_wasm.js pkg/web/index.js pkg/bundler/index.js pkg/node/index.mjs; do
+    "$terser" "$f" --module --ecma 2020 --compress --mangle --keep-classnames --keep-fnames \
+      --comments false --output "$f.min"
+    mv "$f.min" "$f"
+  done
+else
+  echo "build.sh: JavaScript not minified (npm ci installs terser)" >&2
+fi
 echo "built $here/pkg"
