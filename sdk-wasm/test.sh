@@ -6,7 +6,7 @@
 # not compile), the packed package installed in a fresh project, and a gzip
 # size budget. Installs what it needs,
 # idempotently: the wasm32 target, wasm-bindgen-cli matching Cargo.lock,
-# wasm-pack, Debian's chromium, and playwright-core/typescript from npm.
+# wasm-pack, Debian's chromium, and playwright-core, typescript, binaryen and terser from npm.
 #
 #   sdk-wasm/test.sh            # from anywhere
 #   FERRY_BIN=/path/to/ferry sdk-wasm/test.sh   # use an existing server binary
