@@ -54,8 +54,8 @@ cargo run --quiet -p ferry-wsload -- --ferry-bin "${CARGO_TARGET_DIR:-$PWD/targe
 step "admin console: headless Chromium against the real server (log in, see a client, publish, page history, disconnect; screenshots)"
 FERRY_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/ferry" bash server/admin/test/test.sh
 
-step "sdk-wasm: wasm-pack build (web, bundler, nodejs); browser, Node, mini-program and web-chat tests against the real server"
+step "sdk-wasm: one wasm-pack build (one .wasm for the web, bundler and node entries), size budget, npm pack + install; browser, Node, mini-program and web-chat tests against the real server"
 FERRY_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/ferry" bash sdk-wasm/test.sh
 
-step "sdk-ffi: cargo xtask bindings (drift check + generation); Python end-to-end and Kotlin JVM smoke against the real server"
+step "sdk-ffi: cargo xtask bindings (drift check + generation); Python end-to-end, pip install in a clean venv, and Kotlin JVM smoke against the real server"
 bash sdk-ffi/test.sh

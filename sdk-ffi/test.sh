@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The mobile SDK's checks (issue 7): builds the ferry-ffi cdylib and the
 # ferry server, checks the committed generated bindings for drift, generates
-# the bindings with the one command, runs the Python end-to-end tests and
-# compiles + runs the Kotlin smoke test on the JVM. Swift is only generated
+# the bindings with the one command, runs the Python end-to-end tests,
+# installs the Python package into a clean venv and runs its README example,
+# and compiles + runs the Kotlin smoke test on the JVM. Swift is only generated
 # here (no Swift toolchain on Linux CI); its committed sources are checked
 # for drift.
 #
@@ -73,6 +74,11 @@ fi
 FIGURES+=("python e2e: ${py_ran:-0} tests in $(took)")
 FIGURES+=("$(grep -h '^\[py-e2e' "$py_log" || true)")
 
+step "Python package: pip install ./bindings/python in a clean venv, the README example against a real server"
+# The dev library `cargo xtask bindings` just built: no release build here.
+FERRY_FFI_PROFILE=debug bash bindings/python/test-install.sh
+FIGURES+=("python clean-venv install + README example: $(took)")
+
 step "Kotlin: compile the generated bindings + smoke test, run on the JVM"
 CP="/usr/share/java/jna.jar:$KOTLIN/lib/kotlinx-coroutines-core-jvm.jar"
 classes="$TARGET/ferry-kotlin-smoke"
@@ -91,8 +97,23 @@ if command -v swiftc >/dev/null; then
 fi
 echo "Swift: generated only (no Swift toolchain here); drift-checked above"
 
+step "package metadata: one version everywhere, publishing targets in place (nothing here can build the AAR or xcframework)"
+# The workspace version is the one every package publishes under.
+want=$(awk -F'"' '/^\[workspace.package\]/ { p = 1 } p && /^version *=/ { print $2; exit }' Cargo.toml)
+have_py=$(awk -F'"' '/^version *=/ { print $2; exit }' bindings/python/pyproject.toml)
+have_kt=$(sed -n 's/.*findProperty("ferryVersion") as String?) ?: "\([^"]*\)".*/\1/p' bindings/kotlin/ferry/build.gradle.kts)
+have_npm=$(node -p 'require("./sdk-wasm/js/package.json").version')
+for v in "python:$have_py" "kotlin:$have_kt" "npm:$have_npm"; do
+  [ "${v#*:}" = "$want" ] || { echo "version of ${v%%:*} package is '${v#*:}', workspace is '$want'" >&2; exit 1; }
+done
+grep -q 'artifactId = "ferry-android"' bindings/kotlin/ferry/build.gradle.kts || { echo "kotlin: no ferry-android publication" >&2; exit 1; }
+grep -q '.binaryTarget(name: "FerryFFI", path: "FerryFFI.xcframework")' bindings/swift/Package.swift \
+  && grep -q '.binaryTarget(name: "FerryFFI", url:' bindings/swift/Package.swift \
+  || { echo "swift: Package.swift lost its FerryFFI binary target (path or url form)" >&2; exit 1; }
+echo "version $want in Cargo.toml, pyproject.toml, build.gradle.kts and package.json; dev.ferry:ferry-android and FerryFFI binary target present"
+
 total=$(($(date +%s) - t0))
 printf '\n==> sdk-ffi figures\n'
 printf '%s\n' "${FIGURES[@]}"
 echo "total: ${total} s"
-echo "sdk-ffi: $((py_ran + 1)) passed, 0 failed"
+echo "sdk-ffi: $((py_ran + 2)) passed, 0 failed"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build FerryFFI.xcframework (static libraries for iOS devices, the iOS
 # simulator and macOS, with Headers/FerryFFI.h and its module map) next to
-# Package.swift. Runs on macOS with Xcode; not run in CI (no Swift here).
+# Package.swift, and FerryFFI.xcframework.zip with its SwiftPM checksum for
+# a release (Package.swift's ferryFFIURL / ferryFFIChecksum).
+# Runs on macOS with Xcode; not run in CI (no Swift or Xcode there).
 set -euo pipefail
 cd "$(dirname "$0")"
 HERE=$(pwd)
@@ -26,4 +28,8 @@ xcodebuild -create-xcframework \
   -library "$out/ios-sim/libferry_ffi.a" -headers "$HERE/Headers" \
   -library "$out/macos/libferry_ffi.a" -headers "$HERE/Headers" \
   -output FerryFFI.xcframework
-echo "built $HERE/FerryFFI.xcframework"
+rm -f FerryFFI.xcframework.zip
+# -y keeps symlinks, as SwiftPM expects of an xcframework archive.
+zip -qry FerryFFI.xcframework.zip FerryFFI.xcframework
+echo "built $HERE/FerryFFI.xcframework and FerryFFI.xcframework.zip"
+echo "release checksum: $(swift package compute-checksum FerryFFI.xcframework.zip)"

@@ -4,8 +4,50 @@
 /** Delivery guarantee: 0 at most once, 1 at least once, 2 exactly once. */
 export type Qos = 0 | 1 | 2;
 
-/** A payload: bytes as they are, or any JSON-serialisable value (sent as UTF-8 JSON text). */
-export type PayloadInput = Uint8Array | ArrayBuffer | ArrayBufferView | unknown;
+/** Payload bytes, sent as they are. */
+export type BinaryPayload = Uint8Array | ArrayBuffer | ArrayBufferView;
+
+/** A JSON value as `JSON.stringify` writes it (an `undefined` property is left out). */
+export type JsonValue =
+  | string
+  | number
+  | boolean
+  | null
+  | JsonValue[]
+  | readonly JsonValue[]
+  | { [key: string]: JsonValue | undefined };
+
+/** What `publish` accepts, as one type for annotations: bytes or a JSON value. */
+export type PayloadInput = BinaryPayload | JsonValue;
+
+/**
+ * `T` when `publish` can send it, else a type nothing is assignable to (so
+ * the call does not compile): bytes as they are; strings, numbers,
+ * booleans, null; objects with a `toJSON` method (`Date`); arrays and plain
+ * objects of those (`undefined` only as an object property, which JSON
+ * leaves out). A function, symbol, bigint or `undefined` anywhere, or a
+ * class instance with methods and no `toJSON` (`Map`, `Set`: JSON turns
+ * them into `{}`), is rejected. Interfaces work as well as type aliases.
+ * (A `T` already assignable to {@link PayloadInput} is taken as is, which
+ * also keeps the recursive {@link JsonValue} from being expanded.)
+ */
+export type Payload<T> = T extends PayloadInput ? T : JsonEncodable<T>;
+
+/** @internal The JSON part of {@link Payload}. */
+export type JsonEncodable<T> = T extends string | number | boolean | null
+  ? T
+  : T extends bigint | symbol | undefined | ((...args: never[]) => unknown)
+    ? never
+    : T extends { toJSON(): unknown }
+      ? T
+      : T extends readonly unknown[]
+        ? { [K in keyof T]: JsonEncodable<T[K]> }
+        : T extends object
+          ? { [K in keyof T]: JsonProperty<T[K]> }
+          : never;
+
+/** @internal An object property: may also be `undefined` (left out). */
+export type JsonProperty<T> = T extends undefined ? undefined : JsonEncodable<T>;
 
 /**
  * Stable error codes of {@link FerryError}. `config` is a setup error: the
@@ -344,8 +386,11 @@ export class FerryClient {
   on<E extends keyof FerryEvents>(event: E, fn: (payload: FerryEvents[E]) => void): () => void;
   /** Subscribe to a channel. */
   subscribe(channel: string, options?: SubscribeOptions): Subscription;
-  /** Publish; resolves when the server stored it, rejects with a {@link FerryError}. */
-  publish(channel: string, data: PayloadInput, options?: { qos?: Qos }): Promise<PublishAck>;
+  /**
+   * Publish bytes as they are or a JSON value as its UTF-8 JSON text ({@link Payload}
+   * says what compiles); resolves when the server stored it, rejects with a {@link FerryError}.
+   */
+  publish<T>(channel: string, data: T & Payload<T>, options?: { qos?: Qos }): Promise<PublishAck>;
   /** Stored publications of a channel (needs a live connection). */
   history(channel: string, options?: HistoryOptions): Promise<HistoryResult>;
   /** Who is subscribed to a channel (needs a live connection). */
@@ -363,7 +408,7 @@ export class FerryClient {
 }
 
 /** Encode a payload the way `publish` does. */
-export function encodePayload(data: PayloadInput): Uint8Array;
+export function encodePayload<T>(data: T & Payload<T>): Uint8Array;
 
 /** The default transport: a WebSocket constructor (default: the global one), binaryType 'arraybuffer'. */
 export function webSocketTransport(WebSocketImpl?: unknown): Transport;

@@ -1,10 +1,14 @@
-// Entry for Node (wasm-pack --target nodejs, which loads the .wasm
-// synchronously). Node >= 22 has a global WebSocket; Node 20 needs
+// Entry for Node: reads the package's one ferry_wasm_bg.wasm from disk and
+// instantiates it synchronously on first use (Node's fetch cannot load
+// file: URLs). Node >= 22 has a global WebSocket; Node 20 needs
 // --experimental-websocket, or pass `transport: webSocketTransport(WS)`.
-import { createRequire } from 'node:module';
+import { readFileSync } from 'node:fs';
+import * as glue from '../ferry_wasm.js';
 import { _setGlueLoader } from '../ferry.js';
 
-const require = createRequire(import.meta.url);
-_setGlueLoader(() => require('./ferry_wasm.js'));
+_setGlueLoader(() => {
+  glue.initSync({ module: readFileSync(new URL('../ferry_wasm_bg.wasm', import.meta.url)) });
+  return glue;
+});
 
 export * from '../ferry.js';

@@ -1,6 +1,7 @@
-// Entry for browsers and workers (wasm-pack --target web): the .wasm file is
-// fetched next to this module on first use, or from what `initFerry` names.
-import init, * as glue from './ferry_wasm.js';
+// Entry for browsers and workers: the package's one ferry_wasm_bg.wasm is
+// fetched from next to the glue (new URL(..., import.meta.url)) on first
+// use, or from what `initFerry` names.
+import init, * as glue from '../ferry_wasm.js';
 import { _setGlueLoader } from '../ferry.js';
 
 let source;
