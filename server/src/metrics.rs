@@ -290,10 +290,10 @@ mod linux {
             e.family("process_max_fds", "Maximum number of open file descriptors.", "gauge");
             e.sample("process_max_fds", &[], max);
         }
+        // Absent where /proc/stat is hidden (systemd's ProcSubset=pid).
         let boot = std::fs::read_to_string("/proc/stat")
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok()));
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok())));
         if let (Some(boot), Some(start)) = (boot, field(STARTTIME)) {
             e.family("process_start_time_seconds", "Start time of the process since unix epoch in seconds.", "gauge");
             e.sample("process_start_time_seconds", &[], boot as f64 + start as f64 / ticks);
