@@ -43,6 +43,9 @@ fi
 step "cargo test (workspace; --nocapture shows the property-test fault mix and scenario figures)"
 cargo test --workspace -- --nocapture
 
+step "deployment files: compose config, systemd-analyze verify, the Dockerfile's runtime stage built with buildah and run (uid, health check)"
+bash scripts/container-check.sh "${CARGO_TARGET_DIR:-$PWD/target}/debug/ferry"
+
 step "ferry-wsload smoke: issue 15's benchmark end to end at tiny sizes, Ferry beside nats-server (figures printed, no timing asserted)"
 if ! command -v nats-server >/dev/null; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant};
 
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::auth::{Credential, Failure};
 use crate::hub::Hub;
 
 /// The OpenAPI document, committed and served as-is.
@@ -74,8 +75,34 @@ pub fn router(hub: Arc<Hub>, keys: Vec<String>) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        // Outermost, so it sees every answer, refusals of the key included.
+        .layer(axum::middleware::from_fn_with_state(api.clone(), observe))
         .with_state(api)
 }
+
+/// Count every request by route template and status, and log the errors.
+async fn observe(State(api): State<Api>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let method = req.method().clone();
+    let resp = next.run(req).await;
+    let route = route.as_deref().unwrap_or(crate::metrics::UNMATCHED_ROUTE);
+    let status = resp.status();
+    api.hub.metrics.http.count(route, status.as_u16());
+    if (status.is_client_error() || status.is_server_error()) && api.hub.logs.api_errors.allow() {
+        let error = resp.extensions().get::<ErrorMessage>().map_or("", |m| m.0.as_str());
+        let status = status.as_u16();
+        if status >= 500 {
+            tracing::warn!(%method, route, status, error, "API error");
+        } else {
+            tracing::info!(%method, route, status, error, "API error");
+        }
+    }
+    resp
+}
+
+/// An error's message, carried on the response for [`observe`]'s log line.
+#[derive(Clone)]
+struct ErrorMessage(String);
 
 async fn require_key(State(api): State<Api>, req: Request, next: Next) -> Response {
     match api.check_key(req.headers()) {
@@ -135,7 +162,10 @@ pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) u16, pub(crate) Str
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": {"code": self.1, "message": self.2}}))).into_response()
+        let note = ErrorMessage(self.2.chars().take(200).collect());
+        let mut resp = (self.0, Json(json!({"error": {"code": self.1, "message": self.2}}))).into_response();
+        resp.extensions_mut().insert(note);
+        resp
     }
 }
 
@@ -156,8 +186,11 @@ impl Api {
         let given = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("apikey ").or_else(|| v.strip_prefix("Bearer ")))
-            .unwrap_or("");
+            .and_then(|v| v.strip_prefix("apikey ").or_else(|| v.strip_prefix("Bearer ")));
+        let Some(given) = given.filter(|g| !g.is_empty()) else {
+            self.hub.auth().record_failure(Credential::ApiKey, Failure::Missing);
+            return Err(ApiError(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized as u16, "missing API key".into()));
+        };
         // Constant-time comparison: no early exit on the first differing byte.
         let ok = self.keys.iter().any(|k| {
             k.len() == given.len() && k.bytes().zip(given.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
@@ -165,7 +198,8 @@ impl Api {
         if ok {
             Ok(())
         } else {
-            Err(ApiError(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized as u16, "missing or wrong API key".into()))
+            self.hub.auth().record_failure(Credential::ApiKey, Failure::WrongKey);
+            Err(ApiError(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized as u16, "wrong API key".into()))
         }
     }
 }

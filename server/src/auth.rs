@@ -158,6 +158,96 @@ impl Jwks {
 pub struct Auth {
     mode: Mode,
     allow_anonymous: bool,
+    failures: Failures,
+}
+
+/// Which credential was refused: the `credential` label of
+/// `ferry_auth_failures_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Credential {
+    /// A connection token (connect or refresh).
+    Token,
+    /// A subscription token for a private channel.
+    SubscriptionToken,
+    /// A backend API key.
+    ApiKey,
+}
+
+/// Why a credential was refused: the `reason` label of
+/// `ferry_auth_failures_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Failure {
+    /// No credential (an empty token with anonymous access off, no API key).
+    Missing,
+    /// Not a JWT (bad base64, JSON or structure).
+    Malformed,
+    /// An algorithm not allowed, or not the one of the key it names.
+    Algorithm,
+    /// Signed with a key id not (yet) in the JWKS.
+    UnknownKey,
+    /// Past its `exp` (plus the leeway).
+    Expired,
+    /// The signature does not verify.
+    BadSignature,
+    /// A required claim is missing or a claim is not valid (`nbf`, ...).
+    BadClaims,
+    /// A valid token for another user (refresh) or channel (subscription).
+    WrongSubject,
+    /// An API key that is not configured.
+    WrongKey,
+}
+
+impl Credential {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Credential::Token => "token",
+            Credential::SubscriptionToken => "subscription_token",
+            Credential::ApiKey => "api_key",
+        }
+    }
+}
+
+impl Failure {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Missing => "missing",
+            Failure::Malformed => "malformed",
+            Failure::Algorithm => "algorithm",
+            Failure::UnknownKey => "unknown_key",
+            Failure::Expired => "expired",
+            Failure::BadSignature => "bad_signature",
+            Failure::BadClaims => "bad_claims",
+            Failure::WrongSubject => "wrong_subject",
+            Failure::WrongKey => "wrong_key",
+        }
+    }
+}
+
+/// Refusals counted by (credential, reason).
+struct Failures(std::sync::Mutex<std::collections::BTreeMap<(Credential, Failure), u64>>);
+
+impl Default for Failures {
+    fn default() -> Self {
+        use Failure::*;
+        // Every pair that can happen starts at 0, so a rate over it exists
+        // before the first refusal.
+        let jwt = [Malformed, Algorithm, UnknownKey, Expired, BadSignature, BadClaims, WrongSubject];
+        let mut m = std::collections::BTreeMap::new();
+        for f in jwt.iter().chain(&[Missing]) {
+            m.insert((Credential::Token, *f), 0);
+        }
+        for f in jwt {
+            m.insert((Credential::SubscriptionToken, f), 0);
+        }
+        for f in [Missing, WrongKey] {
+            m.insert((Credential::ApiKey, f), 0);
+        }
+        Failures(std::sync::Mutex::new(m))
+    }
 }
 
 /// Read a PEM given inline or as a file path.
@@ -195,7 +285,7 @@ impl Auth {
         }
         let jwks_url = c.jwks_url.as_deref().filter(|u| !u.is_empty());
         if keys.is_empty() && jwks_url.is_none() {
-            return Ok(Auth { mode: Mode::Dev, allow_anonymous });
+            return Ok(Auth { mode: Mode::Dev, allow_anonymous, failures: Failures::default() });
         }
         // Pinned: only the configured algorithms, each with its own key
         // type, so an HS256 token "signed" with a public RSA key is refused.
@@ -248,7 +338,11 @@ impl Auth {
         validation.leeway = c.leeway_secs;
         validation.validate_exp = true;
         validation.required_spec_claims = if c.require_exp { ["exp".to_string()].into() } else { Default::default() };
-        Ok(Auth { mode: Mode::Jwt { keys, validation: Box::new(validation), jwks }, allow_anonymous })
+        Ok(Auth {
+            mode: Mode::Jwt { keys, validation: Box::new(validation), jwks },
+            allow_anonymous,
+            failures: Failures::default(),
+        })
     }
 
     /// The JWKS fetcher, when `auth.jwks_url` is set.
@@ -325,6 +419,22 @@ enum DecodeFailure {
 }
 
 impl DecodeFailure {
+    fn failure(&self) -> Failure {
+        use jsonwebtoken::errors::ErrorKind as K;
+        match self {
+            DecodeFailure::Malformed => Failure::Malformed,
+            DecodeFailure::Miss(KeyMiss::NotAllowed | KeyMiss::WrongAlgorithm) => Failure::Algorithm,
+            DecodeFailure::Miss(KeyMiss::UnknownKid) => Failure::UnknownKey,
+            DecodeFailure::Invalid(e) => match e.kind() {
+                K::ExpiredSignature => Failure::Expired,
+                K::InvalidSignature => Failure::BadSignature,
+                K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => Failure::Malformed,
+                K::InvalidAlgorithm | K::InvalidAlgorithmName | K::MissingAlgorithm => Failure::Algorithm,
+                _ => Failure::BadClaims,
+            },
+        }
+    }
+
     /// `code` for a bad token, `expired` for one past its `exp`.
     fn reply(self, code: ErrorCode, expired: ErrorCode, what: &str) -> ErrorReply {
         match self {
@@ -356,15 +466,26 @@ impl Auth {
         matches!(self.mode, Mode::Jwt { .. })
     }
 
+    /// Count one refusal (for `ferry_auth_failures_total`).
+    pub fn record_failure(&self, credential: Credential, failure: Failure) {
+        *self.failures.0.lock().unwrap_or_else(|e| e.into_inner()).entry((credential, failure)).or_insert(0) += 1;
+    }
+
+    /// Refusals so far by (credential, reason), every possible pair listed.
+    pub fn failures(&self) -> Vec<(Credential, Failure, u64)> {
+        self.failures.0.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|((c, f), n)| (*c, *f, *n)).collect()
+    }
+
     /// Verify a connection token.
     pub fn verify(&self, token: &str) -> Result<Identity, ErrorReply> {
         let id = match &self.mode {
             Mode::Dev => Identity { user: token.to_string(), ..Identity::default() },
             Mode::Jwt { .. } if token.is_empty() => Identity::default(),
             Mode::Jwt { .. } => {
-                let c: Claims = self
-                    .decode(token)
-                    .map_err(|f| f.reply(ErrorCode::Unauthorized, ErrorCode::TokenExpired, "token"))?;
+                let c: Claims = self.decode(token).map_err(|f| {
+                    self.record_failure(Credential::Token, f.failure());
+                    f.reply(ErrorCode::Unauthorized, ErrorCode::TokenExpired, "token")
+                })?;
                 Identity {
                     user: c.sub,
                     info: c.info.map(|v| Bytes(serde_json::to_vec(&v).unwrap_or_default())),
@@ -374,6 +495,7 @@ impl Auth {
             }
         };
         if id.user.is_empty() && !self.allow_anonymous {
+            self.record_failure(Credential::Token, Failure::Missing);
             return Err(unauthorized("anonymous access is off"));
         }
         Ok(id)
@@ -402,10 +524,12 @@ impl Auth {
             ));
         }
         let denied = |m: &str| ErrorReply::with_message(ErrorCode::PermissionDenied, m);
-        let c: SubscriptionClaims = self
-            .decode(token)
-            .map_err(|f| f.reply(ErrorCode::PermissionDenied, ErrorCode::PermissionDenied, "subscription token"))?;
+        let c: SubscriptionClaims = self.decode(token).map_err(|f| {
+            self.record_failure(Credential::SubscriptionToken, f.failure());
+            f.reply(ErrorCode::PermissionDenied, ErrorCode::PermissionDenied, "subscription token")
+        })?;
         if c.sub != user || c.channel != channel {
+            self.record_failure(Credential::SubscriptionToken, Failure::WrongSubject);
             return Err(denied("subscription token is for another user or channel"));
         }
         Ok(())

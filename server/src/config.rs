@@ -16,6 +16,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the embedded store keeps its files.
     pub data_dir: PathBuf,
+    /// This node's name: the `node` label of its metrics and the name in
+    /// its logs. Unset = the host name (a container's name in compose, the
+    /// machine's under systemd).
+    pub node_name: Option<String>,
     /// Token verification. With no key configured the server runs in
     /// development mode: the connect token is taken as the user id.
     pub auth: AuthConfig,
@@ -54,6 +58,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:8000".parse().expect("valid address"),
             data_dir: PathBuf::from("ferry-data"),
+            node_name: None,
             auth: AuthConfig::default(),
             api: ApiConfig::default(),
             admin: AdminConfig::default(),
@@ -269,6 +274,10 @@ pub struct Limits {
     pub max_connections_per_user: u32,
     /// New connections one IP address may open per minute (0 = no limit).
     pub connections_per_ip_per_minute: u32,
+    /// Info lines per second for connection opens and closes, and as many
+    /// for backend API errors; beyond it lines are dropped and counted in
+    /// one "suppressed" line per second (0 = no limit).
+    pub log_lines_per_sec: u32,
 }
 
 impl Default for Limits {
@@ -289,6 +298,7 @@ impl Default for Limits {
             publish_burst: 2000,
             max_connections_per_user: 100,
             connections_per_ip_per_minute: 600,
+            log_lines_per_sec: 50,
         }
     }
 }
@@ -625,6 +635,22 @@ impl Config {
             anyhow::ensure!(ns.history_size > 0, "namespaces.{name}.history_size must be positive");
         }
         Ok(())
+    }
+
+    /// This node's name: `node_name`, else the host name, else `ferry`.
+    pub fn node_name(&self) -> String {
+        if let Some(n) = self.node_name.as_deref().filter(|n| !n.is_empty()) {
+            return n.to_string();
+        }
+        #[cfg(unix)]
+        {
+            let u = rustix::system::uname();
+            let host = u.nodename().to_string_lossy();
+            if !host.is_empty() {
+                return host.into_owned();
+            }
+        }
+        "ferry".into()
     }
 
     /// Options for a channel.

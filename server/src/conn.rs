@@ -41,6 +41,10 @@ struct Conn {
     last_inflight: usize,
     /// Publish rate limit.
     bucket: TokenBucket,
+    /// The peer's address, for the logs.
+    peer: std::net::SocketAddr,
+    /// How the session ended: close code and reason.
+    closed: Option<(u16, String)>,
 }
 
 /// A token bucket: `rate` per second sustained, `burst` at once.
@@ -134,7 +138,13 @@ impl Conn {
 /// reading never blocks this loop: timers (pong deadline, token expiry)
 /// keep firing, and bytes waiting for the writer count against the
 /// per-connection send-queue limit.
-pub async fn serve(hub: Arc<Hub>, ws: WebSocket, enc: Encoding, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn serve(
+    hub: Arc<Hub>,
+    ws: WebSocket,
+    enc: Encoding,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    peer: std::net::SocketAddr,
+) {
     let origin = tokio::time::Instant::now();
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
     let (data_tx, mut data_rx) = mpsc::channel(hub.config().limits.fanout_queue.max(1));
@@ -154,6 +164,8 @@ pub async fn serve(hub: Arc<Hub>, ws: WebSocket, enc: Encoding, mut shutdown: to
         fetching: false,
         last_inflight: 0,
         bucket: TokenBucket::new(hub.config().limits.publish_rate, hub.config().limits.publish_burst),
+        peer,
+        closed: None,
     };
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
@@ -309,6 +321,19 @@ pub async fn serve(hub: Arc<Hub>, ws: WebSocket, enc: Encoding, mut shutdown: to
             c.hub.unregister(h);
         }
     }
+    if c.hub.logs.connections.allow() {
+        let (code, reason) = c.closed.take().unwrap_or((0, String::new()));
+        let user = c.handle.as_ref().map_or("-", |h| if h.info.user.is_empty() { "(anonymous)" } else { &h.info.user });
+        tracing::info!(
+            client = %format_args!("{:x}", c.id),
+            user,
+            peer = %c.peer,
+            code,
+            %reason,
+            duration_ms = c.origin.elapsed().as_millis() as u64,
+            "connection closed"
+        );
+    }
     drop(out_tx);
     // The writer ends on its own once the close frame is out (bounded by the write timeout).
     drop(writer);
@@ -399,11 +424,15 @@ impl Conn {
                 Ok(id) if Some(&id.user) == self.handle.as_ref().map(|h| &h.info.user) => {
                     self.session.refresh_ok(now, req, id.expires_in(now_ms() / 1000))
                 }
-                Ok(_) => self.session.reply_error(
-                    now,
-                    req,
-                    ErrorReply::with_message(ErrorCode::Unauthorized, "the new token is for another user"),
-                ),
+                Ok(_) => {
+                    use crate::auth::{Credential, Failure};
+                    self.hub.auth().record_failure(Credential::Token, Failure::WrongSubject);
+                    self.session.reply_error(
+                        now,
+                        req,
+                        ErrorReply::with_message(ErrorCode::Unauthorized, "the new token is for another user"),
+                    )
+                }
                 Err(e) => self.session.reply_error(now, req, e),
             },
             ServerEvent::Acked { channel, epoch, offset } => {
@@ -420,7 +449,7 @@ impl Conn {
                 if code == CloseCode::SlowConsumer as u16 {
                     self.hub.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
                 }
-                tracing::debug!(conn = self.id, code, %reason, "connection closed");
+                self.closed = Some((code, reason));
             }
         }
     }
@@ -458,6 +487,10 @@ impl Conn {
             ctl: self.ctl_tx.clone(),
             data: self.data_tx.clone(),
         };
+        if self.hub.logs.connections.allow() {
+            let user = if info.user.is_empty() { "(anonymous)" } else { &info.user };
+            tracing::info!(client = %info.client, user, peer = %self.peer, "connection open");
+        }
         // Online before its subscriptions, for webhooks and presence.
         self.hub.register(&handle);
         let remote = self.hub.redis().is_some();

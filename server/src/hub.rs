@@ -253,6 +253,10 @@ pub struct Hub {
     pub stats: HubStats,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Rate limits of the per-connection and per-request log lines.
+    pub logs: crate::logging::Logs,
+    /// This node's name (metrics label, logs).
+    node: String,
     webhooks: Option<Arc<crate::webhooks::Webhooks>>,
     /// Set when streams, ids, cursors and fan-out are in Redis.
     redis: std::sync::OnceLock<Arc<crate::cluster::RedisNode>>,
@@ -300,6 +304,8 @@ impl Hub {
         let auth = crate::auth::Auth::from_config_with(&cfg.auth, cfg.allow_anonymous, Some(http))
             .map_err(|e| config_error("auth config", e))?;
         let hub = Arc::new(Hub {
+            logs: crate::logging::Logs::new(cfg.limits.log_lines_per_sec),
+            node: cfg.node_name(),
             auth,
             cfg,
             store,
@@ -337,7 +343,7 @@ impl Hub {
         let base = u64::from_str_radix(&new_epoch(), 16).unwrap_or(0) & 0xffff_ffff;
         hub.next_conn.store((base << 32) | 1, Ordering::Relaxed);
         let cp = crate::cluster_presence::ClusterPresence::start(Arc::downgrade(&hub), streams.clone(), grace);
-        tracing::info!(node = cp.node_id(), "node registered in Redis");
+        tracing::info!(node = %hub.node, registry_id = cp.node_id(), "node registered in Redis");
         let _ = hub.cpresence.set(cp);
         let node = crate::cluster::RedisNode::start(Arc::downgrade(&hub), streams);
         let _ = hub.redis.set(node);
@@ -352,6 +358,11 @@ impl Hub {
     /// Token verification.
     pub fn auth(&self) -> &crate::auth::Auth {
         &self.auth
+    }
+
+    /// This node's name (see [`Config::node_name`]).
+    pub fn node_name(&self) -> &str {
+        &self.node
     }
 
     /// The configuration.
@@ -791,7 +802,15 @@ impl Hub {
             (st.conns.len(), channels, subs)
         };
         let g = |v: usize| v as u64;
+        let failures = self.auth.failures();
+        let auth = crate::metrics::Family {
+            name: "ferry_auth_failures_total",
+            help: "Credentials refused, by credential (token, subscription_token, api_key) and reason.",
+            labels: &["credential", "reason"],
+            samples: failures.iter().map(|(c, f, n)| (vec![c.as_str(), f.as_str()], *n)).collect(),
+        };
         self.metrics.render(
+            &self.node,
             &[
                 ("ferry_connections", "Live connections.", g(conns)),
                 ("ferry_subscriptions", "Live subscriptions.", g(subs)),
@@ -825,6 +844,7 @@ impl Hub {
                     self.redis.get().map_or(0, |r| r.streams().connections_replaced()),
                 ),
             ],
+            &[auth],
         )
     }
 

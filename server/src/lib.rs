@@ -25,6 +25,7 @@ pub mod conn;
 pub mod engine;
 pub mod http_client;
 pub mod hub;
+pub mod logging;
 pub mod metrics;
 pub mod presence;
 pub mod store;
@@ -129,6 +130,20 @@ pub async fn serve(
         });
     }
     let live = Arc::new(LiveConns::default());
+    {
+        // The "suppressed" lines of the log budgets are written even after
+        // a burst has ended.
+        let (hub, mut stop) = (hub.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => hub.logs.flush(),
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+    }
     let api_task = api.map(|l| {
         let router = api::router(hub.clone(), hub.config().api.keys.clone());
         let mut stop = stop_rx.clone();
@@ -152,6 +167,7 @@ pub async fn serve(
             "[admin] allow_remote without [tls]: the admin password and session cross the network in clear unless a TLS proxy is in front"
         );
     }
+    let draining = (hub.clone(), live.clone());
     let mut app = router(AppState { rate, hub, shutdown: stop_rx, live: live.clone() });
     if let Some(admin) = admin {
         app = app.merge(admin);
@@ -164,6 +180,12 @@ pub async fn serve(
     axum::serve(listener.tap_io(|_| {}), app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(async move {
             shutdown.await;
+            let (hub, live) = draining;
+            tracing::info!(
+                node = hub.node_name(),
+                connections = live.count.load(std::sync::atomic::Ordering::Acquire),
+                "shutting down: closing every connection with 3000 (reconnect elsewhere)"
+            );
             let _ = stop_tx.send(true);
         })
         .await?;
@@ -178,7 +200,13 @@ pub async fn serve(
             idle.await;
         }
     };
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, wait).await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, wait).await.is_err() {
+        tracing::warn!(
+            "{} connections still open after {} s; stopping anyway",
+            live.count.load(std::sync::atomic::Ordering::Acquire),
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
     if let Some(t) = api_task {
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, t).await;
     }
@@ -290,7 +318,7 @@ async fn ws_handler(
     let live = st.live.clone();
     ws.on_upgrade(move |socket| async move {
         live.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        conn::serve(hub, socket, enc, shutdown).await;
+        conn::serve(hub, socket, enc, shutdown, peer).await;
         live.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         live.idle.notify_waiters();
     })

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use ferry_server::config::Config;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Ferry real-time messaging server")]
+#[command(
+    name = "ferry",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("FERRY_GIT_COMMIT"), ")"),
+    about = "Ferry real-time messaging server"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -38,6 +42,23 @@ enum Cmd {
     },
     /// Print a commented configuration with fresh secrets.
     Genconfig,
+    /// Ask a running server's /healthz; exit 0 when it answers 200 (for
+    /// container health checks: no curl needed in the image).
+    ///
+    /// Without --url the address is the configuration's `listen` (file <
+    /// environment), the unspecified address probed on loopback, https when
+    /// `[tls]` is on (the certificate must then be valid for the URL's host).
+    Health {
+        /// TOML configuration file.
+        #[arg(long, env = "FERRY_CONFIG")]
+        config: Option<PathBuf>,
+        /// The URL to probe instead, e.g. http://127.0.0.1:8000/healthz.
+        #[arg(long)]
+        url: Option<String>,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
     /// Print the effective configuration (file < environment), then exit.
     ///
     /// Secrets that are set (`auth.hmac_secret`, `api.keys`,
@@ -64,6 +85,7 @@ enum Cmd {
     /// (FERRY_BIN, Kubernetes' FERRY_SERVICE_HOST, FERRY_PORT_...) are
     /// ignored with one warning, silenced by listing them in
     /// FERRY_ENV_IGNORE="FERRY_BIN,FERRY_HOME".
+    #[command(after_help = SERVE_ENV_HELP)]
     Serve {
         /// TOML configuration file.
         #[arg(long, env = "FERRY_CONFIG")]
@@ -86,17 +108,34 @@ enum Cmd {
     },
 }
 
+/// The environment variables of `ferry serve` that are not configuration
+/// fields, shown under its `--help`.
+const SERVE_ENV_HELP: &str = "\
+Environment (besides FERRY_<SECTION>_<FIELD>):
+  FERRY_CONFIG        configuration file (as --config)
+  FERRY_LOG           log filter, tracing-subscriber syntax [default: info]
+                      e.g. warn, debug, info,ferry_server::conn=warn
+  FERRY_LOG_FORMAT    text (one human-readable line per event) or json (one
+                      JSON object per line) [default: text]; logs go to stderr
+  FERRY_ENV_IGNORE    FERRY_* names that are not meant for ferry
+
+At info a node logs one line per connection open and close (user, client,
+peer, close code and reason, duration) and one per backend API error, at most
+limits.log_lines_per_sec of each a second plus one \"suppressed\" count.
+SIGTERM/SIGINT close every connection with 3000 (reconnect elsewhere) and stop.";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into());
     // Logs go to stderr; stdout carries the startup lines and command output.
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if std::env::var("FERRY_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        logs.json().init();
-    } else {
-        logs.init();
+    match std::env::var("FERRY_LOG_FORMAT").as_deref() {
+        Ok("json") => logs.json().init(),
+        Ok("text") | Ok("") | Err(_) => logs.init(),
+        Ok(other) => anyhow::bail!("FERRY_LOG_FORMAT={other}: use text or json"),
     }
     match Cli::parse().cmd {
+        Cmd::Health { config, url, timeout_ms } => health(config, url, timeout_ms).await,
         Cmd::Token { config, secret, user, ttl, channel } => {
             // Design: no override for a short secret. The server refuses
             // one, so a token signed with it would be useless anywhere.
@@ -250,6 +289,35 @@ fn raise_fd_limit() -> Option<u64> {
     None
 }
 
+async fn health(config: Option<PathBuf>, url: Option<String>, timeout_ms: u64) -> anyhow::Result<()> {
+    let (url, ca) = match url {
+        Some(u) => (u, None),
+        None => {
+            let cfg = match &config {
+                Some(path) => load(path)?,
+                None => Config::default(),
+            };
+            let cfg = cfg.with_env(std::env::vars())?;
+            let mut addr = cfg.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            let scheme = if cfg.tls.enabled() { "https" } else { "http" };
+            (format!("{scheme}://{addr}/healthz"), cfg.tls.ca_file.clone())
+        }
+    };
+    let parsed = ferry_server::http_client::Url::parse(&url).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let http = ferry_server::http_client::HttpClient::new(ferry_server::tls::client_config(ca.as_deref())?);
+    let timeout = std::time::Duration::from_millis(timeout_ms);
+    let r = http.request("GET", &parsed, &[], b"", timeout, 4096).await.map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    anyhow::ensure!(r.status == 200, "{url}: HTTP {}", r.status);
+    println!("{url}: {}", String::from_utf8_lossy(&r.body).trim());
+    Ok(())
+}
+
 fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Config::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
@@ -271,6 +339,7 @@ fn genconfig(hmac: &str, api_key: &str, hook_secret: &str) -> String {
 
 listen = "127.0.0.1:8000"        # WebSocket (/ws), /healthz, /readyz, /metrics
 data_dir = "ferry-data"          # the embedded store
+# node_name = "ferry-1"          # metrics label and log name; default: the host name
 allow_anonymous = false          # generated: tokens required
 presence_grace_ms = 5000         # leave is announced after this, unless they come back
 allowed_origins = []             # browser origins allowed; empty = any
@@ -326,6 +395,7 @@ publish_rate = 1000
 publish_burst = 2000
 max_connections_per_user = 100
 connections_per_ip_per_minute = 600
+log_lines_per_sec = 50           # connection open/close lines (and API errors) per second
 
 [namespaces.default]
 history_size = 1000

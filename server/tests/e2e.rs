@@ -352,7 +352,7 @@ async fn metrics_and_readiness() {
     c.publish("m:1", b"x".to_vec(), Qos::AtLeastOnce).await;
     assert!(c.run_until(T, |c| c.received.get("m:1").is_some_and(|v| v.len() == 1)).await);
     c.run_for(Duration::from_millis(100)).await;
-    let m = http_get(srv.addr, "/metrics").await;
+    let m = without_node_label(&http_get(srv.addr, "/metrics").await);
     let value = |name: &str| -> f64 {
         m.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))

@@ -594,7 +594,7 @@ async fn a_position_above_the_top_is_told_as_a_gap_and_resets_nothing() {
 /// A gauge from a node's `/metrics`.
 async fn gauge(addr: std::net::SocketAddr, name: &str) -> Option<u64> {
     let (_, m) = http(addr, "GET", "/metrics", None, None).await;
-    let text = m.as_str().unwrap_or_default().to_string();
+    let text = without_node_label(m.as_str().unwrap_or_default());
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 

@@ -213,6 +213,33 @@ impl FerryServer {
         }
     }
 
+    /// SIGTERM, as systemd or `docker stop` sends it, and wait (at most
+    /// `limit`) for the exit; the exit status, none if it did not exit in
+    /// time (then it is killed).
+    pub async fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let sent = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().expect("kill -TERM");
+        assert!(sent.success(), "kill -TERM");
+        let end = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= end {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Start again (after [`FerryServer::terminate`] or
+    /// [`FerryServer::kill9`]) on the same address and data.
+    pub async fn start_again(&mut self) {
+        self.launch().await;
+    }
+
     /// Kill (if running) and start again on the same address and data.
     pub async fn restart(&mut self) {
         self.kill9();

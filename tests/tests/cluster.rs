@@ -119,6 +119,86 @@ async fn killing_nodes_under_load_loses_no_acknowledged_publish() {
     assert_eq!(epochs.len(), 1, "no epoch change: nothing was lost");
 }
 
+/// docs/DEPLOY.md section 5: a rolling restart, each node in turn stopped
+/// with SIGTERM (the drain: close 3000) and started again while a QoS 1/2
+/// load runs and subscribers that know every URL are spread over the
+/// nodes. Nothing acknowledged may be lost, no QoS 2 subscriber sees a
+/// duplicate, and each node exits 0 within its drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_with_sigterm_loses_nothing() {
+    let _serial = ferry_e2e::serial().await;
+    let mut rng = Rng::new(seed("rolling"));
+    let redis = RedisServer::start();
+    let settings = Settings { redis: Some(redis.url()), ..Settings::default() };
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(FerryServer::start(&settings).await);
+    }
+    let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+    let mut subs = Vec::new();
+    for i in 0..6 {
+        let qos = if i % 2 == 0 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
+        let c = builder_urls(&urls, &format!("r{i}"), &format!("r{i}-dev"), rng.next_u64()).build().unwrap();
+        let mut s = c.subscribe(CHANNEL, qos).await.unwrap();
+        c.connect();
+        assert!(wait_subscribed(&mut s, T).await);
+        subs.push((qos, c, tokio::spawn(load::record(s, Duration::from_secs(120)))));
+    }
+    let publisher = builder_urls(&urls, "writer", "writer-dev", rng.next_u64()).build().unwrap();
+    publisher.connect();
+    let load = load::tagged_load(&publisher, CHANNEL, WINDOW);
+    let acked = load.acked.clone();
+    let mut progress = acked.subscribe();
+    let mut drains = Vec::new();
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let target = *progress.borrow() + rng.between(150, 300) as usize;
+        let reached = tokio::time::timeout(T, progress.wait_for(|n| *n >= target)).await.is_ok();
+        assert!(reached, "node {i}: load stalled at {} acks", *acked.borrow());
+        let stopping = Instant::now();
+        let status = node.terminate(Duration::from_secs(15)).await;
+        drains.push(stopping.elapsed());
+        assert!(status.is_some_and(|s| s.success()), "node {i} after SIGTERM: {status:?}");
+        node.start_again().await;
+        let up = tokio::time::timeout(T, async {
+            while !ready(node.addr()).await {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        assert!(up.await.is_ok(), "node {i} ready again");
+        let n = *progress.borrow();
+        let resumed = tokio::time::timeout(T, progress.wait_for(|m| *m > n + WINDOW)).await;
+        assert!(resumed.is_ok(), "node {i}: acks resume after its restart");
+    }
+    let results = load.finish(T).await;
+    let Settled { failed, expected, stored_tags, stored, epochs } = settle(&publisher, &results).await;
+    let mut total = Verdict::default();
+    let mut moved = 0;
+    for (qos, c, task) in subs {
+        let rec = task.await.unwrap();
+        let v = Verdict::of(&rec, &expected);
+        assert!(rec.complete, "{qos:?}: the END marker arrived");
+        assert_eq!((v.lost, v.offset_regressions, v.fifo_violations, v.unexpected), (0, 0, 0, 0), "{qos:?}: {v:?}");
+        if qos == Qos::ExactlyOnce {
+            assert_eq!(v.duplicates, 0, "exactly once: {v:?}");
+        }
+        moved += rec.resubscribed;
+        total.add(&v);
+        c.close(Duration::from_millis(100)).await;
+    }
+    println!(
+        "[rolling] 3 nodes on one Redis, each restarted with SIGTERM (drains {drains:.2?}): {} publishes, {failed} failed, \
+         stored {}; subscribers resubscribed {moved} times; in total {total:?}",
+        results.len(),
+        stored_tags.len(),
+    );
+    // Every node was restarted once, so every subscriber moved at least once.
+    assert!(moved >= 6, "subscribers moved ({moved})");
+    assert_eq!(failed, 0, "every publish acknowledged");
+    assert_eq!(stored_tags, expected, "every acknowledged publish is stored");
+    assert_eq!(stored.len(), expected.len() + 1, "each stored once");
+    assert_eq!(epochs.len(), 1, "no epoch change: nothing was lost");
+}
+
 /// The `p`th percentile (nearest rank) of `v`; zero when empty.
 fn percentile(v: &mut [Duration], p: usize) -> Duration {
     if v.is_empty() {

@@ -1067,3 +1067,42 @@ pub fn saved_at(channel: &str, epoch: &str, offset: u64) -> ferry_core::client::
         ..Default::default()
     }
 }
+
+/// A `/metrics` text with the `node` label (on every `ferry_*` sample)
+/// taken out, so a test can look for `ferry_connections 1` or
+/// `ferry_deliveries_total{qos="1"} 1` whatever the node is called.
+pub fn without_node_label(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        match line.find("{node=\"") {
+            Some(i) if !line.starts_with('#') => {
+                // The value ends at the first quote not escaped.
+                let rest = &line[i + 7..];
+                let mut end = None;
+                let mut escaped = false;
+                for (j, ch) in rest.char_indices() {
+                    match ch {
+                        '\\' if !escaped => escaped = true,
+                        '"' if !escaped => {
+                            end = Some(j);
+                            break;
+                        }
+                        _ => escaped = false,
+                    }
+                }
+                let after = &rest[end.map_or(rest.len(), |e| e + 1)..];
+                out.push_str(&line[..i]);
+                match after.strip_prefix(',') {
+                    Some(more) => {
+                        out.push('{');
+                        out.push_str(more);
+                    }
+                    None => out.push_str(after.strip_prefix('}').unwrap_or(after)),
+                }
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
