@@ -512,11 +512,13 @@ async fn channels(
 }
 
 /// The Prometheus text of `/metrics` as a JSON object, so the page shows
-/// exactly what a scraper sees (labels stay in the names).
+/// what a scraper sees (labels stay in the names, but for `node`: the
+/// console is one node's, and shows which).
 fn metrics_json(text: &str) -> BTreeMap<String, Value> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.rsplit_once(' '))
+        .map(|(name, v)| (without_node_label(name), v))
         .filter_map(|(name, v)| {
             let x: f64 = v.parse().ok()?;
             let n = if x.fract() == 0.0 && x.abs() < 9e15 {
@@ -527,6 +529,24 @@ fn metrics_json(text: &str) -> BTreeMap<String, Value> {
             Some((name.to_string(), n))
         })
         .collect()
+}
+
+/// `name{node="x",a="b"}` → `name{a="b"}`; `name{node="x"}` → `name`.
+fn without_node_label(name: &str) -> String {
+    let Some((base, rest)) = name.split_once('{') else { return name.to_string() };
+    let labels = rest.strip_suffix('}').unwrap_or(rest);
+    // Node names are escaped label values: no unescaped `",` inside.
+    let kept: Vec<&str> = labels
+        .split("\",")
+        .filter(|l| !l.is_empty())
+        .map(|l| l.trim_end_matches('"'))
+        .filter(|l| !l.starts_with("node=\""))
+        .collect();
+    if kept.is_empty() {
+        return base.to_string();
+    }
+    let kept: Vec<String> = kept.iter().map(|l| format!("{l}\"")).collect();
+    format!("{base}{{{}}}", kept.join(","))
 }
 
 async fn metrics(State(a): State<Arc<Admin>>) -> Json<Value> {
@@ -591,6 +611,10 @@ mod tests {
         assert_eq!(m["b{qos=\"1\"}"], json!(7));
         assert_eq!(m["c"], json!(0.25));
         assert_eq!(m.len(), 3);
+        let m = metrics_json("a{node=\"n1\"} 3\nb{node=\"n1\",qos=\"1\"} 7\nc{route=\"/x\",node=\"n\"} 1\n");
+        assert_eq!(m["a"], json!(3));
+        assert_eq!(m["b{qos=\"1\"}"], json!(7));
+        assert_eq!(m["c{route=\"/x\"}"], json!(1));
     }
 
     #[test]
