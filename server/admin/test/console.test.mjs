@@ -238,6 +238,18 @@ async function main() {
   await page.waitForSelector(`#channels tr[data-channel="${CHANNEL}"]`);
   assert.equal(await page.textContent(`#channels tr[data-channel="${CHANNEL}"] td:nth-child(2)`), String(SEEDED));
   await page.waitForSelector('#counters .counter[data-metric="ferry_connections"]');
+  // The live counters read the real series (they were all 0 once, when
+  // `/metrics` gained a node label the console did not expect).
+  await page.waitForFunction(
+    () => document.querySelector('#counters .counter[data-metric="ferry_connections"] .v')?.textContent === '1',
+    null,
+    { timeout: 10000 },
+  );
+  assert.equal(
+    await page.textContent('#counters .counter[data-metric="ferry_engine_up"] .v'),
+    '1',
+    'the embedded engine is up',
+  );
   await shot(page, '03-dashboard.png');
   console.log(`ok: logged in; connection ${client.client} of alice listed`);
 
