@@ -317,6 +317,8 @@ pub struct ServerStats {
     pub duplicate_requests: u64,
     /// Publishes coalesced with one already in flight.
     pub coalesced_publishes: u64,
+    /// QoS 0 publications skipped because the host dropped them (lag).
+    pub dropped_at_most_once: u64,
 }
 
 /// One connection's protocol state.
@@ -612,7 +614,9 @@ impl ServerSession {
             return;
         }
         if sub.qos == Qos::AtMostOnce {
-            // Live only: skip ahead over anything missed.
+            // Live only: skip ahead over anything missed, counted (a
+            // fetch's copies below `next` are refused from now on).
+            self.stats.dropped_at_most_once += pb.offset - sub.next;
             sub.next = pb.offset.saturating_add(1);
             self.stats.delivered += 1;
             let frame = p.frame(self.enc, self.compress_min()).to_vec();
@@ -633,6 +637,7 @@ impl ServerSession {
 
     /// The host skipped live publications for this connection (its queue
     /// was full): the stream now reaches `top`, so fetch what is missing.
+    /// At QoS 0 a position no longer retained skips ahead (`fetch_done`).
     pub fn stream_advanced(&mut self, _now: Instant, channel: &str, epoch: &str, top: u64) {
         let Some(sub) = self.subs.get_mut(channel) else { return };
         if sub.epoch != epoch {
@@ -652,6 +657,15 @@ impl ServerSession {
         let Some(from) = sub.fetching.take() else {
             return;
         };
+        if end == FetchEnd::Lost && sub.qos == Qos::AtMostOnce {
+            // At most once allows the drop: skip to the live stream and
+            // count what was skipped. Closing (3004) instead cut every
+            // lagging QoS 0 subscriber of a short history again and again
+            // under overload, though none of them could get more.
+            self.stats.dropped_at_most_once += (sub.top + 1).saturating_sub(sub.next);
+            sub.next = sub.next.max(sub.top + 1);
+            return;
+        }
         if end == FetchEnd::Lost {
             return self.close(CloseCode::InsufficientState, "stream position no longer retained");
         }

@@ -595,3 +595,37 @@ fn a_fetch_refused_for_lack_of_room_is_fetched_again_once_acks_free_it() {
     assert!(again.contains(&("b".into(), 1)), "b is fetched again: {again:?}");
     assert!(again.contains(&("a".into(), 5)), "a goes on: {again:?}");
 }
+
+/// Overload at QoS 0 (issue 15): a lagging subscription whose position
+/// the stream no longer retains skips to the live stream and counts the
+/// drop; it is not closed (3004), which cut every lagging QoS 0
+/// subscriber of a short history again and again.
+#[test]
+fn a_qos0_subscription_whose_position_is_trimmed_skips_ahead_and_counts_the_drop() {
+    let sub = SubscribeRequest { channel: "ch".into(), qos: Qos::AtMostOnce, since: None, token: String::new() };
+    let (mut s, _) = live(Encoding::Binary, vec![(sub, start(0, 1, Qos::AtMostOnce))]);
+    let now = Instant(1);
+    s.deliver(now, &publication("ch", 1));
+    assert_eq!(pushed_offsets(&drain(&mut s, now)), vec![1]);
+    // Copies 2..=10 were dropped by the host; the stream reaches 10.
+    s.stream_advanced(now, "ch", "e", 10);
+    let d = drain(&mut s, now);
+    assert!(d.events.iter().any(|e| matches!(e, ServerEvent::Fetch { from: 2, .. })), "{:?}", d.events);
+    // ... and no longer holds offset 2.
+    s.fetch_done(now, "ch", FetchEnd::Lost);
+    let d = drain(&mut s, now);
+    assert_eq!(d.close, None, "not closed at QoS 0");
+    assert_eq!(s.stats().dropped_at_most_once, 9, "2..=10 skipped and counted");
+    // Live again; a gap a dropped live copy leaves is counted too.
+    s.deliver(now, &publication("ch", 11));
+    s.deliver(now, &publication("ch", 13));
+    assert_eq!(pushed_offsets(&drain(&mut s, now)), vec![11, 13]);
+    assert_eq!(s.stats().dropped_at_most_once, 10);
+    // At QoS 1 the same stays a close: a lost position must be told.
+    let sub = SubscribeRequest { channel: "q".into(), qos: Qos::AtLeastOnce, since: None, token: String::new() };
+    let (mut s, _) = live(Encoding::Binary, vec![(sub, start(0, 1, Qos::AtLeastOnce))]);
+    s.stream_advanced(now, "q", "e", 10);
+    drain(&mut s, now);
+    s.fetch_done(now, "q", FetchEnd::Lost);
+    assert_eq!(drain(&mut s, now).close, Some(CloseCode::InsufficientState as u16));
+}

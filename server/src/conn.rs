@@ -39,6 +39,8 @@ struct Conn {
     fetching: bool,
     /// In-flight count last added to the global gauge.
     last_inflight: usize,
+    /// The session's QoS 0 drops already added to the metric.
+    last_dropped: u64,
     /// Publish rate limit.
     bucket: TokenBucket,
     /// The peer's address, for the logs.
@@ -92,12 +94,18 @@ impl Conn {
         }
     }
 
-    /// Keep the global acks-pending gauge in step with this session.
+    /// Keep the global acks-pending gauge and QoS 0 drop counter in step
+    /// with this session.
     fn sync_inflight(&mut self) {
         let now = self.session.inflight();
         if now != self.last_inflight {
             self.hub.metrics.acks_pending.fetch_add(now as i64 - self.last_inflight as i64, Ordering::Relaxed);
             self.last_inflight = now;
+        }
+        let dropped = self.session.stats().dropped_at_most_once;
+        if dropped != self.last_dropped {
+            self.hub.metrics.qos0_dropped.fetch_add(dropped - self.last_dropped, Ordering::Relaxed);
+            self.last_dropped = dropped;
         }
     }
 
@@ -163,6 +171,7 @@ pub async fn serve(
         fetches: Default::default(),
         fetching: false,
         last_inflight: 0,
+        last_dropped: 0,
         bucket: TokenBucket::new(hub.config().limits.publish_rate, hub.config().limits.publish_burst),
         peer,
         closed: None,

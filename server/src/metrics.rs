@@ -38,6 +38,8 @@ pub struct Metrics {
     pub acks_pending: AtomicI64,
     /// Connections closed as slow consumers.
     pub slow_consumers: AtomicU64,
+    /// QoS 0 publications skipped for subscribers that lagged (at most once).
+    pub qos0_dropped: AtomicU64,
     /// Webhook deliveries that failed for good.
     pub webhook_failures: AtomicU64,
     /// Backend API requests by route and status.
@@ -135,6 +137,11 @@ impl Metrics {
             "ferry_slow_consumer_disconnects_total",
             "Connections closed as slow consumers.",
             get(&self.slow_consumers),
+        );
+        counter(
+            "ferry_qos0_dropped_total",
+            "QoS 0 publications skipped for subscribers whose queue overflowed (at most once allows it).",
+            get(&self.qos0_dropped),
         );
         counter("ferry_webhook_failures_total", "Webhook calls that failed for good.", get(&self.webhook_failures));
         e.family("ferry_deliveries_total", "Publications pushed to subscribers.", "counter");

@@ -359,3 +359,61 @@ async fn a_message_near_the_size_limit_is_read_whole() {
     assert!(sub.run_until(T, |c| c.received.get("big:1").is_some_and(|v| !v.is_empty())).await);
     assert_eq!(sub.received["big:1"][0].2, data);
 }
+
+/// Overload at QoS 0 (issue 15): a subscriber whose node-side queue
+/// overflows (here a queue of 1 against a burst) is not disconnected: at
+/// most once allows a drop, so it skips ahead to the live stream and the
+/// drop is counted. Before, the session fetched from where it was, found
+/// that position trimmed from a short history and closed 3004, so under
+/// a sustained overload every QoS 0 subscriber was cut again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_qos0_subscriber_skips_ahead_and_stays_connected() {
+    let mut cfg = test_config();
+    cfg.limits.fanout_queue = 1;
+    cfg.limits.publish_rate = 0;
+    cfg.namespaces.insert("fast".into(), Namespace { history_size: 2, ..Namespace::default() });
+    let srv = TestServer::start(cfg).await;
+    let mut sub = TestClient::new(&srv.url(), TestClient::config("s", "s", Encoding::Binary));
+    sub.subscribe("fast:x", Qos::AtMostOnce).await;
+    sub.connect().await;
+    assert!(sub.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Subscribed { .. }))).await);
+    let mut publisher = TestClient::new(&srv.url(), TestClient::config("p", "p", Encoding::Binary));
+    publisher.connect().await;
+    assert!(publisher.connected().await);
+    // Bursts the fan-out queue of 1 cannot hold.
+    for round in 0..20u8 {
+        for i in 0..50u8 {
+            publisher.publish("fast:x", vec![round, i], Qos::AtMostOnce).await;
+        }
+        publisher.run_for(Duration::from_millis(5)).await;
+        sub.run_for(Duration::from_millis(5)).await;
+    }
+    let last = publisher.publish("fast:x", b"last".to_vec(), Qos::AtLeastOnce).await;
+    assert!(publisher.run_until(T, |c| c.acked.contains_key(&last)).await, "the last publish is acknowledged");
+    assert!(
+        sub.run_until(T, |c| c.ids("fast:x").contains(&last)).await,
+        "the subscriber gets the live stream; events {:?}",
+        sub.events.iter().filter(|e| !matches!(e, Event::Publication(_))).collect::<Vec<_>>()
+    );
+    let disconnects: Vec<&Event> = sub.events.iter().filter(|e| matches!(e, Event::Disconnected { .. })).collect();
+    assert!(disconnects.is_empty(), "never disconnected: {disconnects:?}");
+    let got = sub.ids("fast:x").len();
+    let m = http_get_text(srv.addr, "/metrics").await;
+    let dropped: u64 = m
+        .lines()
+        .find(|l| l.starts_with("ferry_qos0_dropped_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("ferry_qos0_dropped_total");
+    println!("[qos0 overload] 1001 published, {got} delivered, {dropped} dropped (counted)");
+    assert!(dropped > 0, "the burst overflowed the queue of 1");
+    assert_eq!(got as u64 + dropped, 1001, "every publication delivered or counted");
+}
+
+async fn http_get_text(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
