@@ -216,6 +216,13 @@ pub enum FetchEnd {
     /// The store no longer holds the first offset asked for (or the epoch
     /// changed): the client must reconnect and recover with a gap.
     Lost,
+    /// Retention trimmed the offsets asked for: the stream (same epoch) now
+    /// starts at `first`. Lost at QoS 1/2; at QoS 0 the subscription
+    /// skips ahead to `first`.
+    Trimmed {
+        /// The oldest offset retained.
+        first: u64,
+    },
 }
 
 /// A publication prepared once for every subscriber: encoded lazily once
@@ -637,7 +644,8 @@ impl ServerSession {
 
     /// The host skipped live publications for this connection (its queue
     /// was full): the stream now reaches `top`, so fetch what is missing.
-    /// At QoS 0 a position no longer retained skips ahead (`fetch_done`).
+    /// At QoS 0 a position no longer retained skips ahead to the oldest
+    /// one retained (`fetch_done`).
     pub fn stream_advanced(&mut self, _now: Instant, channel: &str, epoch: &str, top: u64) {
         let Some(sub) = self.subs.get_mut(channel) else { return };
         if sub.epoch != epoch {
@@ -657,16 +665,18 @@ impl ServerSession {
         let Some(from) = sub.fetching.take() else {
             return;
         };
-        if end == FetchEnd::Lost && sub.qos == Qos::AtMostOnce {
-            // At most once allows the drop: skip to the live stream and
+        if let (FetchEnd::Trimmed { first }, Qos::AtMostOnce) = (end, sub.qos) {
+            // At most once allows the drop: skip to what is retained and
             // count what was skipped. Closing (3004) instead cut every
             // lagging QoS 0 subscriber of a short history again and again
             // under overload, though none of them could get more.
-            self.stats.dropped_at_most_once += (sub.top + 1).saturating_sub(sub.next);
-            sub.next = sub.next.max(sub.top + 1);
-            return;
+            if first > sub.next {
+                self.stats.dropped_at_most_once += first - sub.next;
+                sub.next = first;
+            }
+            return self.maybe_fetch(channel);
         }
-        if end == FetchEnd::Lost {
+        if matches!(end, FetchEnd::Lost | FetchEnd::Trimmed { .. }) {
             return self.close(CloseCode::InsufficientState, "stream position no longer retained");
         }
         if sub.next == from && (room > 0 || sub.qos == Qos::AtMostOnce) {

@@ -611,21 +611,28 @@ fn a_qos0_subscription_whose_position_is_trimmed_skips_ahead_and_counts_the_drop
     s.stream_advanced(now, "ch", "e", 10);
     let d = drain(&mut s, now);
     assert!(d.events.iter().any(|e| matches!(e, ServerEvent::Fetch { from: 2, .. })), "{:?}", d.events);
-    // ... and no longer holds offset 2.
-    s.fetch_done(now, "ch", FetchEnd::Lost);
+    // ... and now starts at 9 (retention trimmed 2..=8).
+    s.fetch_done(now, "ch", FetchEnd::Trimmed { first: 9 });
     let d = drain(&mut s, now);
     assert_eq!(d.close, None, "not closed at QoS 0");
-    assert_eq!(s.stats().dropped_at_most_once, 9, "2..=10 skipped and counted");
+    assert_eq!(s.stats().dropped_at_most_once, 7, "2..=8 skipped and counted");
+    // What is retained is fetched and pushed (the tail of a burst).
+    assert!(d.events.iter().any(|e| matches!(e, ServerEvent::Fetch { from: 9, .. })), "{:?}", d.events);
+    s.deliver(now, &publication("ch", 9));
+    s.deliver(now, &publication("ch", 10));
+    s.fetch_done(now, "ch", FetchEnd::Done);
+    assert_eq!(pushed_offsets(&drain(&mut s, now)), vec![9, 10]);
+    assert_eq!(s.stats().dropped_at_most_once, 7);
     // Live again; a gap a dropped live copy leaves is counted too.
     s.deliver(now, &publication("ch", 11));
     s.deliver(now, &publication("ch", 13));
     assert_eq!(pushed_offsets(&drain(&mut s, now)), vec![11, 13]);
-    assert_eq!(s.stats().dropped_at_most_once, 10);
+    assert_eq!(s.stats().dropped_at_most_once, 8);
     // At QoS 1 the same stays a close: a lost position must be told.
     let sub = SubscribeRequest { channel: "q".into(), qos: Qos::AtLeastOnce, since: None, token: String::new() };
     let (mut s, _) = live(Encoding::Binary, vec![(sub, start(0, 1, Qos::AtLeastOnce))]);
     s.stream_advanced(now, "q", "e", 10);
     drain(&mut s, now);
-    s.fetch_done(now, "q", FetchEnd::Lost);
+    s.fetch_done(now, "q", FetchEnd::Trimmed { first: 9 });
     assert_eq!(drain(&mut s, now).close, Some(CloseCode::InsufficientState as u16));
 }

@@ -1058,8 +1058,11 @@ impl Hub {
             let Some(c) = st.channels.get(channel) else {
                 return Some((vec![], FetchEnd::Done));
             };
-            if c.header.epoch != epoch || from < c.header.first {
+            if c.header.epoch != epoch {
                 return Some((vec![], FetchEnd::Lost));
+            }
+            if from < c.header.first {
+                return Some((vec![], FetchEnd::Trimmed { first: c.header.first }));
             }
             // From the hot window when it holds `from`, or when `from` is
             // past the top (nothing to read); otherwise from the engine. On
@@ -1108,7 +1111,13 @@ impl Hub {
                 // On Redis other nodes trim (by count or age): a stream that
                 // starts after `from`, or with what aged out, lost `from`.
                 if self.redis.get().is_some() && pubs.first().is_some_and(|p| p.offset > from || p.time_ms < cutoff) {
-                    return Some((vec![], FetchEnd::Lost));
+                    return Some((
+                        vec![],
+                        match pubs.first() {
+                            Some(p) if p.time_ms >= cutoff => FetchEnd::Trimmed { first: p.offset },
+                            _ => FetchEnd::Lost,
+                        },
+                    ));
                 }
                 Some((pubs.into_iter().map(SharedPublication::new).collect(), FetchEnd::Done))
             }

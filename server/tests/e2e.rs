@@ -14,15 +14,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 const T: Duration = Duration::from_secs(20);
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test]
 async fn healthz_and_subprotocol_required() {
     let srv = TestServer::start(test_config()).await;

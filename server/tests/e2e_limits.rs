@@ -398,7 +398,7 @@ async fn a_lagging_qos0_subscriber_skips_ahead_and_stays_connected() {
     let disconnects: Vec<&Event> = sub.events.iter().filter(|e| matches!(e, Event::Disconnected { .. })).collect();
     assert!(disconnects.is_empty(), "never disconnected: {disconnects:?}");
     let got = sub.ids("fast:x").len();
-    let m = http_get_text(srv.addr, "/metrics").await;
+    let m = http_get(srv.addr, "/metrics").await;
     let dropped: u64 = m
         .lines()
         .find(|l| l.starts_with("ferry_qos0_dropped_total"))
@@ -407,13 +407,4 @@ async fn a_lagging_qos0_subscriber_skips_ahead_and_stays_connected() {
     println!("[qos0 overload] 1001 published, {got} delivered, {dropped} dropped (counted)");
     assert!(dropped > 0, "the burst overflowed the queue of 1");
     assert_eq!(got as u64 + dropped, 1001, "every publication delivered or counted");
-}
-
-async fn http_get_text(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }

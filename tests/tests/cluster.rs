@@ -27,15 +27,7 @@ async fn killing_nodes_under_load_loses_no_acknowledged_publish() {
     }
     let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
 
-    let mut subs = Vec::new();
-    for i in 0..8 {
-        let qos = if i % 2 == 0 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
-        let c = builder_urls(&urls, &format!("reader{i}"), &format!("reader{i}-dev"), rng.next_u64()).build().unwrap();
-        let mut s = c.subscribe(CHANNEL, qos).await.unwrap();
-        c.connect();
-        assert!(wait_subscribed(&mut s, T).await);
-        subs.push((qos, c, tokio::spawn(load::record(s, Duration::from_secs(120)))));
-    }
+    let subs = readers(&urls, "reader", 8, &mut rng).await;
     let publisher = builder_urls(&urls, "writer", "writer-dev", rng.next_u64()).build().unwrap();
     publisher.connect();
     let load = load::tagged_load(&publisher, CHANNEL, WINDOW);
@@ -135,15 +127,7 @@ async fn a_rolling_restart_with_sigterm_loses_nothing() {
         nodes.push(FerryServer::start(&settings).await);
     }
     let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
-    let mut subs = Vec::new();
-    for i in 0..6 {
-        let qos = if i % 2 == 0 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
-        let c = builder_urls(&urls, &format!("r{i}"), &format!("r{i}-dev"), rng.next_u64()).build().unwrap();
-        let mut s = c.subscribe(CHANNEL, qos).await.unwrap();
-        c.connect();
-        assert!(wait_subscribed(&mut s, T).await);
-        subs.push((qos, c, tokio::spawn(load::record(s, Duration::from_secs(120)))));
-    }
+    let subs = readers(&urls, "r", 6, &mut rng).await;
     let publisher = builder_urls(&urls, "writer", "writer-dev", rng.next_u64()).build().unwrap();
     publisher.connect();
     let load = load::tagged_load(&publisher, CHANNEL, WINDOW);
@@ -200,6 +184,26 @@ async fn a_rolling_restart_with_sigterm_loses_nothing() {
 }
 
 /// The `p`th percentile (nearest rank) of `v`; zero when empty.
+/// `n` subscribers knowing every URL, QoS 2 and 1 by turns, each
+/// recording `CHANNEL` for at most 120 s.
+async fn readers(
+    urls: &[String],
+    name: &str,
+    n: usize,
+    rng: &mut Rng,
+) -> Vec<(Qos, ferry_client::Client, tokio::task::JoinHandle<load::Record>)> {
+    let mut subs = Vec::new();
+    for i in 0..n {
+        let qos = if i % 2 == 0 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
+        let c = builder_urls(urls, &format!("{name}{i}"), &format!("{name}{i}-dev"), rng.next_u64()).build().unwrap();
+        let mut s = c.subscribe(CHANNEL, qos).await.unwrap();
+        c.connect();
+        assert!(wait_subscribed(&mut s, T).await);
+        subs.push((qos, c, tokio::spawn(load::record(s, Duration::from_secs(120)))));
+    }
+    subs
+}
+
 fn percentile(v: &mut [Duration], p: usize) -> Duration {
     if v.is_empty() {
         return Duration::ZERO;
