@@ -36,17 +36,6 @@ fn config(auth: AuthConfig) -> Config {
     Config { auth, allow_anonymous: false, ..test_config() }
 }
 
-/// Connect with a token; the close code if refused, None if connected.
-async fn try_token(url: &str, token: &str) -> Option<u16> {
-    let mut c = TestClient::new(url, TestClient::config("d", token, Encoding::Json));
-    c.connect().await;
-    let done = c
-        .run_until(T, |c| c.session.is_connected() || c.events.iter().any(|e| matches!(e, Event::Disconnected { .. })))
-        .await;
-    assert!(done);
-    c.events.iter().find_map(|e| if let Event::Disconnected { code, .. } = e { Some(*code) } else { None })
-}
-
 #[tokio::test]
 async fn hs256_tokens_valid_expired_none_and_tampered() {
     let srv = TestServer::start(config(AuthConfig { hmac_secret: Some(SECRET.into()), ..AuthConfig::default() })).await;

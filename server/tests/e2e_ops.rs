@@ -29,17 +29,6 @@ fn token(secret: &str, user: &str, ttl: i64) -> String {
     sign_hs256(secret, &c).unwrap()
 }
 
-/// Connect with a token; the close code if refused, None if connected.
-async fn try_token(url: &str, token: &str) -> Option<u16> {
-    let mut c = TestClient::new(url, TestClient::config("d", token, Encoding::Json));
-    c.connect().await;
-    let done = c
-        .run_until(T, |c| c.session.is_connected() || c.events.iter().any(|e| matches!(e, Event::Disconnected { .. })))
-        .await;
-    assert!(done);
-    c.events.iter().find_map(|e| if let Event::Disconnected { code, .. } = e { Some(*code) } else { None })
-}
-
 /// GET a path on the WebSocket port; the body.
 async fn get_text(addr: std::net::SocketAddr, path: &str) -> String {
     let (status, _, body) = http_raw(addr, "GET", path, "", b"").await;

@@ -1116,3 +1116,16 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+/// Connect with a token; the close code if refused, None if connected.
+pub async fn try_token(url: &str, token: &str) -> Option<u16> {
+    let mut c = TestClient::new(url, TestClient::config("d", token, Encoding::Json));
+    c.connect().await;
+    let done = c
+        .run_until(Duration::from_secs(20), |c| {
+            c.session.is_connected() || c.events.iter().any(|e| matches!(e, Event::Disconnected { .. }))
+        })
+        .await;
+    assert!(done);
+    c.events.iter().find_map(|e| if let Event::Disconnected { code, .. } = e { Some(*code) } else { None })
+}
