@@ -388,6 +388,21 @@ impl ServerSession {
     pub fn inflight(&self) -> usize {
         self.inflight_total
     }
+    /// QoS 1 and 2 subscriptions that are behind their stream: each
+    /// channel with the oldest offset it still has to push. The host holds
+    /// publishers back while such an offset is near the end of retention
+    /// (backpressure), because a trimmed position closes the connection.
+    pub fn behind(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.subs
+            .iter()
+            .filter(|(_, s)| s.qos != Qos::AtMostOnce && s.next <= s.top)
+            .map(|(ch, s)| (ch.as_str(), s.next))
+    }
+    /// The next offset a QoS 1 or 2 subscription will push (`None` for
+    /// QoS 0 or no subscription).
+    pub fn position(&self, channel: &str) -> Option<u64> {
+        self.subs.get(channel).filter(|s| s.qos != Qos::AtMostOnce).map(|s| s.next)
+    }
     /// Bytes waiting to be written.
     pub fn queued_bytes(&self) -> usize {
         self.out.bytes()

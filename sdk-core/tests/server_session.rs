@@ -636,3 +636,38 @@ fn a_qos0_subscription_whose_position_is_trimmed_skips_ahead_and_counts_the_drop
     s.fetch_done(now, "q", FetchEnd::Trimmed { first: 9 });
     assert_eq!(drain(&mut s, now).close, Some(CloseCode::InsufficientState as u16));
 }
+
+/// What the host's backpressure reads: a QoS 1 subscription is behind
+/// from the moment it has something left to push (a full window, a
+/// dropped live copy) until it has pushed up to the stream's top; a QoS 0
+/// one never holds publishers back.
+#[test]
+fn a_qos1_subscription_reports_where_it_is_behind_and_qos0_never_does() {
+    let q1 = SubscribeRequest { channel: "q".into(), qos: Qos::AtLeastOnce, since: None, token: String::new() };
+    let q0 = SubscribeRequest { channel: "z".into(), qos: Qos::AtMostOnce, since: None, token: String::new() };
+    let mut c = cfg();
+    c.inflight_window = 100;
+    let subs = vec![(q1, start(0, 1, Qos::AtLeastOnce)), (q0, start(0, 1, Qos::AtMostOnce))];
+    let (mut s, _) = live_with(c, Encoding::Binary, subs);
+    let now = Instant(1);
+    let behind = |s: &ServerSession| s.behind().map(|(c, n)| (c.to_string(), n)).collect::<Vec<_>>();
+    s.deliver(now, &publication("q", 1));
+    s.deliver(now, &publication("z", 1));
+    drain(&mut s, now);
+    assert_eq!(behind(&s), vec![], "live: nothing left to push");
+    assert_eq!(s.position("q"), Some(2));
+    assert_eq!(s.position("z"), None, "QoS 0 has no position to hold");
+    // The host dropped live copies of both; their streams reach 50.
+    s.stream_advanced(now, "q", "e", 50);
+    s.stream_advanced(now, "z", "e", 50);
+    drain(&mut s, now);
+    assert_eq!(behind(&s), vec![("q".to_string(), 2)], "only the QoS 1 subscription holds, from 2");
+    // Fetched up to the top: no longer behind.
+    for o in 2..=50 {
+        s.deliver(now, &publication("q", o));
+    }
+    s.fetch_done(now, "q", FetchEnd::Done);
+    drain(&mut s, now);
+    assert_eq!(s.position("q"), Some(51));
+    assert_eq!(behind(&s), vec![]);
+}

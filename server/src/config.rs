@@ -278,6 +278,10 @@ pub struct Limits {
     /// for backend API errors; beyond it lines are dropped and counted in
     /// one "suppressed" line per second (0 = no limit).
     pub log_lines_per_sec: u32,
+    /// Seconds one QoS 1/2 subscription that is behind may hold back
+    /// publishes to its channel per episode (0 = never: a subscriber whose
+    /// position leaves the history is closed with 3004).
+    pub backpressure_secs: u64,
 }
 
 impl Default for Limits {
@@ -299,6 +303,7 @@ impl Default for Limits {
             max_connections_per_user: 100,
             connections_per_ip_per_minute: 600,
             log_lines_per_sec: 50,
+            backpressure_secs: 10,
         }
     }
 }

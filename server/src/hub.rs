@@ -132,6 +132,21 @@ struct Chan {
     persisted: bool,
     hot: VecDeque<Arc<SharedPublication>>,
     subs: BTreeMap<ConnId, ConnHandle>,
+    /// QoS 1/2 subscriptions of this node that are behind the stream
+    /// (backpressure: see [`Hub::hold`]).
+    holds: BTreeMap<ConnId, Hold>,
+    /// While `holds` is not empty: the top once every publish let through
+    /// is stored (they pass the check before they are committed, and a
+    /// burst of them must not overrun the history either).
+    admitted: u64,
+}
+
+/// A subscription that is behind its stream.
+struct Hold {
+    /// The oldest offset it still has to push.
+    next: u64,
+    /// When it fell behind, Unix ms.
+    since_ms: u64,
 }
 
 #[derive(Default)]
@@ -249,6 +264,9 @@ pub struct Hub {
     state: Mutex<State>,
     seq: std::sync::mpsc::Sender<SeqReq>,
     next_conn: AtomicU64,
+    /// Subscriptions behind their stream, all channels (0: no publish
+    /// needs the backpressure check).
+    holding: std::sync::atomic::AtomicUsize,
     /// Counters.
     pub stats: HubStats,
     /// Prometheus metrics.
@@ -285,7 +303,17 @@ impl Hub {
     pub fn start(cfg: Arc<Config>, store: Arc<dyn Store>) -> Result<Arc<Hub>, crate::store::StoreError> {
         let mut state = State::default();
         for (ch, header) in store.headers()? {
-            state.channels.insert(ch, Chan { header, persisted: true, hot: VecDeque::new(), subs: BTreeMap::new() });
+            state.channels.insert(
+                ch,
+                Chan {
+                    header,
+                    persisted: true,
+                    hot: VecDeque::new(),
+                    subs: BTreeMap::new(),
+                    holds: BTreeMap::new(),
+                    admitted: 0,
+                },
+            );
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let metrics = Arc::new(crate::metrics::Metrics::default());
@@ -314,6 +342,7 @@ impl Hub {
             state: Mutex::new(state),
             seq: tx,
             next_conn: AtomicU64::new(1),
+            holding: Default::default(),
             stats: HubStats::default(),
             webhooks,
             metrics,
@@ -391,6 +420,9 @@ impl Hub {
         publisher: Option<ClientInfo>,
         reply: ReplyTo,
     ) {
+        if let Err(e) = self.check_backlog(&channel) {
+            return reply.send(Err(e));
+        }
         if let Some(r) = self.redis.get() {
             let item = crate::cluster::item(message_id, qos, data, publisher);
             return r.submit(crate::cluster::RedisPublish { channel, item, reply });
@@ -398,6 +430,62 @@ impl Hub {
         let req = SeqReq::Publish { channel, message_id, qos, data, publisher, reply };
         if let Err(std::sync::mpsc::SendError(SeqReq::Publish { reply, .. })) = self.seq.send(req) {
             reply.send(Err(ErrorReply::new(ErrorCode::Unavailable)));
+        }
+    }
+
+    /// Backpressure: a publish that would push a subscription which is
+    /// behind out of the channel's retained history is refused as
+    /// temporary (111), so publishers slow down instead of the subscriber
+    /// being closed with 3004. The refusal starts at half the history, the
+    /// rest being headroom for publishes already queued. One subscription
+    /// holds publishers back for at most `limits.backpressure_secs` per
+    /// episode, so a stalled client cannot stop a channel for good.
+    fn check_backlog(&self, channel: &str) -> Result<(), ErrorReply> {
+        if self.holding.load(Ordering::Relaxed) == 0 || self.cfg.limits.backpressure_secs == 0 {
+            return Ok(());
+        }
+        let history = self.cfg.namespace(channel).history_size as u64;
+        {
+            let mut st = self.lock();
+            let Some(c) = st.channels.get_mut(channel) else { return Ok(()) };
+            let cutoff = now_ms().saturating_sub(self.cfg.limits.backpressure_secs * 1000);
+            let Some(oldest) = c.holds.values().filter(|h| h.since_ms >= cutoff).map(|h| h.next).min() else {
+                return Ok(());
+            };
+            let top = c.admitted.max(c.header.top) + 1;
+            if top.saturating_sub(oldest) < (history / 2).max(1) {
+                c.admitted = top;
+                return Ok(());
+            }
+        }
+        self.metrics.publish_backpressure.fetch_add(1, Ordering::Relaxed);
+        Err(ErrorReply::with_message(
+            ErrorCode::TooManyRequests,
+            "subscribers of this channel are behind; retry shortly (backpressure)",
+        ))
+    }
+
+    /// Report where a connection's subscription is behind its stream
+    /// (`Some(oldest offset still to push)`) or that it is not (`None`).
+    pub fn hold(&self, conn: ConnId, channel: &str, next: Option<u64>) {
+        let mut st = self.lock();
+        let Some(c) = st.channels.get_mut(channel) else { return };
+        match next {
+            Some(next) => match c.holds.get_mut(&conn) {
+                Some(h) => h.next = next,
+                None => {
+                    c.holds.insert(conn, Hold { next, since_ms: now_ms() });
+                    self.holding.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            None => {
+                if c.holds.remove(&conn).is_some() {
+                    self.holding.fetch_sub(1, Ordering::Relaxed);
+                }
+                if c.holds.is_empty() {
+                    c.admitted = 0;
+                }
+            }
         }
     }
 
@@ -491,6 +579,8 @@ impl Hub {
             persisted: false,
             hot: VecDeque::new(),
             subs: BTreeMap::new(),
+            holds: BTreeMap::new(),
+            admitted: 0,
         });
         let start = stream_start(qos, &chan.header, since.as_ref());
         chan.subs.insert(conn.id, conn.clone());
@@ -540,6 +630,8 @@ impl Hub {
                 persisted: true,
                 hot: VecDeque::new(),
                 subs: BTreeMap::new(),
+                holds: BTreeMap::new(),
+                admitted: 0,
             });
             chan.subs.insert(conn.id, conn.clone());
         }
@@ -596,6 +688,8 @@ impl Hub {
             persisted: true,
             hot: VecDeque::new(),
             subs: BTreeMap::new(),
+            holds: BTreeMap::new(),
+            admitted: 0,
         });
         merge_header(c, h);
         c.header.clone()
@@ -654,6 +748,12 @@ impl Hub {
                 if let Some(c) = st.channels.get_mut(ch) {
                     if let Some(h) = c.subs.remove(&conn) {
                         user = Some(h.info.user.clone());
+                    }
+                    if c.holds.remove(&conn).is_some() {
+                        self.holding.fetch_sub(1, Ordering::Relaxed);
+                        if c.holds.is_empty() {
+                            c.admitted = 0;
+                        }
                     }
                 }
             }
@@ -1381,6 +1481,8 @@ impl Hub {
                     persisted: true,
                     hot: VecDeque::new(),
                     subs: BTreeMap::new(),
+                    holds: BTreeMap::new(),
+                    admitted: 0,
                 });
                 merge_header(c, h);
                 if let Some(first) = batch.trims.get(ch) {

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     /// QoS 0 publications skipped for subscribers that lagged (at most once).
     pub qos0_dropped: AtomicU64,
+    /// Publishes refused because subscribers of the channel were behind.
+    pub publish_backpressure: AtomicU64,
     /// Webhook deliveries that failed for good.
     pub webhook_failures: AtomicU64,
     /// Backend API requests by route and status.
@@ -142,6 +144,11 @@ impl Metrics {
             "ferry_qos0_dropped_total",
             "QoS 0 publications skipped for subscribers whose queue overflowed (at most once allows it).",
             get(&self.qos0_dropped),
+        );
+        counter(
+            "ferry_publish_backpressure_total",
+            "Publishes refused (111, temporary) because QoS 1/2 subscribers of the channel were behind.",
+            get(&self.publish_backpressure),
         );
         counter("ferry_webhook_failures_total", "Webhook calls that failed for good.", get(&self.webhook_failures));
         e.family("ferry_deliveries_total", "Publications pushed to subscribers.", "counter");

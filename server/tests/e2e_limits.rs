@@ -408,3 +408,86 @@ async fn a_lagging_qos0_subscriber_skips_ahead_and_stays_connected() {
     assert!(dropped > 0, "the burst overflowed the queue of 1");
     assert_eq!(got as u64 + dropped, 1001, "every publication delivered or counted");
 }
+
+/// The value of one unlabelled-by-us counter in `/metrics`.
+async fn metric(srv: &TestServer, name: &str) -> u64 {
+    let m = http_get(srv.addr, "/metrics").await;
+    m.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Overload with a QoS 1 subscriber that is behind: publishers are slowed
+/// (111, temporary; the client retries) instead of the subscriber losing
+/// its position. Before, the publishes went on, retention trimmed the
+/// subscriber's position away and it was closed with 3004, losing what
+/// it had not read yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos1_subscriber_that_is_behind_slows_publishers_instead_of_losing_its_position() {
+    const N: usize = 200;
+    let mut cfg = test_config();
+    cfg.limits.fanout_queue = 1;
+    cfg.limits.inflight_window = 8;
+    cfg.limits.publish_rate = 0;
+    cfg.namespaces.insert("slow".into(), Namespace { history_size: 40, ..Namespace::default() });
+    let srv = TestServer::start(cfg).await;
+    let mut sub = TestClient::new(&srv.url(), TestClient::config("s", "s", Encoding::Binary));
+    sub.subscribe("slow:x", Qos::AtLeastOnce).await;
+    sub.connect().await;
+    assert!(sub.run_until(T, |c| c.events.iter().any(|e| matches!(e, Event::Subscribed { .. }))).await);
+    let mut pcfg = TestClient::config("p", "p", Encoding::Binary);
+    pcfg.retry_delay = Duration::from_millis(20);
+    let mut publisher = TestClient::new(&srv.url(), pcfg);
+    publisher.connect().await;
+    assert!(publisher.connected().await);
+    // A frozen app: the server fills its window of 8 and then it is behind.
+    sub.paused = true;
+    // In rounds of 5, each acknowledged before the next (backpressure acts
+    // on what is committed), until the server starts refusing.
+    let mut ids = Vec::new();
+    let mut refusing = false;
+    while ids.len() < N {
+        let round = if refusing { N - ids.len() } else { 5 };
+        for _ in 0..round {
+            let i = ids.len();
+            ids.push(publisher.publish("slow:x", format!("m{i}").into_bytes(), Qos::AtLeastOnce).await);
+        }
+        for _ in 0..300 {
+            publisher.run_for(Duration::from_millis(10)).await;
+            refusing = metric(&srv, "ferry_publish_backpressure_total").await > 0;
+            if refusing || publisher.acked.len() == ids.len() {
+                break;
+            }
+        }
+    }
+    let acked_while_frozen = publisher.acked.len();
+    sub.paused = false;
+    for _ in 0..3000 {
+        publisher.run_for(Duration::from_millis(5)).await;
+        sub.run_for(Duration::from_millis(5)).await;
+        let gone = sub.events.iter().any(|e| matches!(e, Event::Disconnected { .. }));
+        if gone || (publisher.acked.len() == N && sub.ids("slow:x").len() >= N) {
+            break;
+        }
+    }
+    let disconnects: Vec<&Event> = sub.events.iter().filter(|e| matches!(e, Event::Disconnected { .. })).collect();
+    let refused = metric(&srv, "ferry_publish_backpressure_total").await;
+    println!(
+        "[backpressure] {acked_while_frozen} of {N} acknowledged while the subscriber was frozen, {refused} refusals"
+    );
+    assert!(disconnects.is_empty(), "the subscriber stays connected: {disconnects:?}");
+    assert!(refused > 0, "publishes were refused while the subscriber was behind");
+    assert!(acked_while_frozen < N, "the publisher was held back");
+    assert_eq!(publisher.acked.len(), N, "every publish is acknowledged in the end (retried)");
+    // Every publication once, in stream order. A publish retried after a
+    // refusal is stored after those that passed meanwhile (PROTOCOL.md
+    // 7.5), so the set is compared, not the publisher's order.
+    let mut got = sub.ids("slow:x");
+    assert_eq!(got.len(), N, "no duplicate, nothing missing");
+    got.sort();
+    ids.sort();
+    assert_eq!(got, ids, "every publication once");
+    let offsets = sub.offsets("slow:x");
+    assert_eq!(offsets, (1..=N as u64).collect::<Vec<_>>(), "the stream in offset order, no gap");
+}

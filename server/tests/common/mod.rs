@@ -289,13 +289,11 @@ impl TestClient {
                             } else {
                                 Message::Binary(data.into())
                             };
-                            if ws.send(msg).await.is_err() {
+                            if let Err(e) = ws.send(msg).await {
                                 let now = self.now();
                                 self.ws = None;
-                                self.session.handle_input(
-                                    now,
-                                    Input::TransportClosed { conn, code: None, reason: "write failed".into() },
-                                );
+                                let reason = format!("write failed: {e}");
+                                self.session.handle_input(now, Input::TransportClosed { conn, code: None, reason });
                             }
                         }
                     }
