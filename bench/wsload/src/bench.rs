@@ -63,6 +63,10 @@ pub struct Step {
     pub disconnected: u64,
     /// Publishes refused by the server.
     pub publish_errors: u64,
+    /// Loss among the publications the server accepted, % (refused
+    /// publishes are not expected; one-channel scenarios only, else the
+    /// same as `loss_pct`).
+    pub accepted_loss_pct: f64,
     /// Within every limit.
     pub pass: bool,
     /// Why not, or notes.
@@ -301,7 +305,11 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let step = self.measure(rate, sent, secs, expected, cpu, &done);
+        let mut step = self.measure(rate, sent, secs, expected, cpu, &done);
+        let refused = if self.channels == 1 { step.publish_errors * self.subs_of(0) } else { 0 };
+        let accepted = expected.saturating_sub(refused);
+        step.accepted_loss_pct =
+            if accepted == 0 { 0.0 } else { 100.0 * accepted.saturating_sub(step.received) as f64 / accepted as f64 };
         // Settle: let a backlog of a failing step go before the next one.
         let settle = Instant::now();
         while self.stats.borrow().last_delivery.elapsed() < Duration::from_millis(300)
@@ -386,6 +394,7 @@ impl Bench {
             generator_bound,
             disconnected: s.disconnected,
             publish_errors,
+            accepted_loss_pct: loss_pct,
             pass,
             why,
         }

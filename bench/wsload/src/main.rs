@@ -316,7 +316,18 @@ async fn one_run(kinds: &[Kind], enc: Encoding, bins: &Bins, knobs: &Knobs, plan
             } else {
                 b.search(plan.fanout_start, &log).await
             };
-            run.fanout.push(Fanout { server: kind.name().into(), qos, subs: plan.fanout_subs, search });
+            // Overload: twice the highest passing rate. Healthy subscribers
+            // must stay connected; publishers may be refused (backpressure).
+            let overload = if plan.fanout_single {
+                None
+            } else {
+                let rate = 2.0 * search.best.as_ref().map_or(plan.fanout_start, |b| b.rate);
+                println!("overload step at {rate:.0} msg/s:");
+                let s = b.step(rate).await;
+                log(&s);
+                Some(s)
+            };
+            run.fanout.push(Fanout { server: kind.name().into(), qos, subs: plan.fanout_subs, search, overload });
         }
     }
     // (c) and (a) and the connect ramp, on one set of connections.

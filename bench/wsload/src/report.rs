@@ -17,6 +17,8 @@ pub struct Fanout {
     pub subs: usize,
     /// The steps.
     pub search: Search,
+    /// One step at twice the saturation rate (overload).
+    pub overload: Option<Step>,
 }
 
 /// Scenarios (c), (a) and the connect ramp on one server (one set of
@@ -129,6 +131,10 @@ fn best_of<'a>(r: &'a Run, server: &str, qos: u8) -> Option<&'a Step> {
     r.fanout.iter().find(|f| f.server == server && f.qos == qos).and_then(|f| f.search.best.as_ref())
 }
 
+fn overload_of<'a>(r: &'a Run, server: &str, qos: u8) -> Option<&'a Step> {
+    r.fanout.iter().find(|f| f.server == server && f.qos == qos).and_then(|f| f.overload.as_ref())
+}
+
 fn many_of<'a>(r: &'a Run, server: &str) -> Option<&'a Many> {
     r.many.iter().find(|m| m.server == server)
 }
@@ -138,6 +144,10 @@ pub fn summarize(runs: &[Run]) -> Vec<Row> {
     let fan =
         |qos: u8, f: fn(&Step) -> f64| move |r: &Run, s: &str| best_of(r, s, qos).map(|b| (f(b), b.generator_bound));
     let nats0 = |f: fn(&Step) -> f64| move |r: &Run, _: &str| best_of(r, "NATS", 0).map(|b| (f(b), b.generator_bound));
+    let over = |qos: u8, f: fn(&Step) -> f64| {
+        move |r: &Run, s: &str| overload_of(r, s, qos).map(|b| (f(b), b.generator_bound))
+    };
+    let nats_over = |f: fn(&Step) -> f64| move |r: &Run, _: &str| overload_of(r, "NATS", 0).map(|b| (f(b), false));
     let many = |f: fn(&Many) -> Option<(f64, bool)>| move |r: &Run, s: &str| many_of(r, s).and_then(f);
     vec![
         row(
@@ -162,6 +172,41 @@ pub fn summarize(runs: &[Run]) -> Vec<Row> {
             "lower",
             &fan(1, |b| b.p99_ms),
             &nats0(|b| b.p99_ms),
+        ),
+        row(
+            runs,
+            "(d) overload (2 × the saturation rate), QoS 0: subscribers disconnected",
+            "lower",
+            &over(0, |b| b.disconnected as f64),
+            &over(0, |b| b.disconnected as f64),
+        ),
+        row(
+            runs,
+            "(d) overload, QoS 0: loss % of the accepted publications (QoS 0 may drop)",
+            "lower",
+            &over(0, |b| b.accepted_loss_pct),
+            &over(0, |b| b.accepted_loss_pct),
+        ),
+        row(
+            runs,
+            "(d) overload, Ferry QoS 1 vs NATS QoS 0: subscribers disconnected",
+            "lower",
+            &over(1, |b| b.disconnected as f64),
+            &nats_over(|b| b.disconnected as f64),
+        ),
+        row(
+            runs,
+            "(d) overload, Ferry QoS 1: loss % of the accepted publications",
+            "lower",
+            &over(1, |b| b.accepted_loss_pct),
+            &nats_over(|b| b.accepted_loss_pct),
+        ),
+        row(
+            runs,
+            "(d) overload, Ferry QoS 1 vs NATS QoS 0: publishes refused (backpressure) in the step",
+            "info",
+            &over(1, |b| b.publish_errors as f64),
+            &nats_over(|b| b.publish_errors as f64),
         ),
         row(
             runs,
@@ -303,6 +348,15 @@ pub fn markdown(rep: &Report) -> String {
             for s in &f.search.steps {
                 m.push_str(&step_line(s));
                 m.push('\n');
+            }
+            if let Some(s) = &f.overload {
+                m.push_str(&format!(
+                    "\nOverload step (2 × the saturation rate): {} publishes refused, loss among accepted {:.3} %, {} subscribers disconnected.\n\n{STEP_HEADER}\n{}\n",
+                    s.publish_errors,
+                    s.accepted_loss_pct,
+                    s.disconnected,
+                    step_line(s)
+                ));
             }
         }
         for x in &run.many {
