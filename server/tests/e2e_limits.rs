@@ -398,24 +398,20 @@ async fn a_lagging_qos0_subscriber_skips_ahead_and_stays_connected() {
     let disconnects: Vec<&Event> = sub.events.iter().filter(|e| matches!(e, Event::Disconnected { .. })).collect();
     assert!(disconnects.is_empty(), "never disconnected: {disconnects:?}");
     let got = sub.ids("fast:x").len();
-    let m = http_get(srv.addr, "/metrics").await;
-    let dropped: u64 = m
-        .lines()
-        .find(|l| l.starts_with("ferry_qos0_dropped_total"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .expect("ferry_qos0_dropped_total");
+    let dropped = metric(&srv, "ferry_qos0_dropped_total").await;
     println!("[qos0 overload] 1001 published, {got} delivered, {dropped} dropped (counted)");
     assert!(dropped > 0, "the burst overflowed the queue of 1");
     assert_eq!(got as u64 + dropped, 1001, "every publication delivered or counted");
 }
 
-/// The value of one unlabelled-by-us counter in `/metrics`.
+/// The value of a counter in `/metrics` (its only series, whatever its
+/// `node` label); panics if the server does not export it.
 async fn metric(srv: &TestServer, name: &str) -> u64 {
     let m = http_get(srv.addr, "/metrics").await;
     m.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("{name} is exported"))
 }
 
 /// Overload with a QoS 1 subscriber that is behind: publishers are slowed
