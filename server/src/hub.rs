@@ -1372,7 +1372,7 @@ impl Hub {
         }
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats.stored.fetch_add(batch.appends.len() as u64, Ordering::Relaxed);
-        for p in &batch.appends {
+        for p in batch.appends.iter().filter(|_| self.webhooks.is_some()) {
             if let Some(by) = &p.publisher {
                 self.hook(crate::webhooks::Hook::Publish {
                     user: by.user.clone(),
@@ -1633,6 +1633,16 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
         if reqs.is_empty() && batch.is_empty() {
             continue;
         }
+        let known = {
+            let ids: Vec<&str> = reqs
+                .iter()
+                .filter_map(|r| match r {
+                    SeqReq::Publish { message_id, .. } | SeqReq::Release(message_id) => Some(message_id.as_str()),
+                    SeqReq::Cursor(..) => None,
+                })
+                .collect();
+            hub.store.dedup_many(&ids)
+        };
         for r in reqs {
             match r {
                 SeqReq::Publish { channel, message_id, qos, data, publisher, reply } => {
@@ -1643,11 +1653,11 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
                         replies.push((reply, r));
                         continue;
                     }
-                    match hub.store.dedup(&message_id) {
+                    match known.as_ref().map(|k| k.get(&message_id)) {
                         Ok(Some(e)) if e.expires_ms > now => {
                             let r = same_publish(&message_id, &e.channel, e.digest, &channel, &digest).map(|()| {
                                 hub.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                                Stored { epoch: e.epoch, offset: e.offset, duplicate: true }
+                                Stored { epoch: e.epoch.clone(), offset: e.offset, duplicate: true }
                             });
                             replies.push((reply, r));
                             continue;
@@ -1669,8 +1679,9 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
                     h.top += 1;
                     let keep = hub.cfg.namespace(&channel).history_size as u64;
                     if h.top - h.first + 1 > keep {
+                        // One trim per channel and batch (below): a full
+                        // history moves on every publish.
                         h.first = h.top + 1 - keep;
-                        batch.trims.push((channel.clone(), h.first));
                         hot_trim.insert(channel.clone(), h.first);
                     }
                     let stored = Stored { epoch: h.epoch.clone(), offset: h.top, duplicate: false };
@@ -1702,7 +1713,7 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
                     // Design: a released QoS 2 id falls back to the ordinary
                     // dedup window instead of vanishing at once, so a late
                     // duplicate frame still finds it.
-                    if let Ok(Some(mut e)) = hub.store.dedup(&id) {
+                    if let Some(mut e) = known.as_ref().ok().and_then(|k| k.get(&id)).cloned() {
                         e.expires_ms = e.expires_ms.min(now + DEDUP_WINDOW_MS);
                         batch.dedup_put.push((id, e));
                     }
@@ -1711,6 +1722,8 @@ fn sequencer(hub: std::sync::Weak<Hub>, rx: std::sync::mpsc::Receiver<SeqReq>) {
             }
         }
         batch.headers = headers.into_iter().collect();
+        // `hot_trim` holds each channel's highest trim (age and size).
+        batch.trims = hot_trim.iter().map(|(c, f)| (c.clone(), *f)).collect();
         hub.apply(batch, replies, &hot_trim);
     }
 }
