@@ -114,8 +114,8 @@ pub struct Knobs {
     pub bisect: usize,
     /// Rate doublings at most.
     pub max_doublings: usize,
-    /// CPU of the server.
-    pub server_cpu: usize,
+    /// CPUs of the server, a `taskset -c` list.
+    pub server_cpus: String,
     /// Re-runs of a step measured on a busy machine.
     pub busy_retries: usize,
 }
@@ -144,7 +144,7 @@ impl Bench {
         subs: usize,
         channels: usize,
     ) -> anyhow::Result<Bench> {
-        let server = Server::start(kind, bins, knobs.server_cpu)?;
+        let server = Server::start(kind, bins, &knobs.server_cpus)?;
         Ok(Bench {
             server,
             target,
@@ -290,17 +290,20 @@ impl Bench {
         let expected: u64 = done.iter().flat_map(|d| &d.per_channel).map(|&(c, n)| n * self.subs_of(c)).sum();
         let sent: u64 = done.iter().map(|d| d.sent).sum();
         let secs = done.iter().map(|d| d.secs).fold(0.0, f64::max).max(1e-3);
-        // Drain: until everything arrived, nothing arrived for 1 s, or 3 s.
+        // Drain: until everything arrived, nothing arrived for 1 s, or 3 s;
+        // QoS 1 promises every accepted publication, so while its
+        // subscribers still catch up (from the store), up to 30 s.
+        let max_drain = match self.target {
+            Target::Ferry(_, q) if q != ferry_core::frame::Qos::AtMostOnce => Duration::from_secs(30),
+            _ => Duration::from_secs(3),
+        };
         let drain = Instant::now();
         loop {
             let (all_in, quiet) = {
                 let s = self.stats.borrow();
                 (s.received >= expected, s.last_delivery.elapsed() > Duration::from_secs(1))
             };
-            if all_in
-                || (quiet && drain.elapsed() > Duration::from_millis(200))
-                || drain.elapsed() > Duration::from_secs(3)
-            {
+            if all_in || (quiet && drain.elapsed() > Duration::from_millis(200)) || drain.elapsed() > max_drain {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -19,7 +19,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::stats::{make_payload, Stats};
 use crate::{ferry, nats};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Budget for opening one connection and subscribing.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -58,7 +58,7 @@ fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(8 * 1024).write_buffer_size(0).max_message_size(Some(1 << 22))
 }
 
-async fn open(url: &str, subprotocol: Option<&'static str>) -> Result<Ws, String> {
+pub(crate) async fn open(url: &str, subprotocol: Option<&'static str>) -> Result<Ws, String> {
     let mut req = url.into_client_request().map_err(|e| format!("bad url: {e}"))?;
     if let Some(p) = subprotocol {
         req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(p));
@@ -69,7 +69,7 @@ async fn open(url: &str, subprotocol: Option<&'static str>) -> Result<Ws, String
     Ok(ws)
 }
 
-fn closed_reason(m: &Message) -> Option<String> {
+pub(crate) fn closed_reason(m: &Message) -> Option<String> {
     match m {
         Message::Close(Some(f)) => Some(format!("closed by the server: {} {}", u16::from(f.code), f.reason.as_str())),
         Message::Close(None) => Some("closed by the server".into()),
@@ -294,7 +294,7 @@ async fn nats_subscriber(
     }
 }
 
-fn payload_of(m: &Message) -> Option<&[u8]> {
+pub(crate) fn payload_of(m: &Message) -> Option<&[u8]> {
     match m {
         Message::Binary(b) => Some(b),
         Message::Text(t) => Some(t.as_bytes()),
@@ -302,7 +302,7 @@ fn payload_of(m: &Message) -> Option<&[u8]> {
     }
 }
 
-fn frame_message(enc: Encoding, data: Vec<u8>) -> Message {
+pub(crate) fn frame_message(enc: Encoding, data: Vec<u8>) -> Message {
     if enc.is_text() {
         // The codec wrote JSON, which is UTF-8.
         Message::Text(String::from_utf8(data).unwrap_or_default().into())
@@ -310,6 +310,9 @@ fn frame_message(enc: Encoding, data: Vec<u8>) -> Message {
         Message::Binary(data.into())
     }
 }
+
+/// How long a publisher waits after a step for the replies to its publishes.
+const REPLY_WAIT: Duration = Duration::from_secs(10);
 
 /// One paced step for a publisher.
 pub struct StepOrder {
@@ -334,6 +337,8 @@ pub struct StepDone {
     pub secs: f64,
     /// Publishes the server refused (Ferry error replies).
     pub errors: u64,
+    /// Replies of either kind (Ferry answers every publish).
+    pub replies: u64,
     /// The first refusal or failure, if any.
     pub error: Option<String>,
 }
@@ -383,7 +388,7 @@ impl Publisher {
 }
 
 /// A unique prefix for message ids: Ferry deduplicates them server-wide.
-fn id_prefix(k: usize) -> String {
+pub(crate) fn id_prefix(k: usize) -> String {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
     format!("w{}-{t:x}-{k}", std::process::id())
 }
@@ -451,7 +456,7 @@ async fn publisher_task(
                             match target {
                                 Target::Ferry(enc, _) => {
                                     msg_no += 1;
-                                    let f = ferry::publish(next_id, &names[i], format!("{prefix}-{msg_no}"), payload);
+                                    let f = ferry::publish(next_id, &names[i], format!("{prefix}-{msg_no}"), Qos::AtMostOnce, payload);
                                     next_id = next_id.checked_add(1).unwrap_or(2);
                                     ferry::append(enc, &f, &mut out);
                                 }
@@ -481,6 +486,22 @@ async fn publisher_task(
             }
         }
         done.secs = start.elapsed().as_secs_f64();
+        // Every publish of the step answered (bounded): a refusal that came
+        // after the step would otherwise count as accepted and then as lost.
+        if matches!(target, Target::Ferry(..)) {
+            let until = tokio::time::Instant::now() + REPLY_WAIT;
+            while done.replies < done.sent && broken.is_none() {
+                match tokio::time::timeout_at(until, ws.next()).await {
+                    Err(_) => break,
+                    Ok(m) => {
+                        if let Err(e) = handle_inbound(target, &mut ws, m, &mut parser, &mut done).await {
+                            done.error = Some(e.clone());
+                            broken = Some(e);
+                        }
+                    }
+                }
+            }
+        }
         let _ = order.done.send(done);
     }
 }
@@ -510,8 +531,10 @@ async fn handle_inbound(
                 match f {
                     ServerFrame::Reply { outcome: Outcome::Error(e), .. } => {
                         done.errors += 1;
+                        done.replies += 1;
                         done.error.get_or_insert_with(|| format!("publish refused: {} {}", e.code, e.message));
                     }
+                    ServerFrame::Reply { .. } => done.replies += 1,
                     ServerFrame::Push(Push::Ping) => ferry::append(enc, &ferry::pong(), &mut reply),
                     ServerFrame::Push(Push::Disconnect { code, reason, .. }) => {
                         return Err(format!("publisher got disconnect {code} {reason}"))

@@ -59,14 +59,14 @@ pub fn connect(device: &str, subs: &[(&str, Qos)]) -> ClientFrame {
     }
 }
 
-/// A QoS 0 `publish`.
-pub fn publish(id: u32, channel: &str, message_id: String, data: Vec<u8>) -> ClientFrame {
+/// A `publish` at `qos`.
+pub fn publish(id: u32, channel: &str, message_id: String, qos: Qos, data: Vec<u8>) -> ClientFrame {
     ClientFrame::Request {
         id,
         cmd: Command::Publish {
             channel: channel.to_string(),
             message_id,
-            qos: Qos::AtMostOnce,
+            qos,
             payload: Payload { z: false, data: Bytes(data) },
         },
     }
@@ -232,7 +232,7 @@ mod tests {
         for enc in [Encoding::Binary, Encoding::Json] {
             let frames = vec![
                 connect("d1", &[("bench:c0", Qos::AtLeastOnce)]),
-                publish(2, "bench:c0", "m".into(), vec![0; 100]),
+                publish(2, "bench:c0", "m".into(), Qos::AtLeastOnce, vec![0; 100]),
                 ack("bench:c0", "e", 9),
                 pong(),
             ];

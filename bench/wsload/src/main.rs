@@ -18,6 +18,7 @@
 
 mod bench;
 mod client;
+mod durable;
 mod ferry;
 mod nats;
 mod report;
@@ -60,9 +61,16 @@ struct Cli {
     /// CPU for the generator.
     #[arg(long, global = true, default_value_t = 1)]
     gen_cpu: usize,
-    /// Scenarios to run: fanout (d), many ((c), (a) and the connect ramp).
-    #[arg(long, global = true, value_delimiter = ',', default_value = "fanout,many")]
+    /// Scenarios to run: fanout (d), many ((c), (a) and the connect ramp),
+    /// durable ((e): QoS 1 publishes acknowledged after commit, Ferry only).
+    #[arg(long, global = true, value_delimiter = ',', default_value = "fanout,many,durable")]
     scenarios: Vec<Scenario>,
+    /// Also run (c) with the server on these CPUs (a `taskset -c` list such
+    /// as `0,2`) and report its saturation against one CPU: the two-core
+    /// target. CPUs shared with the generator make the figure a lower bound
+    /// (the report says so).
+    #[arg(long, global = true)]
+    scale_cpus: Option<String>,
     /// Re-run a step this many times when other processes used more than
     /// 20 % of a core meanwhile.
     #[arg(long, global = true, default_value_t = 2)]
@@ -103,6 +111,12 @@ enum Mode {
         /// Skip the (c) saturation search.
         #[arg(long)]
         no_saturation: bool,
+        /// (e): publisher connections, one channel each.
+        #[arg(long, default_value_t = 16)]
+        durable_publishers: usize,
+        /// (e): QoS 1 publishes in flight per publisher.
+        #[arg(long, default_value_t = 256)]
+        durable_window: usize,
     },
     /// Tiny sizes, one step each: checks that messages arrive, prints
     /// figures, asserts nothing about timing.
@@ -119,6 +133,7 @@ enum Enc {
 enum Scenario {
     Fanout,
     Many,
+    Durable,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -141,6 +156,10 @@ struct Plan {
     saturation: bool,
     fanout: bool,
     many: bool,
+    /// (e), when run.
+    durable: Option<durable::DurablePlan>,
+    /// (c) again on these server CPUs.
+    scale_cpus: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -192,6 +211,8 @@ async fn run(cli: Cli, nofile: Option<u64>) -> anyhow::Result<()> {
             many_rate,
             ramp_rate,
             no_saturation,
+            durable_publishers,
+            durable_window,
         } => (
             "all",
             Plan {
@@ -206,12 +227,19 @@ async fn run(cli: Cli, nofile: Option<u64>) -> anyhow::Result<()> {
                 saturation: !no_saturation,
                 fanout: cli.scenarios.contains(&Scenario::Fanout),
                 many: cli.scenarios.contains(&Scenario::Many),
+                durable: cli.scenarios.contains(&Scenario::Durable).then_some(durable::DurablePlan {
+                    publishers: durable_publishers.max(1),
+                    window: durable_window,
+                    warm_secs: 2.0,
+                    secs: step_secs.max(1.0),
+                }),
+                scale_cpus: cli.scale_cpus.clone(),
             },
             Knobs {
                 step_secs,
                 bisect: 3,
                 max_doublings: 14,
-                server_cpu: cli.server_cpu,
+                server_cpus: cli.server_cpu.to_string(),
                 busy_retries: cli.busy_retries,
             },
         ),
@@ -229,8 +257,21 @@ async fn run(cli: Cli, nofile: Option<u64>) -> anyhow::Result<()> {
                 saturation: false,
                 fanout: cli.scenarios.contains(&Scenario::Fanout),
                 many: cli.scenarios.contains(&Scenario::Many),
+                durable: cli.scenarios.contains(&Scenario::Durable).then_some(durable::DurablePlan {
+                    publishers: 2,
+                    window: 16,
+                    warm_secs: 0.5,
+                    secs: 1.0,
+                }),
+                scale_cpus: None,
             },
-            Knobs { step_secs: 2.0, bisect: 0, max_doublings: 0, server_cpu: cli.server_cpu, busy_retries: 0 },
+            Knobs {
+                step_secs: 2.0,
+                bisect: 0,
+                max_doublings: 0,
+                server_cpus: cli.server_cpu.to_string(),
+                busy_retries: 0,
+            },
         ),
     };
     let need = plan.many_subs.max(plan.fanout_subs) as u64 + 100;
@@ -248,7 +289,7 @@ async fn run(cli: Cli, nofile: Option<u64>) -> anyhow::Result<()> {
     let started = utc_now();
     let settings = format!(
         "mode {mode}, runs {}, step {} s, Ferry subprotocol {}, payload {} B, (d) {} subscribers from {} msg/s, \
-         (c) {} subscribers over {} channels at {} msg/s, ramp {} conn/s, server CPU {}, generator CPU {}",
+         (c) {} subscribers over {} channels at {} msg/s, ramp {} conn/s, server CPU {}, generator CPU {}{}{}",
         plan.runs,
         knobs.step_secs,
         enc.subprotocol(),
@@ -259,10 +300,23 @@ async fn run(cli: Cli, nofile: Option<u64>) -> anyhow::Result<()> {
         plan.many_channels,
         plan.many_rate,
         plan.ramp_rate,
-        knobs.server_cpu,
-        cli.gen_cpu
+        knobs.server_cpus,
+        cli.gen_cpu,
+        plan.durable.as_ref().map_or(String::new(), |d| format!(
+            ", (e) {} publishers × {} QoS 1 publishes in flight",
+            d.publishers, d.window
+        )),
+        plan.scale_cpus.as_ref().map_or(String::new(), |c| format!(", (c) also on server CPUs {c}")),
     );
     println!("ferry-wsload {mode}\nmachine: {}\nsettings: {settings}", machine.line());
+    if let Some(c) = &plan.scale_cpus {
+        if c.split(',').any(|x| x.trim() == cli.gen_cpu.to_string()) {
+            notes.push(format!(
+                "the scaled (c) run shares CPU {} with the generator: its figure is a lower bound of what the server does on those CPUs",
+                cli.gen_cpu
+            ));
+        }
+    }
     for n in &notes {
         println!("note: {n}");
     }
@@ -287,7 +341,7 @@ async fn run(cli: Cli, nofile: Option<u64>) -> anyhow::Result<()> {
 }
 
 async fn one_run(kinds: &[Kind], enc: Encoding, bins: &Bins, knobs: &Knobs, plan: &Plan) -> anyhow::Result<Run> {
-    let mut run = Run { fanout: Vec::new(), many: Vec::new() };
+    let mut run = Run { fanout: Vec::new(), many: Vec::new(), scaled: Vec::new(), durable: Vec::new() };
     let log = |s: &Step| println!("  {}", report::step_line(s));
     // (d), every target: Ferry at QoS 0 and 1, NATS (at most once).
     for &kind in kinds.iter().filter(|_| plan.fanout) {
@@ -332,47 +386,77 @@ async fn one_run(kinds: &[Kind], enc: Encoding, bins: &Bins, knobs: &Knobs, plan
     }
     // (c) and (a) and the connect ramp, on one set of connections.
     for &kind in kinds.iter().filter(|_| plan.many) {
-        let target = match kind {
-            Kind::Ferry => Target::Ferry(enc, Qos::AtMostOnce),
-            Kind::Nats => Target::Nats,
-        };
-        println!("\n(c)/(a) {}: {} subscribers over {} channels", kind.name(), plan.many_subs, plan.many_channels);
-        let mut b = Bench::new(kind, target, bins, knobs, plan.many_subs, plan.many_channels)?;
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        let rss_before = b.rss();
-        let ramp = b.ramp(plan.ramp_rate).await;
+        run.many.push(many(kind, enc, bins, knobs, plan).await?);
+    }
+    // (c) again on more server CPUs: the two-core target.
+    if let Some(cpus) = plan.scale_cpus.as_ref().filter(|_| plan.many) {
+        let wide = Knobs { server_cpus: cpus.clone(), ..knobs.clone() };
+        for &kind in kinds {
+            run.scaled.push(many(kind, enc, bins, &wide, plan).await?);
+        }
+    }
+    // (e) durable QoS 1 publishes, Ferry only (NATS core has no durable publish).
+    if let Some(d) = plan.durable.as_ref().filter(|_| kinds.contains(&Kind::Ferry)) {
         println!(
-            "  ramp: {} of {} connected ({} failed) in {:.1} s; connect p50 {:.2} ms p90 {:.2} p99 {:.2} max {:.2}",
-            ramp.connected, ramp.target, ramp.failures, ramp.secs, ramp.p50_ms, ramp.p90_ms, ramp.p99_ms, ramp.max_ms
+            "\n(e) Ferry durable QoS 1 publishes: {} publishers × {} in flight, {} s",
+            d.publishers, d.window, d.secs
         );
-        // Idle: let the server finish what the ramp started.
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        let rss_after = b.rss();
-        let rss_per_conn_kib = rss_after.saturating_sub(rss_before) as f64 / 1024.0 / ramp.connected.max(1) as f64;
-        println!(
-            "  RSS {:.1} MiB -> {:.1} MiB: {rss_per_conn_kib:.1} KiB per idle subscribed connection",
-            rss_before as f64 / 1048576.0,
-            rss_after as f64 / 1048576.0
-        );
-        b.publishers(4).await?;
-        println!("{}", report::STEP_HEADER);
-        b.warm_up(plan.many_rate).await;
-        let fixed = b.step(plan.many_rate).await;
-        log(&fixed);
-        let saturation = if plan.saturation { Some(b.search(plan.many_rate, &log).await) } else { None };
-        run.many.push(Many {
-            server: kind.name().into(),
-            subs: plan.many_subs,
-            channels: plan.many_channels,
-            ramp,
-            rss_before,
-            rss_after,
-            rss_per_conn_kib,
-            fixed,
-            saturation,
-        });
+        let r = durable::run(bins, &knobs.server_cpus, enc, d).await?;
+        println!("  {}", report::durable_line(&r));
+        run.durable.push(r);
     }
     Ok(run)
+}
+
+/// (c), (a) and the connect ramp on `kind`, the server on `knobs.server_cpus`.
+async fn many(kind: Kind, enc: Encoding, bins: &Bins, knobs: &Knobs, plan: &Plan) -> anyhow::Result<Many> {
+    let target = match kind {
+        Kind::Ferry => Target::Ferry(enc, Qos::AtMostOnce),
+        Kind::Nats => Target::Nats,
+    };
+    println!(
+        "\n(c)/(a) {}: {} subscribers over {} channels, server CPUs {}",
+        kind.name(),
+        plan.many_subs,
+        plan.many_channels,
+        knobs.server_cpus
+    );
+    let log = |s: &Step| println!("  {}", report::step_line(s));
+    let mut b = Bench::new(kind, target, bins, knobs, plan.many_subs, plan.many_channels)?;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let rss_before = b.rss();
+    let ramp = b.ramp(plan.ramp_rate).await;
+    println!(
+        "  ramp: {} of {} connected ({} failed) in {:.1} s; connect p50 {:.2} ms p90 {:.2} p99 {:.2} max {:.2}",
+        ramp.connected, ramp.target, ramp.failures, ramp.secs, ramp.p50_ms, ramp.p90_ms, ramp.p99_ms, ramp.max_ms
+    );
+    // Idle: let the server finish what the ramp started.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let rss_after = b.rss();
+    let rss_per_conn_kib = rss_after.saturating_sub(rss_before) as f64 / 1024.0 / ramp.connected.max(1) as f64;
+    println!(
+        "  RSS {:.1} MiB -> {:.1} MiB: {rss_per_conn_kib:.1} KiB per idle subscribed connection",
+        rss_before as f64 / 1048576.0,
+        rss_after as f64 / 1048576.0
+    );
+    b.publishers(4).await?;
+    println!("{}", report::STEP_HEADER);
+    b.warm_up(plan.many_rate).await;
+    let fixed = b.step(plan.many_rate).await;
+    log(&fixed);
+    let saturation = if plan.saturation { Some(b.search(plan.many_rate, &log).await) } else { None };
+    Ok(Many {
+        server: kind.name().into(),
+        cpus: knobs.server_cpus.clone(),
+        subs: plan.many_subs,
+        channels: plan.many_channels,
+        ramp,
+        rss_before,
+        rss_after,
+        rss_per_conn_kib,
+        fixed,
+        saturation,
+    })
 }
 
 /// The smoke's only assertion: the generator works end to end.
@@ -393,6 +477,10 @@ fn check_smoke(rep: &Report) -> anyhow::Result<()> {
                 m.subs
             );
             anyhow::ensure!(m.fixed.received > 0, "smoke: no message arrived in (c) {}", m.server);
+        }
+        for d in &run.durable {
+            anyhow::ensure!(d.acked > 0, "smoke: no durable publish was acknowledged in (e)");
+            anyhow::ensure!(d.errors + d.offset_faults + d.unanswered == 0, "smoke: (e) {}", d.why.join("; "));
         }
     }
     Ok(())

@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::bench::{Ramp, Search, Step};
+use crate::durable::Durable;
 use crate::sys::Machine;
 
 /// Scenario (d) on one server and QoS.
@@ -27,6 +28,8 @@ pub struct Fanout {
 pub struct Many {
     /// "Ferry" or "NATS".
     pub server: String,
+    /// The server's CPUs (`taskset -c` list).
+    pub cpus: String,
     /// Subscribers.
     pub subs: usize,
     /// Channels (subscriber i is on channel i mod channels).
@@ -52,6 +55,10 @@ pub struct Run {
     pub fanout: Vec<Fanout>,
     /// Many-channel results.
     pub many: Vec<Many>,
+    /// (c) again with the server on more CPUs.
+    pub scaled: Vec<Many>,
+    /// (e) durable QoS 1 publishes.
+    pub durable: Vec<Durable>,
 }
 
 /// Min, median and max of one figure over runs.
@@ -137,6 +144,18 @@ fn overload_of<'a>(r: &'a Run, server: &str, qos: u8) -> Option<&'a Step> {
 
 fn many_of<'a>(r: &'a Run, server: &str) -> Option<&'a Many> {
     r.many.iter().find(|m| m.server == server)
+}
+
+/// Saturation on more CPUs over saturation on one, per server.
+fn scaling(r: &Run, server: &str) -> Option<(f64, bool)> {
+    let wide = r.scaled.iter().find(|m| m.server == server)?;
+    let (w, wb) = sat(wide)?;
+    let (n, nb) = sat(many_of(r, server)?)?;
+    (n > 0.0).then(|| (w / n, wb || nb))
+}
+
+fn durable_of(r: &Run, f: fn(&Durable) -> f64) -> Option<(f64, bool)> {
+    r.durable.first().map(|d| (f(d), d.generator_bound))
 }
 
 /// The summary rows over `runs`.
@@ -230,6 +249,23 @@ pub fn summarize(runs: &[Run]) -> Vec<Row> {
             &many(|m| Some((m.fixed.server_cpu, false))),
         ),
         row(runs, "(c) saturation: deliveries/s at the last passing step", "higher", &many(sat), &many(sat)),
+        row(runs, "(c) saturation with the server on the scaled CPUs / on one CPU", "higher", &scaling, &scaling),
+        row(
+            runs,
+            "(e) durable QoS 1 publishes acknowledged after commit, per s (NATS core: none)",
+            "higher",
+            &|r, _| durable_of(r, |d| d.acked_per_s),
+            &|_, _| None,
+        ),
+        row(runs, "(e) same: p99 ms publish → ack", "lower", &|r, _| durable_of(r, |d| d.p99_ms), &|_, _| None),
+        row(
+            runs,
+            "(e) same: publishes per commit (fsync)",
+            "info",
+            &|r, _| durable_of(r, |d| d.per_commit),
+            &|_, _| None,
+        ),
+        row(runs, "(e) same: server CPU %", "info", &|r, _| durable_of(r, |d| d.server_cpu), &|_, _| None),
         row(
             runs,
             "(a) RSS per idle subscribed connection, KiB",
@@ -322,6 +358,27 @@ pub fn step_line(s: &Step) -> String {
     )
 }
 
+/// (e) as one line.
+pub fn durable_line(d: &Durable) -> String {
+    format!(
+        "{} acked/s ({} in {} s), {} commits ({:.0} per commit), ack p50 / p99 / max {:.1} / {:.1} / {:.1} ms, \
+         server CPU {:.0} %, gen CPU {:.0} %, other {:.0} %{}{}",
+        num(d.acked_per_s),
+        d.acked,
+        d.plan.secs,
+        d.commits,
+        d.per_commit,
+        d.p50_ms,
+        d.p99_ms,
+        d.max_ms,
+        d.server_cpu,
+        d.gen_cpu,
+        d.other_cpu,
+        if d.generator_bound { " ⚠ generator-bound" } else { "" },
+        if d.why.is_empty() { String::new() } else { format!("; {}", d.why.join("; ")) }
+    )
+}
+
 /// Header for [`step_line`].
 pub const STEP_HEADER: &str = "| msg/s | achieved | deliveries/s | loss % | dup | order | p50 / p90 / p99 / max ms | server CPU % | gen CPU % | other CPU % | result | notes |\n|---|---|---|---|---|---|---|---|---|---|---|---|";
 
@@ -359,11 +416,12 @@ pub fn markdown(rep: &Report) -> String {
                 ));
             }
         }
-        for x in &run.many {
+        for x in run.many.iter().chain(&run.scaled) {
             m.push_str(&format!(
-                "\n### (c)/(a) {}: {} subscribers over {} channels\n\nRamp at {:.0}/s: {} connected, {} failed, {:.1} s; connect p50 {:.2} ms, p90 {:.2}, p99 {:.2}, max {:.2}.\n\
+                "\n### (c)/(a) {}, server CPUs {}: {} subscribers over {} channels\n\nRamp at {:.0}/s: {} connected, {} failed, {:.1} s; connect p50 {:.2} ms, p90 {:.2}, p99 {:.2}, max {:.2}.\n\
                  RSS {:.1} MiB before, {:.1} MiB with every connection idle: {:.1} KiB per connection.\n\n{STEP_HEADER}\n{}\n",
                 x.server,
+                x.cpus,
                 x.subs,
                 x.channels,
                 x.ramp.rate,
@@ -388,6 +446,15 @@ pub fn markdown(rep: &Report) -> String {
                     m.push('\n');
                 }
             }
+        }
+        for d in &run.durable {
+            m.push_str(&format!(
+                "\n### (e) {} durable QoS 1 publishes: {} publishers × {} in flight\n\n{}\n",
+                d.server,
+                d.plan.publishers,
+                d.plan.window,
+                durable_line(d)
+            ));
         }
     }
     m

@@ -65,8 +65,8 @@ impl Server {
         self.child.id()
     }
 
-    /// Start `kind` pinned to `cpu`.
-    pub fn start(kind: Kind, bins: &Bins, cpu: usize) -> anyhow::Result<Server> {
+    /// Start `kind` pinned to `cpus` (a `taskset -c` list: "0", "0,2").
+    pub fn start(kind: Kind, bins: &Bins, cpus: &str) -> anyhow::Result<Server> {
         let dir = std::env::temp_dir().join(format!("ferry-wsload-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir)?;
         let log = std::fs::File::create(dir.join("server.log"))?;
@@ -76,7 +76,7 @@ impl Server {
                 std::fs::write(&cfg, ferry_config(&dir.join("data")))?;
                 let mut child = Command::new("taskset")
                     .arg("-c")
-                    .arg(cpu.to_string())
+                    .arg(cpus)
                     .arg(&bins.ferry)
                     .args(["serve", "--listen", "127.0.0.1:0", "--api-listen", "off", "--config"])
                     .arg(&cfg)
@@ -106,7 +106,7 @@ impl Server {
                 std::fs::write(&cfg, nats_config(client, ws))?;
                 let child = Command::new("taskset")
                     .arg("-c")
-                    .arg(cpu.to_string())
+                    .arg(cpus)
                     .arg(&bins.nats)
                     .arg("-c")
                     .arg(&cfg)
