@@ -1,8 +1,11 @@
 //! One WebSocket connection: a task that drives the core's
 //! [`ServerSession`] and answers its events with the hub.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -15,6 +18,9 @@ use tokio::sync::mpsc;
 
 use crate::channel;
 use crate::hub::{now_ms, ConnHandle, ConnMsg, Hub, ReplyTo};
+
+/// Live publications handed to the session per wake at most.
+const MAX_DRAIN: usize = 256;
 
 /// A write that takes longer than this means the peer is gone or stalled.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -169,7 +175,7 @@ impl Conn {
         });
     }
 
-    /// Start the next waiting fetch if the writer has drained enough.
+    /// Start the next waiting fetch if the socket has drained enough.
     fn serve_fetch(&mut self, queued: usize, low_water: usize) {
         if self.fetching || queued > low_water {
             return;
@@ -200,15 +206,90 @@ impl Conn {
     }
 }
 
+/// Bytes waiting for one connection's socket: messages not yet handed to
+/// it, and bytes handed to it but not yet flushed.
+struct Outbox {
+    queue: VecDeque<Message>,
+    /// Bytes in `queue` plus `unflushed`.
+    queued: usize,
+    /// Bytes fed to the socket since the last completed flush.
+    unflushed: usize,
+    /// Since when bytes have waited without a completed flush.
+    waiting_since: Option<tokio::time::Instant>,
+    /// A write failed: nothing more goes out.
+    failed: bool,
+}
+
+/// What the socket did in one poll.
+enum Io {
+    Read(Option<Result<Message, axum::Error>>),
+    /// A flush completed (room for more, and progress for the timeout).
+    Wrote,
+    WriteFailed,
+}
+
+impl Outbox {
+    fn push(&mut self, m: Message) {
+        self.queued += message_len(&m);
+        self.waiting_since.get_or_insert_with(tokio::time::Instant::now);
+        self.queue.push_back(m);
+    }
+
+    /// Hand every queued message the socket takes, then flush once: many
+    /// frames per syscall under load, no added latency when idle. Ready
+    /// when a flush completed or a write failed.
+    fn poll_write(&mut self, ws: &mut WebSocket, cx: &mut std::task::Context<'_>) -> Poll<Io> {
+        use futures_util::Sink;
+        if self.failed {
+            return Poll::Pending;
+        }
+        let mut ws = Pin::new(ws);
+        while !self.queue.is_empty() {
+            match ws.as_mut().poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    let m = self.queue.pop_front().expect("not empty");
+                    self.unflushed += message_len(&m);
+                    if ws.as_mut().start_send(m).is_err() {
+                        return self.fail();
+                    }
+                }
+                Poll::Ready(Err(_)) => return self.fail(),
+                Poll::Pending => break,
+            }
+        }
+        if self.unflushed == 0 {
+            return Poll::Pending;
+        }
+        match ws.poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
+                self.queued -= self.unflushed;
+                self.unflushed = 0;
+                self.waiting_since = if self.queue.is_empty() { None } else { Some(tokio::time::Instant::now()) };
+                Poll::Ready(Io::Wrote)
+            }
+            Poll::Ready(Err(_)) => self.fail(),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn fail(&mut self) -> Poll<Io> {
+        self.failed = true;
+        self.queue.clear();
+        Poll::Ready(Io::WriteFailed)
+    }
+}
+
 /// Serve one upgraded WebSocket until it closes.
 ///
-/// Design: a writer task owns the socket's sink, so a peer that stops
-/// reading never blocks this loop: timers (pong deadline, token expiry)
-/// keep firing, and bytes waiting for the writer count against the
-/// per-connection send-queue limit.
+/// Design: one task reads and writes the socket. Writes are polled inside
+/// the same `select` as reads, timers and the hub's channels, so a peer
+/// that stops reading never blocks this loop: timers (pong deadline, token
+/// expiry) keep firing, and bytes waiting for the socket count against the
+/// per-connection send-queue limit. (A separate writer task cost a wake, a
+/// channel and a lock of the split socket per delivery.)
 pub async fn serve(
     hub: Arc<Hub>,
-    ws: WebSocket,
+    mut ws: WebSocket,
     enc: Encoding,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     peer: std::net::SocketAddr,
@@ -237,42 +318,8 @@ pub async fn serve(
         peer,
         closed: None,
     };
-    let (mut sink, mut stream) = ws.split();
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let writer_queued = queued.clone();
-    let drained = Arc::new(tokio::sync::Notify::new());
-    let writer_drained = drained.clone();
+    let mut out = Outbox { queue: VecDeque::new(), queued: 0, unflushed: 0, waiting_since: None, failed: false };
     let low_water = (max_queued / 4).max(FETCH_CHUNK_BYTES);
-    let writer = tokio::spawn(async move {
-        // Feed every message that is ready, then flush once: many frames
-        // per syscall under load, no added latency when idle.
-        const MAX_FEED: usize = 64;
-        while let Some(first) = out_rx.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < MAX_FEED {
-                match out_rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
-            let len: usize = batch.iter().map(message_len).sum();
-            let close = batch.iter().any(|m| matches!(m, Message::Close(_)));
-            let write = async {
-                for m in batch {
-                    sink.feed(m).await?;
-                }
-                sink.flush().await
-            };
-            let ok = matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(())));
-            writer_queued.fetch_sub(len, Ordering::Relaxed);
-            writer_drained.notify_one();
-            if !ok || close {
-                break;
-            }
-        }
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close()).await;
-    });
     let mut deadline: Option<Instant>;
     loop {
         // Drain the session: writes, host work, and the next deadline. One
@@ -293,18 +340,19 @@ pub async fn serve(
                     let len = message_len(&msg);
                     c.hub.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
                     c.hub.metrics.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
-                    if queued.fetch_add(len, Ordering::Relaxed) + len > max_queued {
+                    if out.queued + len > max_queued {
                         c.session.disconnect(now, CloseCode::SlowConsumer, "send queue full");
                     }
-                    if out_tx.send(msg).is_err() {
+                    if out.failed {
                         c.session.handle_closed(now);
+                    } else {
+                        out.push(msg);
                     }
                 }
                 ServerOutput::Event(e) => c.on_event(e),
                 ServerOutput::Close { code, reason } => {
                     let reason: String = reason.chars().take(100).collect();
-                    let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
-                    let _ = out_tx.send(Message::Close(Some(frame)));
+                    out.push(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) })));
                 }
                 ServerOutput::Timeout(t) => {
                     deadline = t;
@@ -315,8 +363,7 @@ pub async fn serve(
         if c.session.is_closed() {
             break;
         }
-        c.serve_fetch(queued.load(Ordering::Relaxed), low_water);
-        let waiting_fetch = !c.fetches.is_empty() && !c.fetching;
+        c.serve_fetch(out.queued, low_water);
         let sleep = async {
             match deadline {
                 Some(t) => {
@@ -326,39 +373,43 @@ pub async fn serve(
                 None => std::future::pending().await,
             }
         };
+        let waiting_since = out.waiting_since;
+        let stalled = async {
+            match waiting_since {
+                Some(t) => tokio::time::sleep_until(t + WRITE_TIMEOUT).await,
+                None => std::future::pending().await,
+            }
+        };
+        let io = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = out.poll_write(&mut ws, cx) {
+                return Poll::Ready(r);
+            }
+            ws.poll_next_unpin(cx).map(Io::Read)
+        });
         tokio::select! {
-            msg = stream.next() => {
+            io = io => {
                 let now = clock(c.origin);
-                if let Some(Ok(m)) = &msg {
-                    let m_ = &c.hub.metrics;
-                    m_.messages_in.fetch_add(1, Ordering::Relaxed);
-                    m_.bytes_in.fetch_add(message_len(m) as u64, Ordering::Relaxed);
-                }
-                match msg {
-                    Some(Ok(Message::Binary(b))) if !enc.is_text() => c.session.handle_message(now, &b),
-                    Some(Ok(Message::Text(t))) if enc.is_text() => c.session.handle_message(now, t.as_bytes()),
-                    Some(Ok(Message::Binary(_) | Message::Text(_))) => {
-                        c.session.disconnect(now, CloseCode::ProtocolViolation, "wrong message type for the subprotocol")
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Ok(Message::Close(_))) | None => c.session.handle_closed(now),
-                    Some(Err(e)) => {
-                        let text = e.to_string();
-                        if text.contains("too long") || text.contains("Space limit") {
-                            c.session.disconnect(now, CloseCode::MessageTooLarge, "message too large");
-                        } else {
-                            c.session.handle_closed(now);
-                        }
-                    }
+                match io {
+                    Io::Read(msg) => c.on_message(now, enc, msg),
+                    // Room in the socket: the loop serves a waiting fetch.
+                    Io::Wrote => {}
+                    Io::WriteFailed => c.session.handle_closed(now),
                 }
             }
             Some(m) = ctl_rx.recv() => c.on_ctl(m),
             Some(p) = data_rx.recv() => {
                 let now = clock(c.origin);
                 c.deliver(now, &p);
+                // Everything already queued, before the next write: one
+                // flush (one syscall) carries them all.
+                for _ in 0..MAX_DRAIN {
+                    let Ok(p) = data_rx.try_recv() else { break };
+                    c.deliver(now, &p);
+                }
             }
             _ = sleep => c.session.handle_timeout(clock(c.origin)),
-            _ = drained.notified(), if waiting_fetch => {}
+            // A peer that reads nothing for this long is gone or stalled.
+            _ = stalled => c.session.handle_closed(clock(c.origin)),
             _ = shutdown.changed() => {
                 c.session.disconnect(clock(c.origin), CloseCode::Shutdown, "server shutting down");
             }
@@ -372,8 +423,7 @@ pub async fn serve(
             ServerOutput::Timeout(_) => break,
             ServerOutput::Transmit(_) => {}
             ServerOutput::Close { code, reason } => {
-                let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
-                let _ = out_tx.send(Message::Close(Some(frame)));
+                out.push(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) })));
             }
         }
     }
@@ -406,9 +456,18 @@ pub async fn serve(
             "connection closed"
         );
     }
-    drop(out_tx);
-    // The writer ends on its own once the close frame is out (bounded by the write timeout).
-    drop(writer);
+    // What is still queued (the close frame last) goes out, bounded by the
+    // write timeout; the hub has already forgotten this connection.
+    if !out.failed {
+        let rest = async {
+            for m in out.queue.drain(..) {
+                ws.feed(m).await?;
+            }
+            ws.flush().await?;
+            ws.close().await
+        };
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, rest).await;
+    }
 }
 
 fn message_len(m: &Message) -> usize {
@@ -422,6 +481,32 @@ fn message_len(m: &Message) -> usize {
 impl Conn {
     fn now(&self) -> Instant {
         clock(self.origin)
+    }
+
+    /// One message (or the end) read from the socket.
+    fn on_message(&mut self, now: Instant, enc: Encoding, msg: Option<Result<Message, axum::Error>>) {
+        if let Some(Ok(m)) = &msg {
+            let m_ = &self.hub.metrics;
+            m_.messages_in.fetch_add(1, Ordering::Relaxed);
+            m_.bytes_in.fetch_add(message_len(m) as u64, Ordering::Relaxed);
+        }
+        match msg {
+            Some(Ok(Message::Binary(b))) if !enc.is_text() => self.session.handle_message(now, &b),
+            Some(Ok(Message::Text(t))) if enc.is_text() => self.session.handle_message(now, t.as_bytes()),
+            Some(Ok(Message::Binary(_) | Message::Text(_))) => {
+                self.session.disconnect(now, CloseCode::ProtocolViolation, "wrong message type for the subprotocol")
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(Message::Close(_))) | None => self.session.handle_closed(now),
+            Some(Err(e)) => {
+                let text = e.to_string();
+                if text.contains("too long") || text.contains("Space limit") {
+                    self.session.disconnect(now, CloseCode::MessageTooLarge, "message too large");
+                } else {
+                    self.session.handle_closed(now);
+                }
+            }
+        }
     }
 
     fn on_event(&mut self, e: ServerEvent) {
