@@ -2,7 +2,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use ferry_client as fc;
@@ -63,6 +63,63 @@ pub trait StateListener: Send + Sync {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// How long `cancel` waits for a listener call in progress.
+const CANCEL_WAIT: Duration = Duration::from_secs(2);
+
+std::thread_local! {
+    /// Set on the callback thread: `cancel` from inside a listener must not
+    /// wait for itself.
+    static ON_CALLBACK_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// What of one handle may still call foreign code: its task and its queued
+/// listener calls, each holding a reference to the listener (dropping that
+/// reference calls into the foreign runtime too).
+#[derive(Default)]
+struct Inflight {
+    n: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl Inflight {
+    fn enter(self: &Arc<Self>) -> InflightGuard {
+        *self.n.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        InflightGuard(self.clone())
+    }
+
+    /// Wait (bounded) until none is left.
+    fn wait_idle(&self, max: Duration) {
+        let n = self.n.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.idle.wait_timeout_while(n, max, |n| *n > 0);
+    }
+}
+
+struct InflightGuard(Arc<Inflight>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        let mut n = self.0.n.lock().unwrap_or_else(|e| e.into_inner());
+        *n -= 1;
+        if *n == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+/// A handle's task, with its guard dropped after the task's future (and
+/// the listener it holds): struct fields drop in declaration order.
+struct Guarded {
+    fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    _guard: InflightGuard,
+}
+
+impl std::future::Future for Guarded {
+    type Output = ();
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.fut.as_mut().poll(cx)
+    }
+}
+
 /// The client's callback thread: runs listener calls in order, off the
 /// runtime, so foreign code never blocks the connection.
 fn spawn_callback_thread() -> Result<mpsc::Sender<Job>, FerryError> {
@@ -70,6 +127,7 @@ fn spawn_callback_thread() -> Result<mpsc::Sender<Job>, FerryError> {
     std::thread::Builder::new()
         .name("ferry-callbacks".into())
         .spawn(move || {
+            ON_CALLBACK_THREAD.with(|c| c.set(true));
             // Ends when the client and every handle are gone.
             for job in rx {
                 // A listener that throws must not end delivery for the rest.
@@ -90,12 +148,17 @@ pub struct TaskHandle {
     cancelled: Arc<AtomicBool>,
     finished: Arc<AtomicBool>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    inflight: Arc<Inflight>,
 }
 
 #[uniffi::export]
 impl TaskHandle {
-    /// Stop: no listener call starts after this returns, and a subscription
-    /// is unsubscribed. Idempotent.
+    /// Stop: a subscription is unsubscribed, and once this returns no
+    /// listener call runs and the listener is released: a call already in
+    /// progress is waited for (up to 2 s; not when `cancel` is called from
+    /// a listener). A process may exit right after it (Python: a callback
+    /// entering the interpreter while it shuts down aborts the process).
+    /// Idempotent.
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::SeqCst);
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -103,6 +166,11 @@ impl TaskHandle {
             // Dropping the task drops its ferry-client Subscription, which
             // unsubscribes.
             t.abort();
+        }
+        // Not on the callback thread (it would wait for itself) nor on a
+        // runtime thread (the aborted task is dropped there).
+        if !ON_CALLBACK_THREAD.with(|c| c.get()) && tokio::runtime::Handle::try_current().is_err() {
+            self.inflight.wait_idle(CANCEL_WAIT);
         }
     }
 
@@ -123,16 +191,26 @@ impl Drop for TaskHandle {
 struct Deliver {
     jobs: mpsc::Sender<Job>,
     cancelled: Arc<AtomicBool>,
+    inflight: Arc<Inflight>,
 }
 
 impl Deliver {
+    fn new(jobs: &mpsc::Sender<Job>, handle: &TaskHandle) -> Self {
+        Deliver { jobs: jobs.clone(), cancelled: handle.cancelled.clone(), inflight: handle.inflight.clone() }
+    }
+
     fn call(&self, f: impl FnOnce() + Send + 'static) -> bool {
         let cancelled = self.cancelled.clone();
+        let guard = self.inflight.enter();
         self.jobs
             .send(Box::new(move || {
                 if !cancelled.load(Ordering::SeqCst) {
                     f()
+                } else {
+                    drop(f)
                 }
+                // After the listener reference in `f` is gone.
+                drop(guard);
             }))
             .is_ok()
     }
@@ -331,37 +409,41 @@ impl FerryClient {
             .ok_or_else(|| FerryError::Internal { reason: "subscribe did not complete at once".into() })??;
         let mut state = self.client.state();
         let handle = self.handle();
-        let out = Deliver { jobs: self.jobs.clone(), cancelled: handle.cancelled.clone() };
+        let out = Deliver::new(&self.jobs, &handle);
         let finished = handle.finished.clone();
-        let task = runtime().spawn(async move {
-            let l = listener;
-            let current: FfiConnectionState = state.borrow_and_update().clone().into();
-            let mut alive = {
-                let l = l.clone();
-                out.call(move || l.on_state(current))
-            };
-            let mut watching_state = true;
-            // Bounded by the subscription: it ends with the client or the
-            // channel, or when the handle aborts this task.
-            while alive {
-                tokio::select! {
-                    ev = sub.next() => {
-                        let Some(ev) = ev else { break };
-                        let l = l.clone();
-                        alive = out.call(move || dispatch(&*l, ev));
-                    }
-                    changed = state.changed(), if watching_state => {
-                        if changed.is_err() {
-                            watching_state = false;
-                            continue;
+        let guard = handle.inflight.enter();
+        let task = runtime().spawn(Guarded {
+            _guard: guard,
+            fut: Box::pin(async move {
+                let l = listener;
+                let current: FfiConnectionState = state.borrow_and_update().clone().into();
+                let mut alive = {
+                    let l = l.clone();
+                    out.call(move || l.on_state(current))
+                };
+                let mut watching_state = true;
+                // Bounded by the subscription: it ends with the client or the
+                // channel, or when the handle aborts this task.
+                while alive {
+                    tokio::select! {
+                        ev = sub.next() => {
+                            let Some(ev) = ev else { break };
+                            let l = l.clone();
+                            alive = out.call(move || dispatch(&*l, ev));
                         }
-                        let s: FfiConnectionState = state.borrow_and_update().clone().into();
-                        let l = l.clone();
-                        alive = out.call(move || l.on_state(s));
+                        changed = state.changed(), if watching_state => {
+                            if changed.is_err() {
+                                watching_state = false;
+                                continue;
+                            }
+                            let s: FfiConnectionState = state.borrow_and_update().clone().into();
+                            let l = l.clone();
+                            alive = out.call(move || l.on_state(s));
+                        }
                     }
                 }
-            }
-            finished.store(true, Ordering::SeqCst);
+                finished.store(true, Ordering::SeqCst);
+            }),
         });
         *handle.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         Ok(handle)
@@ -372,23 +454,27 @@ impl FerryClient {
     pub fn observe_state(&self, listener: Arc<dyn StateListener>) -> Arc<TaskHandle> {
         let mut state = self.client.state();
         let handle = self.handle();
-        let out = Deliver { jobs: self.jobs.clone(), cancelled: handle.cancelled.clone() };
+        let out = Deliver::new(&self.jobs, &handle);
         let finished = handle.finished.clone();
-        let task = runtime().spawn(async move {
-            let mut first = true;
-            // Bounded: ends when the client's driver stops or on cancel.
-            loop {
-                if !first && state.changed().await.is_err() {
-                    break;
+        let guard = handle.inflight.enter();
+        let task = runtime().spawn(Guarded {
+            _guard: guard,
+            fut: Box::pin(async move {
+                let mut first = true;
+                // Bounded: ends when the client's driver stops or on cancel.
+                loop {
+                    if !first && state.changed().await.is_err() {
+                        break;
+                    }
+                    first = false;
+                    let s: FfiConnectionState = state.borrow_and_update().clone().into();
+                    let l = listener.clone();
+                    if !out.call(move || l.on_state(s)) {
+                        break;
+                    }
                 }
-                first = false;
-                let s: FfiConnectionState = state.borrow_and_update().clone().into();
-                let l = listener.clone();
-                if !out.call(move || l.on_state(s)) {
-                    break;
-                }
-            }
-            finished.store(true, Ordering::SeqCst);
+                finished.store(true, Ordering::SeqCst);
+            }),
         });
         *handle.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         handle
@@ -458,6 +544,7 @@ impl FerryClient {
             cancelled: Arc::new(AtomicBool::new(false)),
             finished: Arc::new(AtomicBool::new(false)),
             task: Mutex::new(None),
+            inflight: Default::default(),
         })
     }
 }

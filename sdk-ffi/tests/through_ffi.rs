@@ -136,3 +136,72 @@ async fn subscribe_publish_receive_and_cancel_through_the_ffi_types() {
     bob.close(1000).await;
     println!("[ffi-rust] {n} QoS 2 publications through the FFI types, in order on one callback thread");
 }
+
+/// Blocks in `on_publication` until released, telling the test when it is inside.
+struct Slow {
+    inside: std::sync::Mutex<mpsc::Sender<()>>,
+    release: std::sync::Mutex<mpsc::Receiver<()>>,
+    finished: std::sync::atomic::AtomicBool,
+}
+
+impl SubscriptionListener for Slow {
+    fn on_state(&self, _: FfiConnectionState) {}
+    fn on_subscribed(&self, _: FfiStreamPosition, _: bool) {}
+    fn on_publication(&self, _: FfiPublication) {
+        if self.finished.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let _ = self.inside.lock().unwrap().send(());
+        let _ = self.release.lock().unwrap().recv_timeout(T);
+        self.finished.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn on_join(&self, _: FfiClientInfo) {}
+    fn on_leave(&self, _: FfiClientInfo) {}
+    fn on_gap(&self, _: FfiGap) {}
+    fn on_ended(&self, _: u16, _: String) {}
+}
+
+/// A foreign runtime may exit right after `cancel` (Python aborts the
+/// process when a callback enters the interpreter while it shuts down):
+/// `cancel` returns only once the listener call in progress has returned
+/// and the listener is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_returns_after_the_listener_call_in_progress_and_releases_the_listener() {
+    let srv = FerryServer::start(&Settings::default()).await;
+    let alice = FerryClient::new(srv.url(), config("ffi-slow", "alice"), None).unwrap();
+    let (inside_tx, inside_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    let slow = Arc::new(Slow {
+        inside: std::sync::Mutex::new(inside_tx),
+        release: std::sync::Mutex::new(release_rx),
+        finished: Default::default(),
+    });
+    let handle = alice
+        .subscribe("chat:slow".into(), FfiSubscribeOptions { qos: FfiQos::AtLeastOnce, token: None }, slow.clone())
+        .unwrap();
+    alice.connect().await.unwrap();
+    alice.publish("chat:slow".into(), b"x".to_vec(), FfiQos::AtLeastOnce).await.unwrap();
+    let (cancelled_tx, cancelled_rx) = mpsc::channel();
+    let slow2 = slow.clone();
+    let waiter = tokio::task::spawn_blocking(move || {
+        inside_rx.recv_timeout(T).expect("the listener is called");
+        // Off the runtime, as a foreign thread calls it.
+        let canceller = std::thread::spawn(move || {
+            handle.cancel();
+            let finished = slow2.finished.load(std::sync::atomic::Ordering::SeqCst);
+            let _ = cancelled_tx.send(finished);
+            handle
+        });
+        // While the call is in progress, cancel has not returned.
+        let early = cancelled_rx.recv_timeout(Duration::from_millis(300));
+        release_tx.send(()).unwrap();
+        let finished = cancelled_rx.recv_timeout(T).ok();
+        (early, finished, canceller.join().unwrap())
+    });
+    let (early, finished, handle) = waiter.await.unwrap();
+    assert!(early.is_err(), "cancel returned while the listener call was running: {early:?}");
+    assert_eq!(finished, Some(true), "cancel returned after the call finished");
+    assert!(!handle.is_active());
+    assert_eq!(Arc::strong_count(&slow), 1, "the listener is released once cancel returns");
+    alice.close(1000).await;
+}

@@ -575,7 +575,7 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_ferry_ffi_checksum_method_subscriptionlistener_on_ended() != 44806:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_ferry_ffi_checksum_method_taskhandle_cancel() != 46027:
+    if lib.uniffi_ferry_ffi_checksum_method_taskhandle_cancel() != 57739:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_ferry_ffi_checksum_method_taskhandle_is_active() != 56051:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -3271,8 +3271,12 @@ class TaskHandleProtocol(typing.Protocol):
     
     def cancel(self, ) -> None:
         """
-        Stop: no listener call starts after this returns, and a subscription
-        is unsubscribed. Idempotent.
+        Stop: a subscription is unsubscribed, and once this returns no
+        listener call runs and the listener is released: a call already in
+        progress is waited for (up to 2 s; not when `cancel` is called from
+        a listener). A process may exit right after it (Python: a callback
+        entering the interpreter while it shuts down aborts the process).
+        Idempotent.
 """
         raise NotImplementedError
     def is_active(self, ) -> bool:
@@ -3312,8 +3316,12 @@ class TaskHandle(TaskHandleProtocol):
         return inst
     def cancel(self, ) -> None:
         """
-        Stop: no listener call starts after this returns, and a subscription
-        is unsubscribed. Idempotent.
+        Stop: a subscription is unsubscribed, and once this returns no
+        listener call runs and the listener is released: a call already in
+        progress is waited for (up to 2 s; not when `cancel` is called from
+        a listener). A process may exit right after it (Python: a callback
+        entering the interpreter while it shuts down aborts the process).
+        Idempotent.
 """
         _uniffi_lowered_args = (
             self._uniffi_clone_handle(),

@@ -1810,8 +1810,12 @@ public func FfiConverterTypeSubscriptionListener_lower(_ value: SubscriptionList
 public protocol TaskHandleProtocol: AnyObject, Sendable {
     
     /**
-     * Stop: no listener call starts after this returns, and a subscription
-     * is unsubscribed. Idempotent.
+     * Stop: a subscription is unsubscribed, and once this returns no
+     * listener call runs and the listener is released: a call already in
+     * progress is waited for (up to 2 s; not when `cancel` is called from
+     * a listener). A process may exit right after it (Python: a callback
+     * entering the interpreter while it shuts down aborts the process).
+     * Idempotent.
      */
     func cancel() 
     
@@ -1880,8 +1884,12 @@ open class TaskHandle: TaskHandleProtocol, @unchecked Sendable {
 
     
     /**
-     * Stop: no listener call starts after this returns, and a subscription
-     * is unsubscribed. Idempotent.
+     * Stop: a subscription is unsubscribed, and once this returns no
+     * listener call runs and the listener is released: a call already in
+     * progress is waited for (up to 2 s; not when `cancel` is called from
+     * a listener). A process may exit right after it (Python: a callback
+     * entering the interpreter while it shuts down aborts the process).
+     * Idempotent.
      */
 open func cancel()  {try! rustCall() {
         uniffiCallStatus in
@@ -4264,7 +4272,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_ferry_ffi_checksum_method_subscriptionlistener_on_ended() != 44806) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_ferry_ffi_checksum_method_taskhandle_cancel() != 46027) {
+    if (uniffi_ferry_ffi_checksum_method_taskhandle_cancel() != 57739) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_ferry_ffi_checksum_method_taskhandle_is_active() != 56051) {

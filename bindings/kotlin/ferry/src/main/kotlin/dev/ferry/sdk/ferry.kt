@@ -1133,7 +1133,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_ferry_ffi_checksum_method_subscriptionlistener_on_ended() and 0xFFFF) != 44806) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_ferry_ffi_checksum_method_taskhandle_cancel() and 0xFFFF) != 46027) {
+    if ((lib.uniffi_ferry_ffi_checksum_method_taskhandle_cancel() and 0xFFFF) != 57739) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_ferry_ffi_checksum_method_taskhandle_is_active() and 0xFFFF) != 56051) {
@@ -3237,8 +3237,12 @@ public object FfiConverterTypeSubscriptionListener: FfiConverter<SubscriptionLis
 public interface TaskHandleInterface {
     
     /**
-     * Stop: no listener call starts after this returns, and a subscription
-     * is unsubscribed. Idempotent.
+     * Stop: a subscription is unsubscribed, and once this returns no
+     * listener call runs and the listener is released: a call already in
+     * progress is waited for (up to 2 s; not when `cancel` is called from
+     * a listener). A process may exit right after it (Python: a callback
+     * entering the interpreter while it shuts down aborts the process).
+     * Idempotent.
      */
     fun `cancel`()
     
@@ -3358,8 +3362,12 @@ open class TaskHandle: Disposable, AutoCloseable, TaskHandleInterface
 
     
     /**
-     * Stop: no listener call starts after this returns, and a subscription
-     * is unsubscribed. Idempotent.
+     * Stop: a subscription is unsubscribed, and once this returns no
+     * listener call runs and the listener is released: a call already in
+     * progress is waited for (up to 2 s; not when `cancel` is called from
+     * a listener). A process may exit right after it (Python: a callback
+     * entering the interpreter while it shuts down aborts the process).
+     * Idempotent.
      */override fun `cancel`()
         = 
     callWithHandle {
