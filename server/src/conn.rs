@@ -381,10 +381,19 @@ pub async fn serve(
             }
         };
         let io = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = out.poll_write(&mut ws, cx) {
-                return Poll::Ready(r);
+            // Writes first, then the read side is always polled too: under
+            // steady output every wake completes a flush, and returning on
+            // that alone would starve acks and pongs.
+            let wrote = match out.poll_write(&mut ws, cx) {
+                Poll::Ready(Io::WriteFailed) => return Poll::Ready(Io::WriteFailed),
+                Poll::Ready(_) => true,
+                Poll::Pending => false,
+            };
+            match ws.poll_next_unpin(cx) {
+                Poll::Ready(m) => Poll::Ready(Io::Read(m)),
+                Poll::Pending if wrote => Poll::Ready(Io::Wrote),
+                Poll::Pending => Poll::Pending,
             }
-            ws.poll_next_unpin(cx).map(Io::Read)
         });
         tokio::select! {
             io = io => {
